@@ -1,0 +1,7 @@
+"""``python -m SSMSRRegistrationLib`` runs the ``ssmsr`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""Python API: register two images given as files or SimpleITK images.
+
+    >>> from SSMSRRegistrationLib import register
+    >>> result = register("fixed.nii.gz", "moving.nii.gz", scales="1/2,1", steps=500)
+    >>> result.save("field.nii.gz", warped_path="warped.nii.gz")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .engine.metrics import folding_statistics
+from .engine.multiscale import (RegistrationResult, RegistrationSettings, parse_scales, register_tensors,
+                                resolve_device, similarity)
+from .errors import InputError
+from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
+from .imaging.images import (ImageLike, check_image, intensity_window, overlaps, read_image, resample_onto,
+                             rescale, same_grid)
+
+
+@dataclass
+class RegistrationOutput:
+    """What ``register`` returns.
+
+    field: ITK displacement field on the fixed grid, millimetres, LPS, resampling convention.
+    warped: the moving image (its own intensities, float32) resampled through the field onto the fixed grid.
+    warped_labels: the moving label map resampled (nearest neighbour) onto the fixed grid, if labels were given.
+    loss_history: training loss per step, per scale.
+    metrics: NCC/MSE before and after (normalised intensities, inside the mask), folding, time, device.
+    engine_result: the raw engine output (voxel fields per scale, trained network weights).
+    """
+
+    field: sitk.Image
+    warped: sitk.Image
+    warped_labels: Optional[sitk.Image]
+    loss_history: Dict[str, List[float]]
+    metrics: Dict[str, float]
+    engine_result: RegistrationResult
+    fixed_grid: sitk.Image
+
+    def field_after_scale(self, index: int) -> sitk.Image:
+        """The composed physical field after scale ``index`` of the schedule (the paper's SSMSR(s) rows)."""
+        displacement = self.engine_result.displacements_per_scale[index][0].cpu().numpy()
+        return voxel_field_to_image(displacement, self.fixed_grid)
+
+    def save(self, field_path: str, warped_path: Optional[str] = None,
+             warped_labels_path: Optional[str] = None) -> Dict[str, Optional[str]]:
+        """Write the outputs (each atomically); returns the paths written."""
+        if warped_labels_path and self.warped_labels is None:
+            raise InputError("warped labels were asked for but no moving label map was registered.")
+        write_field(self.field, field_path)
+        if warped_path:
+            write_image(self.warped, warped_path)
+        if warped_labels_path:
+            write_image(self.warped_labels, warped_labels_path)
+        return {"field": field_path, "warped": warped_path, "warped_labels": warped_labels_path}
+
+
+def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
+    mask = read_image(mask_source, "fixed mask")
+    check_image(mask, "fixed mask", fixed.GetDimension())
+    if not same_grid(mask, fixed):
+        mask = resample_onto(mask, fixed, labels=True)
+    array = sitk.GetArrayFromImage(mask) > 0
+    if not array.any():
+        raise InputError("The fixed mask is empty (no voxel inside the fixed image's grid is set); "
+                         "give a mask that covers the region to align.")
+    return array
+
+
+def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageLike] = None,
+             moving_labels: Optional[ImageLike] = None, scales="1/2,1", steps: int = 3500,
+             smoothness_weight: float = 10.0, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
+             device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
+             progress: Optional[Callable[[dict], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> RegistrationOutput:
+    """Register ``moving`` onto ``fixed`` with SSMSR (multi-scale test-time training).
+
+    Args:
+        fixed, moving: file paths (any SimpleITK format, or a DICOM series folder) or SimpleITK images,
+            2D or 3D, single channel. A moving image on another grid is resampled onto the fixed grid
+            by world coordinates first.
+        fixed_mask: optional mask (non-zero inside) restricting the similarity term.
+        moving_labels: optional label map on the moving image's physical space, warped with the result.
+        scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR).
+        steps: test-time training steps per scale (0 with ``initial_networks``: inference only).
+        smoothness_weight: lambda of Eq. 1. ncc_window: local NCC box side in voxels (default 5 in 3D, 6 in 2D).
+        learning_rate: Adam's learning rate. device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
+        initial_networks: optional U-Net weights to start from (one per scale, or one for all).
+        progress: callback receiving the engine's progress dicts. should_stop: polled; True cancels.
+    """
+    settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=int(steps),
+                                    smoothness_weight=float(smoothness_weight), ncc_window=ncc_window,
+                                    learning_rate=float(learning_rate), seed=int(seed))
+    settings.validate()
+    torch_device = resolve_device(device)
+
+    fixed_image = read_image(fixed, "fixed image")
+    check_image(fixed_image, "fixed image")
+    moving_image = read_image(moving, "moving image")
+    check_image(moving_image, "moving image", fixed_image.GetDimension())
+    labels_image = None
+    if moving_labels is not None:
+        labels_image = read_image(moving_labels, "moving labels")
+        check_image(labels_image, "moving labels", fixed_image.GetDimension())
+    mask_array = _prepare_mask(fixed_mask, fixed_image) if fixed_mask is not None else None
+
+    fixed_array = sitk.GetArrayFromImage(fixed_image)
+    moving_array = sitk.GetArrayFromImage(moving_image)
+    fixed_window = intensity_window(fixed_array, "fixed image")
+    moving_window = intensity_window(moving_array, "moving image")
+    moving_on_fixed = moving_image
+    if not same_grid(moving_image, fixed_image):
+        if not overlaps(moving_image, fixed_image):
+            raise InputError("The fixed and moving images do not overlap in physical space; align them first "
+                             "(rigid or affine registration) or check their origins and directions.")
+        moving_on_fixed = resample_onto(moving_image, fixed_image)
+        moving_array = sitk.GetArrayFromImage(moving_on_fixed)
+
+    as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
+    fixed_tensor = as_tensor(rescale(fixed_array, fixed_window))
+    moving_tensor = as_tensor(rescale(moving_array, moving_window))
+    mask_tensor = as_tensor(mask_array.astype(np.float32)) if mask_array is not None else None
+
+    result = register_tensors(fixed_tensor, moving_tensor, settings, fixed_mask=mask_tensor,
+                              initial_networks=initial_networks, device=torch_device, progress=progress,
+                              should_stop=should_stop)
+
+    displacement = result.displacement
+    field = voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64), fixed_image)
+    transform = displacement_transform(field)
+    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped_labels = None
+    if labels_image is not None:
+        warped_labels = sitk.Resample(labels_image, fixed_image, transform, sitk.sitkNearestNeighbor, 0,
+                                      labels_image.GetPixelID())
+
+    fixed_eval = fixed_tensor.to(displacement.device)
+    moving_eval = moving_tensor.to(displacement.device)
+    mask_eval = mask_tensor.to(displacement.device) if mask_tensor is not None else None
+    before = similarity(fixed_eval, moving_eval, None, result.window, mask_eval)
+    after = similarity(fixed_eval, moving_eval, displacement, result.window, mask_eval)
+    metrics = {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
+               "mse_before": before["mse"], "mse_after": after["mse"],
+               "final_loss": next(reversed(result.loss_history.values()))[-1] if steps else float("nan"),
+               "seconds": result.seconds, "device": result.device,
+               **folding_statistics(displacement.detach().cpu())}
+    return RegistrationOutput(field=field, warped=warped, warped_labels=warped_labels,
+                              loss_history=result.loss_history, metrics=metrics, engine_result=result,
+                              fixed_grid=fixed_image)

@@ -1,0 +1,117 @@
+"""The ``ssmsr`` command (also ``python -m SSMSRRegistrationLib``).
+
+Exit codes: 0 success, 1 internal error, 2 bad input or options, 3 out of GPU memory, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from typing import List, Optional
+
+from .errors import InputError, RegistrationCancelled
+from .progress import Reporter, make_reporter
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANCELLED = 0, 1, 2, 3, 130
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises InputError instead of exiting, so usage errors follow the progress protocol."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see `ssmsr {self.prog.split()[-1]} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="ssmsr", description="SSMSR: test-time trained multi-scale deformable "
+                                                       "registration of 2D and 3D images.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    reg = commands.add_parser("register", help="register a moving image onto a fixed image",
+                              description="Register MOVING onto FIXED and write the displacement field "
+                                          "(ITK convention: millimetres, LPS, on the fixed grid).")
+    reg.add_argument("fixed", help="fixed image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    reg.add_argument("moving", help="moving image file or DICOM series folder")
+    reg.add_argument("-o", "--output", required=True, metavar="FIELD",
+                     help="displacement field to write (.nii.gz, .nrrd, .mha, or .h5 for an ITK transform)")
+    reg.add_argument("--warped", metavar="OUT", help="write the moving image warped onto the fixed grid")
+    reg.add_argument("--moving-labels", metavar="L", help="label map of the moving image to warp")
+    reg.add_argument("--warped-labels", metavar="OUT", help="write the warped label map (needs --moving-labels)")
+    reg.add_argument("--fixed-mask", metavar="M", help="mask of the fixed image restricting the similarity")
+    reg.add_argument("--scales", default="1/2,1", help="coarse-to-fine schedule (default: 1/2,1; '1' is SSR)")
+    reg.add_argument("--steps", type=int, default=3500, help="training steps per scale (default: 3500)")
+    reg.add_argument("--lambda", dest="smoothness_weight", type=float, default=10.0,
+                     help="smoothness weight (default: 10)")
+    reg.add_argument("--window", type=int, default=None, help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+    reg.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    reg.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    reg.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                     help="terminal bar, JSON lines on stdout (for programs), or nothing (default: bar)")
+    return parser
+
+
+def _check_outputs(args) -> None:
+    if args.warped_labels and not args.moving_labels:
+        raise InputError("--warped-labels needs --moving-labels.")
+    inputs = {os.path.abspath(p) for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p}
+    for path in (args.output, args.warped, args.warped_labels):
+        if path and os.path.abspath(path) in inputs:
+            raise InputError(f"The output {path!r} is also an input; choose another output path.")
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise InputError(f"The folder of the output {path!r} does not exist; create it first.")
+
+
+def run_register(args, reporter: Reporter) -> None:
+    from .api import register
+
+    _check_outputs(args)
+    result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, moving_labels=args.moving_labels,
+                      scales=args.scales, steps=args.steps, smoothness_weight=args.smoothness_weight,
+                      ncc_window=args.window, learning_rate=args.lr, device=args.device, seed=args.seed,
+                      progress=reporter.handle)
+    outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels)
+    reporter.finished({key: os.path.abspath(path) if path else None for key, path in outputs.items()},
+                      result.metrics)
+
+
+def _raise_cancelled(signum, frame):
+    raise RegistrationCancelled(f"stopped by signal {signum}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    reporter = Reporter()
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        args = build_parser().parse_args(argv)
+        reporter = make_reporter(args.progress)
+        if args.command == "register":
+            run_register(args, reporter)
+        return EXIT_OK
+    except InputError as error:
+        reporter.error(str(error), "input")
+        return EXIT_INPUT
+    except BrokenPipeError:
+        # Whoever read our output has gone (e.g. the Slicer process ended): stop without writing outputs.
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_CANCELLED
+    except (RegistrationCancelled, KeyboardInterrupt):
+        reporter.error("Registration cancelled; no output was written.", "cancelled")
+        return EXIT_CANCELLED
+    except Exception as error:  # noqa: BLE001 - the last line of defence reports every failure
+        import torch
+
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            reporter.error("The GPU ran out of memory. Use a coarser schedule or fewer channels, close other GPU "
+                           "programs, or run with --device cpu.", "out_of_memory")
+            return EXIT_OUT_OF_MEMORY
+        traceback.print_exc(file=sys.stderr)
+        reporter.error(f"Internal error: {type(error).__name__}: {error}", "internal")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Registration losses: local normalised cross-correlation (paper Eq. 2) and gradient smoothness."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .spatial import spatial_dims
+
+#: Guard added to the product of local variances (intensities in [0, 1]).
+NCC_EPSILON = 1e-5
+
+
+def _box_mean(stack: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a window^ndim box around each voxel, zero padding outside; (N, C, *S) -> same shape.
+
+    Even windows extend one voxel further before the centre than after it.
+    """
+    ndim = spatial_dims(stack)
+    before, after = window // 2, (window - 1) // 2
+    padded = F.pad(stack, [before, after] * ndim)
+    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+    return pool(padded, kernel_size=window, stride=1)
+
+
+def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int) -> torch.Tensor:
+    """Squared local normalised cross-correlation at every voxel (paper Eq. 2 before averaging).
+
+    Args:
+        fixed, warped: (N, 1, *S) images.
+        window: side of the local box in voxels.
+    Returns:
+        (N, 1, *S) values in [0, 1], computed in float32 even under autocast;
+        0 where either image is locally constant (no NaN).
+    """
+    with torch.autocast(device_type=fixed.device.type, enabled=False):
+        i = fixed.float()
+        j = warped.float()
+        n = i.shape[1]
+        moments = _box_mean(torch.cat([i, j, i * i, j * j, i * j], dim=1), window)
+        mean_i, mean_j, mean_ii, mean_jj, mean_ij = torch.split(moments, n, dim=1)
+        cross = mean_ij - mean_i * mean_j
+        var_i = (mean_ii - mean_i * mean_i).clamp_min(0.0)
+        var_j = (mean_jj - mean_j * mean_j).clamp_min(0.0)
+        # The sums of Eq. 2 are window^ndim times these means; the ratio is the same.
+        scale = float(window ** spatial_dims(fixed)) ** 2
+        return cross * cross / (var_i * var_j + NCC_EPSILON / scale)
+
+
+def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of (N, 1, *S) values over a (N, 1, *S) weight mask (all voxels when None)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared local NCC (higher is better), optionally restricted to a fixed-image mask."""
+    return masked_mean(local_ncc_map(fixed, warped, window), mask)
+
+
+def gradient_smoothness(displacement: torch.Tensor) -> torch.Tensor:
+    """Mean squared forward difference of an (N, ndim, *S) field, averaged over the axes.
+
+    The paper's L_S (sum of |grad u_i|^2) normalised by the number of voxels, as in VoxelMorph.
+    """
+    ndim = spatial_dims(displacement)
+    total = displacement.new_zeros(())
+    for axis in range(2, 2 + ndim):
+        diff = torch.diff(displacement, dim=axis)
+        total = total + (diff * diff).mean()
+    return total / ndim
+
+
+def registration_loss(fixed: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
+                      window: int, smoothness_weight: float,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Paper Eq. 1: -local NCC + lambda * smoothness."""
+    return -local_ncc(fixed, warped, window, mask) + smoothness_weight * gradient_smoothness(displacement)

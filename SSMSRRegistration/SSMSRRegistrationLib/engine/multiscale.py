@@ -1,0 +1,265 @@
+"""Multi-scale residual registration with test-time training (paper Sec. II-C/D/E).
+
+At each scale s of a coarse-to-fine schedule, the moving image warped by the
+field found so far and the fixed image are resized to scale s; a U-Net,
+initialised from the previous scale's trained weights, is trained on this pair
+(Adam) to predict a residual field; the residual is resized to full resolution
+and composed with the field so far (``spatial.compose``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..errors import InputError, RegistrationCancelled
+from .losses import local_ncc, registration_loss
+from .spatial import compose, resize_field, resize_image, warp
+from .unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet
+
+#: Smallest size of any axis at any scale; below this the U-Net and NCC window stop making sense.
+MIN_SCALED_SIZE = 8
+
+ProgressCallback = Callable[[dict], None]
+
+
+def parse_scales(schedule: Union[str, Sequence[Union[str, float, Fraction]]]) -> Tuple[Fraction, ...]:
+    """Parse a schedule such as "1/8,1/4,1/2,1" into strictly increasing fractions in (0, 1]."""
+    items = schedule.split(",") if isinstance(schedule, str) else list(schedule)
+    scales = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            value = Fraction(item if isinstance(item, (Fraction, float, int)) else text).limit_denominator(1000)
+        except (ValueError, ZeroDivisionError):
+            raise InputError(f"Scale {text!r} is not a number; write scales like '1/4,1/2,1'.") from None
+        if not 0 < value <= 1:
+            raise InputError(f"Scale {text} is outside (0, 1]; scales are fractions of the full resolution "
+                             "such as '1/4,1/2,1'.")
+        scales.append(value)
+    if not scales:
+        raise InputError("The scale schedule is empty; give at least one scale, e.g. '1'.")
+    if any(b <= a for a, b in zip(scales, scales[1:])):
+        raise InputError(f"Scales must increase from coarse to fine, got {format_scales(scales)}.")
+    return tuple(scales)
+
+
+def format_scale(scale: Fraction) -> str:
+    return str(scale)
+
+
+def format_scales(scales: Sequence[Fraction]) -> str:
+    return ",".join(format_scale(s) for s in scales)
+
+
+def scaled_size(size: Sequence[int], scale: Fraction) -> Tuple[int, ...]:
+    """Grid size of a full-resolution grid ``size`` at ``scale`` (rounded, at least 2)."""
+    return tuple(max(2, int(round(n * float(scale)))) for n in size)
+
+
+def check_schedule(size: Sequence[int], scales: Sequence[Fraction]) -> None:
+    """Raise InputError if the coarsest scale would shrink an axis below MIN_SCALED_SIZE voxels."""
+    coarse = scaled_size(size, scales[0])
+    if min(coarse) < MIN_SCALED_SIZE:
+        raise InputError(
+            f"Scale {format_scale(scales[0])} turns the {'x'.join(map(str, size))} image into "
+            f"{'x'.join(map(str, coarse))} voxels; every axis needs at least {MIN_SCALED_SIZE}. "
+            "Use a finer coarsest scale (e.g. '1/2,1').")
+
+
+@dataclass
+class RegistrationSettings:
+    """Hyper-parameters of one SSMSR run (defaults from the paper)."""
+
+    scales: Tuple[Fraction, ...] = (Fraction(1, 2), Fraction(1))
+    steps_per_scale: int = 3500
+    smoothness_weight: float = 10.0
+    ncc_window: Optional[int] = None  # None: 5 in 3D, 6 in 2D (the paper's windows)
+    learning_rate: float = 1e-3
+    seed: int = 0
+    encoder_channels: Tuple[int, ...] = DEFAULT_ENCODER_CHANNELS
+    decoder_channels: Tuple[int, ...] = DEFAULT_DECODER_CHANNELS
+    progress_every: int = 0  # report every N steps; 0: about 100 reports per scale
+
+    def window_for(self, ndim: int) -> int:
+        return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
+
+    def validate(self) -> None:
+        if self.steps_per_scale < 0:
+            raise InputError("steps per scale must be 0 (inference only) or more.")
+        if self.smoothness_weight < 0:
+            raise InputError("the smoothness weight (lambda) must be >= 0.")
+        if self.ncc_window is not None and self.ncc_window < 2:
+            raise InputError("the NCC window must be at least 2 voxels.")
+        if not self.learning_rate > 0:
+            raise InputError("the learning rate must be > 0.")
+
+
+@dataclass
+class RegistrationResult:
+    """Output of ``register_tensors``.
+
+    displacement: (N, ndim, *S) full-resolution field in voxels (see ``spatial``).
+    displacements_per_scale: the composed field after each scale (same shape), coarse to fine.
+    loss_history: per scale, the training loss at every step.
+    networks: per scale, the trained U-Net weights (state dicts on the CPU).
+    """
+
+    displacement: torch.Tensor
+    displacements_per_scale: List[torch.Tensor]
+    loss_history: Dict[str, List[float]]
+    networks: List[Dict[str, torch.Tensor]]
+    seconds: float
+    device: str
+    window: int
+    scales: Tuple[Fraction, ...] = field(default_factory=tuple)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N' -> torch.device, with clear errors."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(f"Device {name!r} was asked for but this PyTorch sees no CUDA GPU; "
+                             "use --device cpu (or auto).")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"Device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible.")
+        return device
+    raise InputError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.")
+
+
+def _report_steps(steps: int, progress_every: int) -> int:
+    return progress_every if progress_every > 0 else max(1, math.ceil(steps / 100))
+
+
+def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
+                     settings: RegistrationSettings = RegistrationSettings(),
+                     fixed_mask: Optional[torch.Tensor] = None,
+                     initial_networks: Optional[Sequence[Dict[str, torch.Tensor]]] = None,
+                     device: Union[str, torch.device] = "auto",
+                     progress: Optional[ProgressCallback] = None,
+                     should_stop: Optional[Callable[[], bool]] = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with multi-scale test-time training.
+
+    Args:
+        fixed, moving: (N, 1, *S) intensities normalised to [0, 1], S 2D or 3D; N pairs share the networks.
+        settings: schedule and hyper-parameters.
+        fixed_mask: optional (N, 1, *S) mask (non-zero = inside) restricting the similarity term.
+        initial_networks: optional U-Net state dicts, one per scale (or one for all scales), to start
+            from instead of a fresh network; with ``steps_per_scale == 0`` this is pure inference.
+        device: 'auto', 'cpu', 'cuda[:N]' or a torch.device.
+        progress: called with dict events: once {"event": "started", "device", "scales", "steps_per_scale",
+            "image_size" (x, y[, z] order), "pairs"}, then {"event": "progress", "scale", "scale_index",
+            "num_scales", "step", "steps", "loss", "fraction", "elapsed_s", "eta_s"}.
+        should_stop: polled at every report; returning True raises RegistrationCancelled.
+    Returns:
+        RegistrationResult with the field in voxels of the full-resolution grid.
+    """
+    settings.validate()
+    if fixed.shape != moving.shape:
+        raise InputError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} tensors differ in shape.")
+    ndim = fixed.dim() - 2
+    if ndim not in (2, 3) or fixed.shape[1] != 1:
+        raise InputError(f"expected (N, 1, *S) tensors with 2 or 3 spatial axes, got {tuple(fixed.shape)}.")
+    scales = tuple(settings.scales)
+    size = tuple(fixed.shape[2:])
+    check_schedule(size, scales)
+    if settings.steps_per_scale == 0 and not initial_networks:
+        raise InputError("steps per scale is 0 (inference only) but no trained network weights were given.")
+    if initial_networks is not None and len(initial_networks) not in (1, len(scales)):
+        raise InputError(f"{len(initial_networks)} network weight sets given for {len(scales)} scales.")
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    window = settings.window_for(ndim)
+    torch.manual_seed(settings.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    fixed = fixed.to(device=device, dtype=torch.float32)
+    moving = moving.to(device=device, dtype=torch.float32)
+    mask = (fixed_mask.to(device) > 0).float() if fixed_mask is not None else None
+    if mask is not None and mask.sum() == 0:
+        raise InputError("The fixed mask is empty (no voxel inside); give a mask that covers the region to align.")
+
+    displacement = torch.zeros((fixed.shape[0], ndim) + size, device=device)
+    network = RegistrationUNet(ndim, settings.encoder_channels, settings.decoder_channels).to(device)
+    per_scale: List[torch.Tensor] = []
+    histories: Dict[str, List[float]] = {}
+    trained: List[Dict[str, torch.Tensor]] = []
+    total_steps = max(1, settings.steps_per_scale * len(scales))
+    report_every = _report_steps(settings.steps_per_scale, settings.progress_every)
+    if progress is not None:
+        progress({"event": "started", "device": str(device), "scales": [format_scale(s) for s in scales],
+                  "steps_per_scale": settings.steps_per_scale, "image_size": list(reversed(size)),
+                  "pairs": int(fixed.shape[0])})
+    start = time.perf_counter()
+
+    for index, scale in enumerate(scales):
+        if initial_networks is not None:
+            network.load_state_dict(initial_networks[index if len(initial_networks) > 1 else 0])
+        scale_size = scaled_size(size, scale)
+        fixed_s = resize_image(fixed, scale_size)
+        moving_s = resize_image(warp(moving, displacement), scale_size)
+        mask_s = (resize_image(mask, scale_size) > 0.5).float() if mask is not None else None
+        if mask_s is not None and mask_s.sum() == 0:
+            mask_s = (resize_image(mask, scale_size) > 0).float()
+        pair = torch.cat([moving_s, fixed_s], dim=1)
+
+        losses = torch.zeros(settings.steps_per_scale, device=device)
+        optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+        network.train()
+        for step in range(settings.steps_per_scale):
+            optimizer.zero_grad(set_to_none=True)
+            residual = network(pair)
+            loss = registration_loss(fixed_s, warp(moving_s, residual), residual, window,
+                                     settings.smoothness_weight, mask_s)
+            loss.backward()
+            optimizer.step()
+            losses[step] = loss.detach()
+            done = step + 1
+            if done % report_every == 0 or done == settings.steps_per_scale:
+                if should_stop is not None and should_stop():
+                    raise RegistrationCancelled("registration cancelled")
+                if progress is not None:
+                    elapsed = time.perf_counter() - start
+                    finished = index * settings.steps_per_scale + done
+                    progress({"event": "progress", "scale": format_scale(scale), "scale_index": index,
+                              "num_scales": len(scales), "step": done, "steps": settings.steps_per_scale,
+                              "loss": float(losses[step]), "fraction": finished / total_steps,
+                              "elapsed_s": elapsed, "eta_s": elapsed / finished * (total_steps - finished)})
+        histories[format_scale(scale)] = losses.tolist()
+
+        network.eval()
+        with torch.no_grad():
+            residual = network(pair)
+        displacement = compose(displacement, resize_field(residual, size))
+        per_scale.append(displacement)
+        # The next scale goes on training this network: it starts from these weights.
+        trained.append({k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
+
+    return RegistrationResult(displacement=displacement, displacements_per_scale=per_scale,
+                              loss_history=histories, networks=trained,
+                              seconds=time.perf_counter() - start, device=str(device), window=window,
+                              scales=scales)
+
+
+def similarity(fixed: torch.Tensor, moving: torch.Tensor, displacement: Optional[torch.Tensor], window: int,
+               mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Local NCC and MSE between ``fixed`` and ``moving`` warped by ``displacement`` (identity if None)."""
+    with torch.no_grad():
+        warped = moving if displacement is None else warp(moving, displacement)
+        inside = None if mask is None else (mask > 0).float()
+        squared = (fixed - warped) ** 2
+        mse = squared.mean() if inside is None else (squared * inside).sum() / inside.sum().clamp_min(1)
+        return {"ncc": float(local_ncc(fixed, warped, window, inside)), "mse": float(mse)}

@@ -1,0 +1,103 @@
+"""The registration U-Net of the paper (VoxelMorph-style encoder/decoder with skip connections)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: VoxelMorph's default widths (encoder; decoder, then full-resolution convolutions).
+DEFAULT_ENCODER_CHANNELS = (16, 32, 32, 32)
+DEFAULT_DECODER_CHANNELS = (32, 32, 32, 32, 32, 16, 16)
+
+
+class ConvBlock(nn.Module):
+    """3x3(x3) convolution + LeakyReLU(0.2)."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.conv = conv(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+        self.activation = nn.LeakyReLU(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.conv(x))
+
+
+class RegistrationUNet(nn.Module):
+    """Predicts a displacement field from a (moving, fixed) pair.
+
+    Input (N, 2, *S) (channel 0 moving, channel 1 fixed), any spatial size:
+    the input is padded to a multiple of 2^len(encoder_channels) and the output cropped back.
+    Output (N, ndim, *S): displacement in voxels of the input grid (see ``spatial``).
+
+    Encoder: one strided-by-pooling level per entry of ``encoder_channels``.
+    Decoder: the first len(encoder_channels) entries of ``decoder_channels`` are
+    convolutions each followed by 2x upsampling and concatenation with the skip
+    connection; the remaining entries are full-resolution convolutions.
+    The final convolution is initialised near zero (normal, std 1e-5), so an
+    untrained network predicts an almost identity transform.
+    """
+
+    def __init__(self, ndim: int, encoder_channels: Sequence[int] = DEFAULT_ENCODER_CHANNELS,
+                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        encoder_channels = tuple(int(c) for c in encoder_channels)
+        decoder_channels = tuple(int(c) for c in decoder_channels)
+        if len(decoder_channels) < len(encoder_channels):
+            raise ValueError("decoder_channels needs at least one entry per encoder level")
+        self.ndim = ndim
+        self.encoder_channels = encoder_channels
+        self.decoder_channels = decoder_channels
+        self.levels = len(encoder_channels)
+
+        self.encoder = nn.ModuleList()
+        skip_channels = [2]
+        previous = 2
+        for channels in encoder_channels:
+            self.encoder.append(ConvBlock(ndim, previous, channels))
+            skip_channels.append(channels)
+            previous = channels
+        self.pool = nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)
+
+        self.decoder = nn.ModuleList()
+        skips = list(skip_channels[:-1])
+        # The bottom level's output (after the last pooling) feeds the first decoder conv.
+        for channels in decoder_channels[: self.levels]:
+            self.decoder.append(ConvBlock(ndim, previous, channels))
+            previous = channels + skips.pop()
+        self.remaining = nn.ModuleList()
+        for channels in decoder_channels[self.levels:]:
+            self.remaining.append(ConvBlock(ndim, previous, channels))
+            previous = channels
+
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.flow = conv(previous, ndim, kernel_size=3, padding=1)
+        nn.init.normal_(self.flow.weight, mean=0.0, std=1e-5)
+        nn.init.zeros_(self.flow.bias)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        size = pair.shape[2:]
+        multiple = 2 ** self.levels
+        padding = []
+        for n in reversed(size):
+            padding += [0, (-n) % multiple]
+        x = F.pad(pair, padding, mode="replicate") if any(padding) else pair
+
+        history = [x]
+        for block in self.encoder:
+            x = self.pool(block(x))
+            history.append(x)
+        history.pop()  # the bottom level is x itself
+        for block in self.decoder:
+            x = F.interpolate(block(x), scale_factor=2, mode="nearest")
+            x = torch.cat([x, history.pop()], dim=1)
+        for block in self.remaining:
+            x = block(x)
+        flow = self.flow(x)
+        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in size)
+        return flow[crop]

@@ -1,0 +1,118 @@
+"""Displacement fields in physical space, and writing outputs without leaving partial files.
+
+A field on disk is an ITK displacement field: a vector image on the fixed
+image's grid whose vector at fixed-image point p (physical, millimetres) is the
+displacement u(p) such that p maps to p + u(p) in the moving image ("resampling"
+transform, Slicer's "from parent"). Vectors are in ITK's LPS physical frame; this
+is what SimpleITK, ITK and ANTs read and write for NRRD, MetaImage and NIfTI
+(NIfTI intent code 1007, "vector"), and what Slicer's transform reader expects.
+A ``.h5`` path is written as an ITK transform file (DisplacementFieldTransform).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+
+TRANSFORM_EXTENSIONS = (".h5", ".hdf5")
+
+
+def _index_to_physical_matrix(reference: sitk.Image) -> np.ndarray:
+    """Matrix taking an index-space vector (ITK order x, y[, z]) to a physical vector: direction @ diag(spacing)."""
+    ndim = reference.GetDimension()
+    direction = np.array(reference.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    return direction @ np.diag(reference.GetSpacing())
+
+
+def voxel_field_to_image(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Convert an engine field to an ITK displacement field on ``reference``'s grid.
+
+    Args:
+        displacement: (ndim, *S) array in voxels, channel k along array axis k (reverse of ITK order).
+        reference: the fixed image (its grid must have size S reversed).
+    Returns:
+        sitk vector image (float64) of physical displacements in millimetres (LPS).
+    """
+    ndim = reference.GetDimension()
+    if displacement.shape != (ndim,) + tuple(reversed(reference.GetSize())):
+        raise ValueError(f"field {displacement.shape} does not fit the grid {reference.GetSize()}")
+    index_vectors = displacement[::-1]  # channel order (x, y[, z])
+    physical = np.einsum("ij,j...->...i", _index_to_physical_matrix(reference), index_vectors)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(physical, dtype=np.float64), isVector=True)
+    image.CopyInformation(reference)
+    return image
+
+
+def image_to_voxel_field(field: sitk.Image) -> np.ndarray:
+    """Inverse of ``voxel_field_to_image``: physical field (mm) -> (ndim, *S) voxel field in array-axis order."""
+    physical = sitk.GetArrayFromImage(field).astype(np.float64)  # (*S, ndim), ITK order vectors
+    inverse = np.linalg.inv(_index_to_physical_matrix(field))
+    index_vectors = np.einsum("ij,...j->i...", inverse, physical)
+    return index_vectors[::-1].copy()
+
+
+def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """A SimpleITK transform for a physical field (the field image is copied, not consumed)."""
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Write through ``write(temporary_path)`` in the target folder, then rename onto ``path``.
+
+    The temporary name keeps the extension (it selects the file format); on any
+    failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"The output folder {folder!r} does not exist; create it first.")
+    name = os.path.basename(path)
+    extension = name[name.index("."):] if "." in name else ""
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=extension, dir=folder)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_image(image: sitk.Image, path: str, compress: bool = True) -> None:
+    """Write any image atomically (format from the extension)."""
+    try:
+        _write_atomically(path, lambda temporary: sitk.WriteImage(image, temporary, compress))
+    except RuntimeError as error:
+        raise InputError(f"Cannot write {path!r}: {str(error).strip().splitlines()[-1]} "
+                         "Use an extension SimpleITK writes, such as .nii.gz, .nrrd or .mha.") from None
+
+
+def write_field(field: sitk.Image, path: str) -> None:
+    """Write a physical displacement field atomically: an image file, or an ITK transform for .h5."""
+    if os.fspath(path).lower().endswith(TRANSFORM_EXTENSIONS):
+        _write_atomically(path, lambda temporary: sitk.WriteTransform(displacement_transform(field), temporary))
+    else:
+        write_image(sitk.Cast(field, sitk.sitkVectorFloat32), path)
+
+
+def read_field(path: str) -> sitk.Image:
+    """Read a displacement field written by ``write_field`` (or by ITK/ANTs) as a vector image in mm (LPS)."""
+    if not os.path.exists(path):
+        raise InputError(f"The displacement field {path!r} does not exist.")
+    if os.fspath(path).lower().endswith(TRANSFORM_EXTENSIONS):
+        transform = sitk.ReadTransform(path)
+        if transform.GetName() == "CompositeTransform":
+            transform = sitk.CompositeTransform(transform).GetNthTransform(0)
+        return sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+    field = sitk.ReadImage(path)
+    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
+        raise InputError(f"{path!r} is not a displacement field: it has {field.GetNumberOfComponentsPerPixel()} "
+                         f"components per voxel for a {field.GetDimension()}D grid.")
+    return field

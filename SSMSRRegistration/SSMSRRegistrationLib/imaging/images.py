@@ -1,0 +1,128 @@
+"""Reading, checking and preparing images in physical space (SimpleITK).
+
+Arrays taken from SimpleITK images are indexed in reverse axis order ((y, x) or
+(z, y, x)); every function here keeps to that order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+
+ImageLike = Union[str, os.PathLike, sitk.Image]
+
+#: Relative tolerance used to decide that two grids are the same.
+GRID_TOLERANCE = 1e-4
+
+
+def read_image(source: ImageLike, role: str) -> sitk.Image:
+    """Read an image file (any format SimpleITK reads) or a DICOM series folder; pass sitk.Image through.
+
+    ``role`` ("fixed image", "moving labels", ...) names the input in error messages.
+    """
+    if isinstance(source, sitk.Image):
+        return source
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise InputError(f"The {role} file {path!r} does not exist; check the path.")
+    try:
+        if os.path.isdir(path):
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(path)
+            if not series:
+                raise InputError(f"The {role} folder {path!r} contains no DICOM series; "
+                                 "give an image file or a folder of one DICOM series.")
+            if len(series) > 1:
+                raise InputError(f"The {role} folder {path!r} holds {len(series)} DICOM series; "
+                                 "put one series per folder.")
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series[0]))
+            return reader.Execute()
+        return sitk.ReadImage(path)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise InputError(f"Cannot read the {role} {path!r}: it is not an image SimpleITK can read "
+                         f"(NIfTI, NRRD, MHA, DICOM, ...). {first_line}") from None
+
+
+def check_image(image: sitk.Image, role: str, dimension: Optional[int] = None) -> None:
+    """Reject what the engine cannot register: wrong dimension, several components, NaN, too small."""
+    ndim = image.GetDimension()
+    if ndim not in (2, 3):
+        raise InputError(f"The {role} is {ndim}D; SSMSR registers 2D or 3D images. For a 2D+t cine use "
+                         "`ssmsr track`; for a 4D series pick one 3D volume first.")
+    if dimension is not None and ndim != dimension:
+        raise InputError(f"The {role} is {ndim}D but the fixed image is {dimension}D; "
+                         "both images must have the same dimension.")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InputError(f"The {role} has {components} components per voxel (colour or vector image); "
+                         "convert it to a single-channel grey-scale image first.")
+    size = image.GetSize()
+    if min(size) < 2:
+        raise InputError(f"The {role} has size {'x'.join(map(str, size))}: an axis with a single voxel. "
+                         "Save a single slice as a 2D image.")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        count = int((~np.isfinite(array)).sum())
+        raise InputError(f"The {role} contains {count} NaN or infinite voxels; fill or mask them before "
+                         "registering.")
+
+
+def intensity_window(array: np.ndarray, role: str, clip_std: float = 6.0) -> Tuple[float, float]:
+    """Paper's normalisation window: mean +/- ``clip_std`` standard deviations, within the data range.
+
+    Raises InputError for a constant image.
+    """
+    values = array.astype(np.float64, copy=False)
+    mean, std = float(values.mean()), float(values.std())
+    low = max(float(values.min()), mean - clip_std * std)
+    high = min(float(values.max()), mean + clip_std * std)
+    if not high > low:
+        raise InputError(f"The {role} is constant (every voxel is {values.flat[0]:g}); there is nothing "
+                         "to register. Check that the right file was given.")
+    return low, high
+
+
+def rescale(array: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    """Clip to ``window`` and map it linearly to [0, 1]; float32 array of the same shape."""
+    low, high = window
+    return ((np.clip(array.astype(np.float64, copy=False), low, high) - low) / (high - low)).astype(np.float32)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GRID_TOLERANCE) -> bool:
+    """True if two images share size, spacing, origin and direction (within a relative tolerance)."""
+    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
+        return False
+    scale = max(max(a.GetSpacing()), 1e-12)
+    return (np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tolerance, atol=0)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tolerance * scale)
+            and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance))
+
+
+def resample_onto(image: sitk.Image, reference: sitk.Image, labels: bool = False) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid by world coordinates (identity transform).
+
+    Linear interpolation, or nearest neighbour for label maps; 0 outside the image.
+    """
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    output_type = image.GetPixelID() if labels else sitk.sitkFloat32
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0, output_type)
+
+
+def overlaps(a: sitk.Image, b: sitk.Image) -> bool:
+    """True if the physical bounding boxes of the two images intersect."""
+    def box(image):
+        corners = []
+        size = image.GetSize()
+        for corner in np.ndindex(*([2] * image.GetDimension())):
+            index = [c * (n - 1) for c, n in zip(corner, size)]
+            corners.append(image.TransformContinuousIndexToPhysicalPoint([float(i) for i in index]))
+        corners = np.array(corners)
+        return corners.min(0), corners.max(0)
+    (a_low, a_high), (b_low, b_high) = box(a), box(b)
+    return bool(np.all(a_low <= b_high) and np.all(b_low <= a_high))
