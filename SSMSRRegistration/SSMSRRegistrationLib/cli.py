@@ -81,13 +81,22 @@ def _raise_cancelled(signum, frame):
     raise RegistrationCancelled(f"stopped by signal {signum}")
 
 
+def _requested_progress(argv: List[str]) -> str:
+    """The --progress choice, read before full parsing so that usage errors also follow the protocol."""
+    for index, item in enumerate(argv):
+        value = item.split("=", 1)[1] if item.startswith("--progress=") else (
+            argv[index + 1] if item == "--progress" and index + 1 < len(argv) else None)
+        if value in ("bar", "jsonl", "none"):
+            return value
+    return "none"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    reporter = Reporter()
+    reporter = make_reporter(_requested_progress(argv))
     signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         args = build_parser().parse_args(argv)
-        reporter = make_reporter(args.progress)
         if args.command == "register":
             run_register(args, reporter)
         return EXIT_OK

@@ -9,20 +9,23 @@ import torch.nn.functional as F
 
 from .spatial import spatial_dims
 
-#: Guard added to the product of local variances (intensities in [0, 1]).
-NCC_EPSILON = 1e-5
+#: Guard added to the product of local variances (means over the window, intensities in [0, 1]):
+#: windows whose variance product is far below it (flat background) count as uncorrelated.
+NCC_EPSILON = 1e-8
 
 
 def _box_mean(stack: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a window^ndim box around each voxel, zero padding outside; (N, C, *S) -> same shape.
+    """Mean over the part of a window^ndim box around each voxel that lies inside the image.
 
-    Even windows extend one voxel further before the centre than after it.
+    (N, C, *S) -> same shape. Even windows extend one voxel further before the centre than after it.
     """
     ndim = spatial_dims(stack)
     before, after = window // 2, (window - 1) // 2
-    padded = F.pad(stack, [before, after] * ndim)
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
-    return pool(padded, kernel_size=window, stride=1)
+    padding = [before, after] * ndim
+    sums = pool(F.pad(stack, padding), kernel_size=window, stride=1)
+    inside = pool(F.pad(torch.ones_like(stack[:1, :1]), padding), kernel_size=window, stride=1)
+    return sums / inside
 
 
 def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int) -> torch.Tensor:
@@ -30,7 +33,7 @@ def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int) -> tor
 
     Args:
         fixed, warped: (N, 1, *S) images.
-        window: side of the local box in voxels.
+        window: side of the local box in voxels (clipped at the image border).
     Returns:
         (N, 1, *S) values in [0, 1], computed in float32 even under autocast;
         0 where either image is locally constant (no NaN).
@@ -44,9 +47,8 @@ def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int) -> tor
         cross = mean_ij - mean_i * mean_j
         var_i = (mean_ii - mean_i * mean_i).clamp_min(0.0)
         var_j = (mean_jj - mean_j * mean_j).clamp_min(0.0)
-        # The sums of Eq. 2 are window^ndim times these means; the ratio is the same.
-        scale = float(window ** spatial_dims(fixed)) ** 2
-        return cross * cross / (var_i * var_j + NCC_EPSILON / scale)
+        # Eq. 2's sums are (voxels in window) times these means; the ratio is the same.
+        return cross * cross / (var_i * var_j + NCC_EPSILON)
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

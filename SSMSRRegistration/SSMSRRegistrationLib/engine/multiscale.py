@@ -9,7 +9,6 @@ and composed with the field so far (``spatial.compose``).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -21,6 +20,9 @@ from ..errors import InputError, RegistrationCancelled
 from .losses import local_ncc, registration_loss
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet
+
+#: Default interval between progress reports (and cancel checks), seconds.
+REPORT_SECONDS = 0.2
 
 #: Smallest size of any axis at any scale; below this the U-Net and NCC window stop making sense.
 MIN_SCALED_SIZE = 8
@@ -84,7 +86,7 @@ class RegistrationSettings:
     seed: int = 0
     encoder_channels: Tuple[int, ...] = DEFAULT_ENCODER_CHANNELS
     decoder_channels: Tuple[int, ...] = DEFAULT_DECODER_CHANNELS
-    progress_every: int = 0  # report every N steps; 0: about 100 reports per scale
+    progress_every: int = 0  # report every N steps; 0: every REPORT_SECONDS of wall time
 
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
@@ -137,10 +139,6 @@ def resolve_device(name: str = "auto") -> torch.device:
                              "are visible.")
         return device
     raise InputError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.")
-
-
-def _report_steps(steps: int, progress_every: int) -> int:
-    return progress_every if progress_every > 0 else max(1, math.ceil(steps / 100))
 
 
 def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
@@ -198,12 +196,11 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     histories: Dict[str, List[float]] = {}
     trained: List[Dict[str, torch.Tensor]] = []
     total_steps = max(1, settings.steps_per_scale * len(scales))
-    report_every = _report_steps(settings.steps_per_scale, settings.progress_every)
     if progress is not None:
         progress({"event": "started", "device": str(device), "scales": [format_scale(s) for s in scales],
                   "steps_per_scale": settings.steps_per_scale, "image_size": list(reversed(size)),
                   "pairs": int(fixed.shape[0])})
-    start = time.perf_counter()
+    start = last_report = time.perf_counter()
 
     for index, scale in enumerate(scales):
         if initial_networks is not None:
@@ -228,11 +225,17 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
             optimizer.step()
             losses[step] = loss.detach()
             done = step + 1
-            if done % report_every == 0 or done == settings.steps_per_scale:
+            now = time.perf_counter()
+            if settings.progress_every > 0:
+                due = done % settings.progress_every == 0
+            else:
+                due = now - last_report >= REPORT_SECONDS
+            if due or done == settings.steps_per_scale:
+                last_report = now
                 if should_stop is not None and should_stop():
                     raise RegistrationCancelled("registration cancelled")
                 if progress is not None:
-                    elapsed = time.perf_counter() - start
+                    elapsed = now - start
                     finished = index * settings.steps_per_scale + done
                     progress({"event": "progress", "scale": format_scale(scale), "scale_index": index,
                               "num_scales": len(scales), "step": done, "steps": settings.steps_per_scale,

@@ -1,0 +1,95 @@
+"""Real sample images shipped inside registry packages (nothing is downloaded).
+
+* ``echo_frames``: the 30-frame colour echocardiogram shipped with pydicom
+  (``examples_ybr_color.dcm``, 240x320 pixels), reduced to its first channel as in the paper.
+* ``brain_t1`` / ``brain_tissue_labels``: the ICBM152 2009a T1 template and its grey/white matter
+  probability maps, shipped with nilearn (1 mm, 197x233x189 voxels, RAS-oriented NIfTI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+GREY_MATTER, WHITE_MATTER = 1, 2
+
+
+def _package_file(package: str, *parts: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"The sample data needs the Python package {package!r}: pip install {package}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    if not os.path.exists(path):
+        raise InputError(f"{path!r} is missing from the installed {package!r} package.")
+    return path
+
+
+def echo_cine_path() -> str:
+    """Path of pydicom's multi-frame ultrasound example (YBR colour, 30 frames)."""
+    return _package_file("pydicom", "data", "test_files", "examples_ybr_color.dcm")
+
+
+def echo_frames(indices: Optional[Sequence[int]] = None) -> List[sitk.Image]:
+    """Frames of the echo cine as 2D float32 images of the first (luma) channel, values 0..255.
+
+    Pixel spacing is the DICOM ultrasound region's PhysicalDeltaX/Y (cm -> mm). The region
+    coordinates in this example exceed the stored 320x240 frame, so the frames were downsized
+    after calibration and the spacing is only indicative.
+    """
+    import pydicom
+
+    dataset = pydicom.dcmread(echo_cine_path())
+    frames = dataset.pixel_array  # (frames, rows, columns, 3), YBR converted to RGB by pydicom
+    region = dataset.SequenceOfUltrasoundRegions[0]
+    spacing = (float(region.PhysicalDeltaX) * 10.0, float(region.PhysicalDeltaY) * 10.0)
+    images = []
+    for index in (range(frames.shape[0]) if indices is None else indices):
+        image = sitk.GetImageFromArray(frames[index, :, :, 0].astype(np.float32))
+        image.SetSpacing(spacing)
+        images.append(image)
+    return images
+
+
+def _nilearn_data(name: str) -> str:
+    return _package_file("nilearn", "datasets", "data", name)
+
+
+def brain_t1() -> sitk.Image:
+    """The ICBM152 2009a symmetric T1 template (float32, 1 mm)."""
+    return sitk.Cast(sitk.ReadImage(_nilearn_data("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")),
+                     sitk.sitkFloat32)
+
+
+def brain_tissue_labels() -> sitk.Image:
+    """Tissue label map on the T1 template's grid: 0 background, 1 grey matter, 2 white matter.
+
+    A voxel gets the tissue of highest probability when that probability is at least 0.5.
+    """
+    grey = sitk.GetArrayFromImage(sitk.ReadImage(_nilearn_data("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")))
+    white = sitk.GetArrayFromImage(sitk.ReadImage(_nilearn_data("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")))
+    grey, white = grey.astype(np.float32), white.astype(np.float32)
+    scale = max(float(grey.max()), float(white.max()), 1e-6)
+    grey, white = grey / scale, white / scale
+    labels = np.zeros(grey.shape, np.uint8)
+    labels[(grey >= 0.5) & (grey >= white)] = GREY_MATTER
+    labels[(white >= 0.5) & (white > grey)] = WHITE_MATTER
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(brain_t1())
+    return image
+
+
+def crop_and_shrink(image: sitk.Image, start: Sequence[int], size: Sequence[int], shrink: int = 1,
+                    labels: bool = False) -> sitk.Image:
+    """Crop (ITK index order start/size) then shrink by an integer factor, keeping physical geometry."""
+    cropped = sitk.RegionOfInterest(image, [int(s) for s in size], [int(s) for s in start])
+    if shrink == 1:
+        return cropped
+    if labels:
+        return sitk.Shrink(cropped, [shrink] * image.GetDimension())
+    return sitk.BinShrink(cropped, [shrink] * image.GetDimension())

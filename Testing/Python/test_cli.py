@@ -1,0 +1,138 @@
+"""The ssmsr command: JSON-lines protocol, cancel, and clear errors on bad input with no partial output."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SSMSRRegistrationLib.cli import EXIT_CANCELLED, EXIT_INPUT, main
+from realimages import brain_slice
+
+MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration")
+
+
+def write(path, array, spacing=None):
+    image = sitk.GetImageFromArray(array)
+    if spacing:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = brain_slice()
+    fixed = write(inputs / "fixed.nii.gz", image)
+    moving = write(inputs / "moving.nii.gz", np.roll(image, 2, axis=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    return inputs, fixed, moving, out
+
+
+def fingerprint(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def worker(*args):
+    env = dict(os.environ, PYTHONPATH=MODULE_DIRECTORY + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "SSMSRRegistrationLib", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_jsonl_run_reports_progress_and_writes_outputs(pair):
+    _, fixed, moving, out = pair
+    process = worker("register", fixed, moving, "-o", str(out / "field.nrrd"), "--warped", str(out / "w.nii.gz"),
+                     "--scales", "1/2,1", "--steps", "10", "--device", "cpu", "--progress", "jsonl")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert events[0]["event"] == "started" and events[0]["scales"] == ["1/2", "1"]
+    assert {e["event"] for e in events[1:-1]} == {"progress"}
+    assert events[-1]["event"] == "finished"
+    assert events[-1]["outputs"]["field"] == str(out / "field.nrrd")
+    assert sitk.ReadImage(events[-1]["outputs"]["field"]).GetNumberOfComponentsPerPixel() == 2
+    assert sorted(fingerprint(out)) == ["field.nrrd", "w.nii.gz"]
+
+
+def test_sigterm_cancels_without_output(pair):
+    inputs, fixed, moving, out = pair
+    before = fingerprint(inputs)
+    process = worker("register", fixed, moving, "-o", str(out / "field.nii.gz"), "--steps", "100000",
+                     "--device", "cpu", "--progress", "jsonl")
+    for line in process.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=30)
+    assert process.returncode == EXIT_CANCELLED
+    assert json.loads(stdout.splitlines()[-1]) == {"event": "error", "message": "Registration cancelled; no output "
+                                                   "was written.", "kind": "cancelled"}
+    assert fingerprint(out) == {}
+    assert fingerprint(inputs) == before
+
+
+def bad_inputs(inputs: Path):
+    """(name, extra arguments, expected message) for each kind of bad input; files are made in ``inputs``."""
+    image = brain_slice()
+    rgb = sitk.Compose([sitk.GetImageFromArray(image)] * 3)
+    sitk.WriteImage(rgb, str(inputs / "rgb.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.stack([image] * 3))] * 2), str(inputs / "4d.nii.gz"))
+    (inputs / "text.nii.gz").write_text("not an image")
+    nan = image.copy()
+    nan[10, 10] = np.nan
+    write(inputs / "nan.nrrd", nan)  # ITK's NIfTI reader turns NaN into 0; NRRD keeps it
+    write(inputs / "constant.nii.gz", np.full_like(image, 3.0))
+    write(inputs / "volume.nii.gz", np.stack([image] * 12))
+    write(inputs / "empty_mask.nii.gz", np.zeros(image.shape, np.uint8))
+    return [
+        ("missing file", ["MOVING=" + str(inputs / "absent.nii.gz")], "does not exist"),
+        ("unreadable file", ["MOVING=" + str(inputs / "text.nii.gz")], "Cannot read the moving image"),
+        ("2D vs 3D", ["MOVING=" + str(inputs / "volume.nii.gz")], "same dimension"),
+        ("colour image", ["MOVING=" + str(inputs / "rgb.nii.gz")], "3 components per voxel"),
+        ("4D image", ["FIXED=" + str(inputs / "4d.nii.gz")], "4D"),
+        ("constant image", ["MOVING=" + str(inputs / "constant.nii.gz")], "constant"),
+        ("NaN voxels", ["MOVING=" + str(inputs / "nan.nrrd")], "NaN"),
+        ("empty mask", ["--fixed-mask", str(inputs / "empty_mask.nii.gz")], "mask is empty"),
+        ("impossible schedule", ["--scales", "1/32,1"], "every axis needs at least"),
+        ("decreasing schedule", ["--scales", "1,1/2"], "increase"),
+        ("labels without input", ["--warped-labels", "OUT/l.nii.gz"], "needs --moving-labels"),
+        ("output over an input", ["-o", "FIXED_PATH"], "is also an input"),
+        ("missing output folder", ["-o", "OUT/absent/field.nii.gz"], "does not exist"),
+        ("unknown device", ["--device", "tpu"], "Unknown device"),
+        ("unknown option", ["--bogus"], "unrecognized arguments"),
+    ]
+
+
+def test_bad_inputs_give_clear_errors_and_leave_everything_untouched(pair, capsys):
+    inputs, fixed, moving, out = pair
+    cases = bad_inputs(inputs)
+    before = fingerprint(inputs)
+    for name, extra, message in cases:
+        paths = {"FIXED": fixed, "MOVING": moving}
+        options = []
+        for item in extra:
+            if item.startswith(("FIXED=", "MOVING=")):
+                key, value = item.split("=", 1)
+                paths[key] = value
+            else:
+                options.append(item.replace("OUT/", str(out) + "/").replace("FIXED_PATH", fixed))
+        output = [] if "-o" in options else ["-o", str(out / "field.nii.gz")]
+        code = main(["register", paths["FIXED"], paths["MOVING"], *output, "--steps", "2", "--device", "cpu",
+                     "--progress", "jsonl", *options])
+        captured = capsys.readouterr()
+        events = [json.loads(line) for line in captured.out.splitlines()]
+        assert code == EXIT_INPUT, name
+        assert events[-1]["event"] == "error" and events[-1]["kind"] == "input", name
+        assert message in events[-1]["message"], (name, events[-1]["message"])
+        assert message in captured.err, name
+        assert fingerprint(out) == {}, name
+    assert fingerprint(inputs) == before
