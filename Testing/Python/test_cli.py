@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from SSMSRRegistrationLib.cli import EXIT_CANCELLED, EXIT_INPUT, main
+from SSMSRRegistrationLib import api
+from SSMSRRegistrationLib.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_OUT_OF_MEMORY, main
 from realimages import brain_slice
 
 MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration")
@@ -136,3 +138,17 @@ def test_bad_inputs_give_clear_errors_and_leave_everything_untouched(pair, capsy
         assert message in captured.err, name
         assert fingerprint(out) == {}, name
     assert fingerprint(inputs) == before
+
+
+def test_out_of_gpu_memory_is_reported_with_a_suggestion(pair, capsys, monkeypatch):
+    _, fixed, moving, out = pair
+
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(api, "register_tensors", exhausted)
+    code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--device", "cpu", "--progress", "jsonl"])
+    event = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert code == EXIT_OUT_OF_MEMORY
+    assert event["kind"] == "out_of_memory" and "--device cpu" in event["message"]
+    assert fingerprint(out) == {}

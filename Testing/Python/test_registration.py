@@ -79,3 +79,17 @@ def test_impossible_schedules_are_rejected(fixed, schedule, message):
 def test_scaled_sizes_round_and_stay_positive():
     assert scaled_size((48, 64, 48), parse_scales("1/2")[0]) == (24, 32, 24)
     assert scaled_size((241, 320), parse_scales("1/8")[0]) == (30, 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_and_cpu_agree(fixed):
+    moving, truth = deformed_pair(fixed, amplitude=4.0, period=60.0)
+    on_cpu = run(fixed, moving, "1/2,1", 60)
+    settings = RegistrationSettings(scales=parse_scales("1/2,1"), steps_per_scale=60)
+    on_gpu = register_tensors(fixed, moving, settings, device="cuda")
+    assert on_gpu.device.startswith("cuda")
+    cpu_error = endpoint_error(on_cpu.displacement, truth, fixed)[0]
+    gpu_error = endpoint_error(on_gpu.displacement.cpu(), truth, fixed)[0]
+    assert abs(cpu_error - gpu_error) < 0.1
+    assert (on_gpu.displacement.cpu() - on_cpu.displacement).abs().mean() < 0.1
