@@ -1,0 +1,292 @@
+"""The Qt-free Slicer logic on a real MRML scene (``slicer-core`` wheel), with the real background worker.
+
+Successful registrations always run the real worker (``SSMSRRegistrationLib.cli``) on real images: pydicom's
+echocardiogram cine and nilearn's ICBM152 template. ``fake_worker.py`` stands in only for crashes, error
+reports, unloadable results and processes that resist termination.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+sitk = pytest.importorskip("SimpleITK")
+
+from SSMSRRegistrationLib import scenarios  # noqa: E402
+from SSMSRRegistrationLib.logic import (  # noqa: E402
+    JobState,
+    RegistrationError,
+    RegistrationLogic,
+    describeProgress,
+    gridMatchesVolume,
+    inputProblems,
+    overallFraction,
+    parseScales,
+    readDisplacementFieldTransform,
+)
+from SSMSRRegistrationLib.worker_process import processExists, waitUntilGone  # noqa: E402
+
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+#: Short schedules keep the suite quick on two CPU cores while still moving the images clearly.
+STEPS_2D = 80
+STEPS_3D = 40
+
+
+@pytest.fixture
+def scene():
+    """A real MRML scene with the Segmentations module logic attached, as in the Slicer application
+    (it registers the segmentation representation converters that copying segmentations needs)."""
+    mrmlScene = slicer.vtkMRMLScene()
+    segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentationsLogic.SetMRMLScene(mrmlScene)
+    yield mrmlScene
+    del segmentationsLogic
+
+
+@pytest.fixture
+def logic(scene, tmp_path):
+    registrationLogic = RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path))
+    yield registrationLogic
+    registrationLogic.cancel()
+
+
+def fakeWorkerLogic(logic: RegistrationLogic, mode: str) -> RegistrationLogic:
+    logic.workerCommandPrefix = [sys.executable, str(FAKE_WORKER), mode]
+    return logic
+
+
+@pytest.fixture(scope="module")
+def echoFrames():
+    pytest.importorskip("pydicom")
+    return scenarios.echocardiogramFrames(frameIndices=(0, 20))
+
+
+def addEchoPair(scene, echoFrames, directions=scenarios.OBLIQUE_DIRECTIONS, origin=(12.0, -40.0, 25.0)):
+    """Two real echo frames as single-slice volumes on an oblique plane with a non-zero origin."""
+    (fixedFrame, movingFrame), spacingMm = echoFrames
+    spacing = (spacingMm, spacingMm, 1.0)
+    fixed = scenarios.addVolumeFromArray(scene, fixedFrame, "echo frame 0", spacing, origin, directions)
+    moving = scenarios.addVolumeFromArray(scene, movingFrame, "echo frame 20", spacing, origin, directions)
+    return fixed, moving
+
+
+def addSmallVolumes(scene, shape=(8, 10, 12)):
+    generator = np.random.default_rng(1)
+    fixed = scenarios.addVolumeFromArray(scene, generator.random(shape, dtype=np.float32), "fixed", spacing=(1.0, 1.2, 1.5))
+    moving = scenarios.addVolumeFromArray(scene, generator.random(shape, dtype=np.float32), "moving", spacing=(1.0, 1.2, 1.5))
+    return fixed, moving
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Displacement field files -> transform nodes
+
+
+def test_displacement_field_file_loads_as_from_parent_grid_on_fixed_geometry(scene, tmp_path):
+    """An oblique, anisotropic ITK field (LPS, written by SimpleITK) maps RAS points exactly as ITK maps LPS ones."""
+    size, spacing, originLps = (12, 10, 8), (1.5, 2.0, 3.0), (10.0, -20.0, 5.0)
+    directionsLps = scenarios.rotationMatrix("z", 20.0) @ scenarios.rotationMatrix("y", 35.0)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in reversed(size)), indexing="ij")
+    vectors = np.stack([2 * np.sin(i / 4.0), 1.5 * np.cos(j / 3.0), 0.5 * k - 1.0], axis=-1)
+    field = sitk.GetImageFromArray(vectors, isVector=True)
+    field.SetSpacing(spacing)
+    field.SetOrigin(originLps)
+    field.SetDirection(directionsLps.flatten())
+    fieldPath = tmp_path / "field.nrrd"
+    sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(fieldPath))
+
+    lpsToRas = np.diag([-1.0, -1.0, 1.0])
+    fixed = scenarios.addVolumeFromArray(scene, np.zeros(tuple(reversed(size)), np.float32), "fixed", spacing,
+                                         lpsToRas @ originLps, lpsToRas @ directionsLps)
+    gridTransform = readDisplacementFieldTransform(fieldPath)
+    assert gridMatchesVolume(gridTransform, fixed)
+
+    itkTransform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    for index in [(0, 0, 0), (3, 4, 2), (11, 9, 7), (5, 7, 1)]:
+        pointLps = np.array(field.TransformIndexToPhysicalPoint(index))
+        expectedRas = lpsToRas @ np.array(itkTransform.TransformPoint(tuple(pointLps)))
+        actualRas = np.array(gridTransform.TransformPoint(lpsToRas @ pointLps))
+        np.testing.assert_allclose(actualRas, expectedRas, atol=1e-4)
+
+    shiftedFixed = scenarios.addVolumeFromArray(scene, np.zeros(tuple(reversed(size)), np.float32), "shifted", spacing,
+                                                lpsToRas @ originLps + 1.0, lpsToRas @ directionsLps)
+    assert not gridMatchesVolume(gridTransform, shiftedFixed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters and progress text
+
+
+def test_scale_schedules_are_checked():
+    assert [str(scale) for scale in parseScales("1/4, 1/2,1")] == ["1/4", "1/2", "1"]
+    for text, fragment in [("", "empty"), ("1/2,x", "'x'"), ("1,1/2", "coarse to fine"), ("0,1", "outside"), ("2", "outside")]:
+        with pytest.raises(ValueError, match=fragment):
+            parseScales(text)
+
+
+def test_input_problems_say_what_is_missing(scene):
+    fixed, moving = addSmallVolumes(scene)
+    assert inputProblems(None, None) == ["Select a fixed volume.", "Select a moving volume."]
+    assert inputProblems(fixed, moving) == []
+    assert any("same node" in problem for problem in inputProblems(fixed, fixed))
+    assert any("coarse to fine" in problem for problem in inputProblems(fixed, moving, scales="1,1/2"))
+    assert any("device" in problem.lower() for problem in inputProblems(fixed, moving, device="tpu"))
+    assert any("output volume" in problem for problem in inputProblems(fixed, moving, outputVolumeNode=moving))
+
+    otherTransform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "other")
+    fixed.SetAndObserveTransformNodeID(otherTransform.GetID())
+    assert any("fixed volume 'fixed' is under a transform" in problem for problem in inputProblems(fixed, moving))
+    fixed.SetAndObserveTransformNodeID(None)
+    moving.SetAndObserveTransformNodeID(otherTransform.GetID())
+    assert any("moving volume" in problem for problem in inputProblems(fixed, moving))
+    assert inputProblems(fixed, moving, outputTransformNode=otherTransform) == []
+
+
+def test_progress_text_and_overall_fraction():
+    event = {"event": "progress", "scale": "1/2", "scale_index": 0, "num_scales": 2, "step": 40, "steps": 100,
+             "loss": -0.41234, "eta_s": 75.0}
+    assert describeProgress(event) == "Scale 1/2 (1 of 2), step 40/100, loss -0.4123, 1 min 15 s left"
+    assert overallFraction(event) == pytest.approx(0.2)
+    assert overallFraction({**event, "scale_index": 1, "step": 100}) == pytest.approx(1.0)
+
+
+def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tmp_path):
+    fixed, moving = addSmallVolumes(scene)
+    before = scenarios.sceneSnapshot(scene)
+    with pytest.raises(ValueError, match="Select a moving volume"):
+        logic.registerVolumes(fixed, None)
+    with pytest.raises(ValueError, match="Steps per scale"):
+        logic.registerVolumes(fixed, moving, stepsPerScale=0)
+    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "Rejected parameters")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real registrations through the background worker
+
+
+def test_real_echocardiogram_pair_on_an_oblique_plane(scene, logic, echoFrames):
+    measures = scenarios.runRealPairScenario(logic, *addEchoPair(scene, echoFrames), stepsPerScale=STEPS_2D)
+    print(measures)
+
+
+def test_segmentation_propagation_on_a_deformed_echocardiogram(scene, logic, echoFrames):
+    fixedFrame = echoFrames[0][0]
+    fixed = scenarios.addVolumeFromArray(scene, fixedFrame, "echo frame 0", (echoFrames[1], echoFrames[1], 1.0),
+                                         (5.0, 8.0, -3.0), scenarios.rotationMatrix("y", 30.0))
+    measures = scenarios.runSegmentationPropagationScenario(
+        logic, fixed, scenarios.echocardiogramLabels(fixedFrame), amplitudeMm=3.0, wavelengthMm=80.0,
+        stepsPerScale=STEPS_2D)
+    print({key: value for key, value in measures.items() if key != "transformNode"})
+
+
+def icbmArrays(shape=(32, 40, 32), start=(40, 50, 40)):
+    """A 2 mm crop (k, j, i) of nilearn's bundled ICBM152 2009a T1 template scaled to [0, 1], and its white matter."""
+    if importlib.util.find_spec("nilearn") is None:
+        pytest.skip("nilearn (ICBM152 template) is not installed")
+    from SSMSRRegistrationLib import sample_data
+
+    crop = tuple(slice(first, first + 2 * count, 2) for first, count in zip(start, shape))
+    t1 = sitk.GetArrayFromImage(sample_data.brain_t1())[crop]
+    whiteMatter = sitk.GetArrayFromImage(sample_data.brain_tissue_labels())[crop] == sample_data.WHITE_MATTER
+    return t1 / t1.max(), whiteMatter.astype(np.uint8)
+
+
+def test_segmentation_propagation_on_a_deformed_3d_brain(scene, logic):
+    t1, whiteMatter = icbmArrays()
+    fixed = scenarios.addVolumeFromArray(scene, t1, "ICBM152 T1", (2.0, 2.0, 2.4), (-40.0, -60.0, -20.0),
+                                         scenarios.OBLIQUE_DIRECTIONS)
+    measures = scenarios.runSegmentationPropagationScenario(logic, fixed, whiteMatter, amplitudeMm=4.0,
+                                                            wavelengthMm=70.0, stepsPerScale=STEPS_3D)
+    print({key: value for key, value in measures.items() if key != "transformNode"})
+
+
+def test_existing_output_transform_is_filled_and_moving_volume_may_already_be_under_it(scene, logic, echoFrames):
+    fixed, moving = addEchoPair(scene, echoFrames, directions=np.eye(3), origin=(0.0, 0.0, 0.0))
+    outputTransform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "my result")
+    moving.SetAndObserveTransformNodeID(outputTransform.GetID())
+    result = logic.registerVolumes(fixed, moving, outputTransformNode=outputTransform, stepsPerScale=5, device="cpu")
+    assert result is outputTransform
+    assert outputTransform.GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
+    assert gridMatchesVolume(outputTransform.GetTransformFromParent(), fixed)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 1, "a new transform node was created"
+    assert moving.GetParentTransformNode() is outputTransform
+
+
+def test_cancel_ends_the_worker_and_leaves_the_scene_as_it_was(scene, logic, echoFrames):
+    measures = scenarios.runCancelScenario(logic, *addEchoPair(scene, echoFrames))
+    print(measures)
+
+
+def test_worker_error_reaches_the_caller(scene, logic, echoFrames):
+    message = scenarios.runWorkerErrorScenario(logic, *addEchoPair(scene, echoFrames))
+    assert message.startswith("Registration failed: The fixed mask is empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures of the worker (stand-in worker)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("crash", "stopped by signal 11" if sys.platform != "win32" else "exit code 139"),
+    ("error", "Registration failed: The fixed image is constant"),
+    ("no-result", "exited without reporting a result"),
+    ("bad-field", "could not be loaded"),
+])
+def test_worker_failures_give_a_clear_message_and_change_nothing(scene, logic, tmp_path, mode, expected):
+    fixed, moving = addSmallVolumes(scene)
+    outputTransform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "previous result")
+    before = scenarios.sceneSnapshot(scene)
+    with pytest.raises(RegistrationError) as raised:
+        fakeWorkerLogic(logic, mode).registerVolumes(fixed, moving, outputTransformNode=outputTransform)
+    assert expected in str(raised.value)
+    if mode == "crash":
+        assert "about to crash in the network" in str(raised.value), "the worker's last stderr lines are missing"
+    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), f"A '{mode}' worker")
+    assert outputTransform.GetTransformFromParent().GetClassName() == "vtkTransform"
+    assert list(tmp_path.iterdir()) == [], "temporary files left behind"
+    assert logic.activeJob is None
+
+
+def test_cancel_ends_the_whole_process_tree_even_when_sigterm_is_ignored(scene, logic):
+    fixed, moving = addSmallVolumes(scene)
+    logLines = []
+    job = fakeWorkerLogic(logic, "stubborn").registerVolumes(
+        fixed, moving, waitForCompletion=False,
+        progressCallback=lambda event: logLines.append(event["message"]) if event["event"] == "log" else None)
+    deadline = time.monotonic() + 30
+    while not any(line.startswith("grandchild") for line in logLines) and time.monotonic() < deadline:
+        job.poll(timeoutSeconds=0.1)
+    grandchildPid = int(next(line for line in logLines if line.startswith("grandchild")).split()[1])
+    assert processExists(grandchildPid)
+
+    start = time.monotonic()
+    job.cancel()
+    assert waitUntilGone(job.worker.pid, 2.0) and waitUntilGone(grandchildPid, 2.0)
+    assert time.monotonic() - start < 2.0
+    assert job.state is JobState.CANCELLED and job.errorMessage == "Registration cancelled."
+
+
+def test_only_one_registration_at_a_time(scene, logic):
+    fixed, moving = addSmallVolumes(scene)
+    job = fakeWorkerLogic(logic, "stubborn").registerVolumes(fixed, moving, waitForCompletion=False)
+    with pytest.raises(RegistrationError, match="already running"):
+        logic.registerVolumes(fixed, moving)
+    job.cancel()
+    assert logic.activeJob is None
+
+
+def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
+    fixed, moving = addSmallVolumes(scene)
+    with pytest.raises(RegistrationError):
+        fakeWorkerLogic(logic, "error").registerVolumes(fixed, moving, keepTemporaryFiles=True)
+    (jobFolder,) = tmp_path.iterdir()
+    assert sorted(path.name for path in jobFolder.iterdir()) == ["fixed.nrrd", "moving.nrrd"]
+    written = sitk.ReadImage(str(jobFolder / "fixed.nrrd"))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(written), scenarios.arrayFromVolume(fixed))
+    np.testing.assert_allclose(written.GetSpacing(), (1.0, 1.2, 1.5))
