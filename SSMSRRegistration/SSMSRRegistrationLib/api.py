@@ -15,8 +15,8 @@ import SimpleITK as sitk
 import torch
 
 from .engine.metrics import folding_statistics
-from .engine.multiscale import (RegistrationResult, RegistrationSettings, parse_scales, register_tensors,
-                                resolve_device, similarity)
+from .engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
+from .engine.schedule import parse_scales
 from .errors import InputError
 from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
 from .imaging.images import (ImageLike, check_image, intensity_window, overlaps, read_image, resample_onto,

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .engine.schedule import format_scales, parse_scales
 from .worker_process import WorkerProcess
 
 #: Folder that holds the ``SSMSRRegistrationLib`` package; the worker needs it on its PYTHONPATH.
@@ -75,25 +75,6 @@ class JobState(enum.Enum):
 # Parameters
 
 
-def parseScales(text: str) -> list[Fraction]:
-    """Parse a coarse-to-fine scale schedule such as ``"1/4,1/2,1"``; raise ValueError with a readable message."""
-    items = [item.strip() for item in (text or "").split(",") if item.strip()]
-    if not items:
-        raise ValueError("The scale schedule is empty; use for example 1/2,1.")
-    scales = []
-    for item in items:
-        try:
-            scale = Fraction(item)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"'{item}' in the scale schedule is not a number or fraction such as 1/2.") from None
-        if not 0 < scale <= 1:
-            raise ValueError(f"Scale {item} is outside (0, 1]; scales are fractions of the full resolution.")
-        scales.append(scale)
-    if any(finer <= coarser for coarser, finer in zip(scales, scales[1:])):
-        raise ValueError("Scales must go from coarse to fine, for example 1/4,1/2,1.")
-    return scales
-
-
 def normalizeDevice(device: str) -> str:
     """Return the worker's device string for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; raise ValueError otherwise."""
     device = (device or "auto").strip().lower()
@@ -129,7 +110,7 @@ def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segment
             problems.append(f"The {role} '{node.GetName()}' is under the transform '{parent.GetName()}'; harden or "
                             "remove it first (a transform that is the output transform itself is fine).")
     try:
-        parseScales(scales)
+        parse_scales(scales)
     except ValueError as error:
         problems.append(str(error))
     try:
@@ -622,7 +603,7 @@ class RegistrationLogic:
             movingPath = self._writeVolume(movingVolumeNode, temporaryDirectory / "moving.nrrd", slicePlane, "moving volume")
             command = self.workerCommandPrefix + ["register", fixedPath, movingPath,
                                                   "-o", str(temporaryDirectory / "field.nrrd"), "--progress", "jsonl",
-                                                  "--scales", ",".join(str(scale) for scale in parseScales(scales)),
+                                                  "--scales", format_scales(parse_scales(scales)),
                                                   "--steps", str(int(stepsPerScale)),
                                                   "--lambda", repr(float(smoothnessWeight)),
                                                   "--device", normalizeDevice(device)]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from SSMSRRegistrationLib.engine.multiscale import (RegistrationSettings, parse_scales, register_tensors,
-                                                    scaled_size)
+from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
+from SSMSRRegistrationLib.engine.schedule import parse_scales, scaled_size
 from SSMSRRegistrationLib.errors import InputError, RegistrationCancelled
 from realimages import brain_slice, deformed_pair
 
@@ -70,7 +70,7 @@ def test_progress_reports_and_cancel(fixed):
 
 
 @pytest.mark.parametrize("schedule,message", [("1/64,1", "at least"), ("1,1/2", "increase"), ("2", "outside"),
-                                              ("a/b", "not a number"), ("", "not a number")])
+                                              ("a/b", "not a number"), ("", "empty")])
 def test_impossible_schedules_are_rejected(fixed, schedule, message):
     with pytest.raises(InputError, match=message):
         run(fixed, fixed, schedule, 1)

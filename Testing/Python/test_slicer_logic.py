@@ -19,6 +19,7 @@ slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
 from SSMSRRegistrationLib import scenarios  # noqa: E402
+from SSMSRRegistrationLib.engine.schedule import parse_scales  # noqa: E402
 from SSMSRRegistrationLib.logic import (  # noqa: E402
     JobState,
     RegistrationError,
@@ -27,7 +28,6 @@ from SSMSRRegistrationLib.logic import (  # noqa: E402
     gridMatchesVolume,
     inputProblems,
     overallFraction,
-    parseScales,
     readDisplacementFieldTransform,
 )
 from SSMSRRegistrationLib.worker_process import processExists, waitUntilGone  # noqa: E402
@@ -123,10 +123,10 @@ def test_displacement_field_file_loads_as_from_parent_grid_on_fixed_geometry(sce
 
 
 def test_scale_schedules_are_checked():
-    assert [str(scale) for scale in parseScales("1/4, 1/2,1")] == ["1/4", "1/2", "1"]
+    assert [str(scale) for scale in parse_scales("1/4, 1/2,1")] == ["1/4", "1/2", "1"]
     for text, fragment in [("", "empty"), ("1/2,x", "'x'"), ("1,1/2", "coarse to fine"), ("0,1", "outside"), ("2", "outside")]:
         with pytest.raises(ValueError, match=fragment):
-            parseScales(text)
+            parse_scales(text)
 
 
 def test_input_problems_say_what_is_missing(scene):

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"))
 
 from SSMSRRegistrationLib import sample_data  # noqa: E402
-from SSMSRRegistrationLib.engine.multiscale import (RegistrationSettings, parse_scales,  # noqa: E402
-                                                    register_tensors, resolve_device)
+from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device  # noqa: E402
+from SSMSRRegistrationLib.engine.schedule import parse_scales  # noqa: E402
 from SSMSRRegistrationLib.engine.spatial import resize_image  # noqa: E402
 
 

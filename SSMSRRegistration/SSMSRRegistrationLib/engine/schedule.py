@@ -1,0 +1,54 @@
+"""Coarse-to-fine scale schedules (no torch: the Slicer GUI validates schedules before PyTorch is installed)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Sequence, Tuple, Union
+
+from ..errors import InputError
+
+#: Smallest size of any axis at any scale; below this the U-Net and NCC window stop making sense.
+MIN_SCALED_SIZE = 8
+
+def parse_scales(schedule: Union[str, Sequence[Union[str, float, Fraction]]]) -> Tuple[Fraction, ...]:
+    """Parse a schedule such as "1/8,1/4,1/2,1" into strictly increasing fractions in (0, 1]."""
+    items = [item for item in schedule.split(",") if item.strip()] if isinstance(schedule, str) else list(schedule)
+    if not items:
+        raise InputError("The scale schedule is empty; give at least one scale, e.g. '1/2,1'.")
+    scales = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            value = Fraction(item if isinstance(item, (Fraction, float, int)) else text).limit_denominator(1000)
+        except (ValueError, ZeroDivisionError):
+            raise InputError(f"Scale {text!r} is not a number; write scales like '1/4,1/2,1'.") from None
+        if not 0 < value <= 1:
+            raise InputError(f"Scale {text} is outside (0, 1]; scales are fractions of the full resolution "
+                             "such as '1/4,1/2,1'.")
+        scales.append(value)
+    if any(b <= a for a, b in zip(scales, scales[1:])):
+        raise InputError(f"Scales must increase from coarse to fine, got {format_scales(scales)}.")
+    return tuple(scales)
+
+
+def format_scale(scale: Fraction) -> str:
+    return str(scale)
+
+
+def format_scales(scales: Sequence[Fraction]) -> str:
+    return ",".join(format_scale(s) for s in scales)
+
+
+def scaled_size(size: Sequence[int], scale: Fraction) -> Tuple[int, ...]:
+    """Grid size of a full-resolution grid ``size`` at ``scale`` (rounded, at least 2)."""
+    return tuple(max(2, int(round(n * float(scale)))) for n in size)
+
+
+def check_schedule(size: Sequence[int], scales: Sequence[Fraction]) -> None:
+    """Raise InputError if the coarsest scale would shrink an axis below MIN_SCALED_SIZE voxels."""
+    coarse = scaled_size(size, scales[0])
+    if min(coarse) < MIN_SCALED_SIZE:
+        raise InputError(
+            f"Scale {format_scale(scales[0])} turns the {'x'.join(map(str, size))} image into "
+            f"{'x'.join(map(str, coarse))} voxels; every axis needs at least {MIN_SCALED_SIZE}. "
+            "Use a finer coarsest scale (e.g. '1/2,1').")
