@@ -152,3 +152,18 @@ def test_out_of_gpu_memory_is_reported_with_a_suggestion(pair, capsys, monkeypat
     assert code == EXIT_OUT_OF_MEMORY
     assert event["kind"] == "out_of_memory" and "--device cpu" in event["message"]
     assert fingerprint(out) == {}
+
+
+def test_default_progress_is_a_bar_and_outputs_get_normal_permissions(pair, capsys):
+    _, fixed, moving, out = pair
+    umask = os.umask(0o022)
+    try:
+        code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--scales", "1", "--steps", "2",
+                     "--device", "cpu"])
+    finally:
+        os.umask(umask)
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out == ""
+    assert "ssmsr: registering on cpu" in captured.err and "step 2/2" in captured.err
+    assert (out / "field.nii.gz").stat().st_mode & 0o777 == 0o644

@@ -5,6 +5,10 @@ field found so far and the fixed image are resized to scale s; a U-Net,
 initialised from the previous scale's trained weights, is trained on this pair
 (Adam) to predict a residual field; the residual is resized to full resolution
 and composed with the field so far (``spatial.compose``).
+
+Several pairs (e.g. the consecutive frames of a cine) share one network per
+scale; each training step uses all pairs, or a random mini-batch of
+``batch_size`` pairs, and the step count per scale is for the whole set.
 """
 
 from __future__ import annotations
@@ -18,60 +22,14 @@ import torch
 
 from ..errors import InputError, RegistrationCancelled
 from .losses import local_ncc, registration_loss
+from .schedule import check_schedule, format_scale, scaled_size
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet
 
 #: Default interval between progress reports (and cancel checks), seconds.
 REPORT_SECONDS = 0.2
 
-#: Smallest size of any axis at any scale; below this the U-Net and NCC window stop making sense.
-MIN_SCALED_SIZE = 8
-
 ProgressCallback = Callable[[dict], None]
-
-
-def parse_scales(schedule: Union[str, Sequence[Union[str, float, Fraction]]]) -> Tuple[Fraction, ...]:
-    """Parse a schedule such as "1/8,1/4,1/2,1" into strictly increasing fractions in (0, 1]."""
-    items = schedule.split(",") if isinstance(schedule, str) else list(schedule)
-    scales = []
-    for item in items:
-        text = str(item).strip()
-        try:
-            value = Fraction(item if isinstance(item, (Fraction, float, int)) else text).limit_denominator(1000)
-        except (ValueError, ZeroDivisionError):
-            raise InputError(f"Scale {text!r} is not a number; write scales like '1/4,1/2,1'.") from None
-        if not 0 < value <= 1:
-            raise InputError(f"Scale {text} is outside (0, 1]; scales are fractions of the full resolution "
-                             "such as '1/4,1/2,1'.")
-        scales.append(value)
-    if not scales:
-        raise InputError("The scale schedule is empty; give at least one scale, e.g. '1'.")
-    if any(b <= a for a, b in zip(scales, scales[1:])):
-        raise InputError(f"Scales must increase from coarse to fine, got {format_scales(scales)}.")
-    return tuple(scales)
-
-
-def format_scale(scale: Fraction) -> str:
-    return str(scale)
-
-
-def format_scales(scales: Sequence[Fraction]) -> str:
-    return ",".join(format_scale(s) for s in scales)
-
-
-def scaled_size(size: Sequence[int], scale: Fraction) -> Tuple[int, ...]:
-    """Grid size of a full-resolution grid ``size`` at ``scale`` (rounded, at least 2)."""
-    return tuple(max(2, int(round(n * float(scale)))) for n in size)
-
-
-def check_schedule(size: Sequence[int], scales: Sequence[Fraction]) -> None:
-    """Raise InputError if the coarsest scale would shrink an axis below MIN_SCALED_SIZE voxels."""
-    coarse = scaled_size(size, scales[0])
-    if min(coarse) < MIN_SCALED_SIZE:
-        raise InputError(
-            f"Scale {format_scale(scales[0])} turns the {'x'.join(map(str, size))} image into "
-            f"{'x'.join(map(str, coarse))} voxels; every axis needs at least {MIN_SCALED_SIZE}. "
-            "Use a finer coarsest scale (e.g. '1/2,1').")
 
 
 @dataclass
@@ -87,6 +45,7 @@ class RegistrationSettings:
     encoder_channels: Tuple[int, ...] = DEFAULT_ENCODER_CHANNELS
     decoder_channels: Tuple[int, ...] = DEFAULT_DECODER_CHANNELS
     progress_every: int = 0  # report every N steps; 0: every REPORT_SECONDS of wall time
+    batch_size: int = 0  # pairs per training step, drawn at random (seeded); 0 or >= N: all pairs every step
 
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
@@ -100,6 +59,8 @@ class RegistrationSettings:
             raise InputError("the NCC window must be at least 2 voxels.")
         if not self.learning_rate > 0:
             raise InputError("the learning rate must be > 0.")
+        if self.batch_size < 0:
+            raise InputError("the batch size must be 0 (all pairs) or more.")
 
 
 @dataclass
@@ -152,14 +113,16 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
     Args:
         fixed, moving: (N, 1, *S) intensities normalised to [0, 1], S 2D or 3D; N pairs share the networks.
-        settings: schedule and hyper-parameters.
+        settings: schedule and hyper-parameters; with ``batch_size`` below N each step trains on a random
+            mini-batch of pairs, and the fields of all pairs are evaluated in chunks of ``batch_size``.
         fixed_mask: optional (N, 1, *S) mask (non-zero = inside) restricting the similarity term.
         initial_networks: optional U-Net state dicts, one per scale (or one for all scales), to start
             from instead of a fresh network; with ``steps_per_scale == 0`` this is pure inference.
         device: 'auto', 'cpu', 'cuda[:N]' or a torch.device.
         progress: called with dict events: once {"event": "started", "device", "scales", "steps_per_scale",
-            "image_size" (x, y[, z] order), "pairs"}, then {"event": "progress", "scale", "scale_index",
-            "num_scales", "step", "steps", "loss", "fraction", "elapsed_s", "eta_s"}.
+            "image_size" (x, y[, z] order), "pairs", "batch_size"}, then {"event": "progress", "scale",
+            "scale_index", "num_scales", "step", "steps", "loss" (of the step's batch), "fraction", "elapsed_s",
+            "eta_s"}.
         should_stop: polled at every report; returning True raises RegistrationCancelled.
     Returns:
         RegistrationResult with the field in voxels of the full-resolution grid.
@@ -190,7 +153,10 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     if mask is not None and mask.sum() == 0:
         raise InputError("The fixed mask is empty (no voxel inside); give a mask that covers the region to align.")
 
-    displacement = torch.zeros((fixed.shape[0], ndim) + size, device=device)
+    pairs = int(fixed.shape[0])
+    batch_size = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
+    batch_sampler = torch.Generator().manual_seed(settings.seed)
+    displacement = torch.zeros((pairs, ndim) + size, device=device)
     network = RegistrationUNet(ndim, settings.encoder_channels, settings.decoder_channels).to(device)
     per_scale: List[torch.Tensor] = []
     histories: Dict[str, List[float]] = {}
@@ -199,7 +165,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     if progress is not None:
         progress({"event": "started", "device": str(device), "scales": [format_scale(s) for s in scales],
                   "steps_per_scale": settings.steps_per_scale, "image_size": list(reversed(size)),
-                  "pairs": int(fixed.shape[0])})
+                  "pairs": pairs, "batch_size": batch_size})
     start = last_report = time.perf_counter()
 
     for index, scale in enumerate(scales):
@@ -218,9 +184,15 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         network.train()
         for step in range(settings.steps_per_scale):
             optimizer.zero_grad(set_to_none=True)
-            residual = network(pair)
-            loss = registration_loss(fixed_s, warp(moving_s, residual), residual, window,
-                                     settings.smoothness_weight, mask_s)
+            if batch_size < pairs:
+                chosen = torch.randperm(pairs, generator=batch_sampler)[:batch_size].to(device)
+                pair_b, fixed_b, moving_b = pair[chosen], fixed_s[chosen], moving_s[chosen]
+                mask_b = mask_s[chosen] if mask_s is not None else None
+            else:
+                pair_b, fixed_b, moving_b, mask_b = pair, fixed_s, moving_s, mask_s
+            residual = network(pair_b)
+            loss = registration_loss(fixed_b, warp(moving_b, residual), residual, window,
+                                     settings.smoothness_weight, mask_b)
             loss.backward()
             optimizer.step()
             losses[step] = loss.detach()
@@ -245,7 +217,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
         network.eval()
         with torch.no_grad():
-            residual = network(pair)
+            residual = torch.cat([network(chunk) for chunk in pair.split(batch_size)])
         displacement = compose(displacement, resize_field(residual, size))
         per_scale.append(displacement)
         # The next scale goes on training this network: it starts from these weights.

@@ -12,7 +12,7 @@ A ``.h5`` path is written as an ITK transform file (DisplacementFieldTransform).
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from typing import Callable
 
 import numpy as np
@@ -65,8 +65,9 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     """Write through ``write(temporary_path)`` in the target folder, then rename onto ``path``.
 
-    The temporary name keeps the extension (it selects the file format); on any
-    failure the temporary file is removed and ``path`` is left as it was.
+    The temporary name keeps the extension (it selects the file format) and is created by ``write``
+    itself, so the file gets the usual permissions; on any failure it is removed and ``path`` is
+    left as it was.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
@@ -74,8 +75,7 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
         raise InputError(f"The output folder {folder!r} does not exist; create it first.")
     name = os.path.basename(path)
     extension = name[name.index("."):] if "." in name else ""
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=extension, dir=folder)
-    os.close(handle)
+    temporary = os.path.join(folder, f".{name}.partial-{uuid.uuid4().hex}{extension}")
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -1,0 +1,134 @@
+"""Figures of a cine tracking (matplotlib): an animated GIF of the motion and a PNG like the paper's Fig. 3.
+
+Arrows show the tissue motion from frame t-1 to frame t: -u_t(p) drawn at pixel p of frame t, where u_t
+warps frame t-1 onto frame t (frame_t(p) ~ frame_{t-1}(p + u_t(p))). They sit on a regular grid inside the
+mask and are magnified by one gain per figure, printed in the title. Frames are drawn as stored (array row 0
+at the top) with the pixel aspect ratio of their spacing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Tuple
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+if TYPE_CHECKING:
+    from .tracking import TrackingResult
+
+#: Number of arrows along the longer frame axis.
+ARROWS_ACROSS = 24
+
+#: Playback speed of the GIF (slower than real time, to follow the arrows).
+FRAMES_PER_SECOND = 8
+
+#: Rows (pairs) of the overview PNG, evenly spread over the cine.
+OVERVIEW_PAIRS = 3
+
+#: Smallest width of a GIF frame, pixels (small cines are enlarged).
+MIN_ANIMATION_WIDTH = 480
+
+ARROW_COLOUR = "#ffd21f"
+
+
+def _arrow_step(shape: Tuple[int, int]) -> int:
+    """Distance in pixels between neighbouring arrows on an (H, W) frame."""
+    return max(1, round(max(shape) / ARROWS_ACROSS))
+
+
+def _arrow_grid(shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) index arrays of the arrow positions on an (H, W) frame."""
+    step = _arrow_step(shape)
+    rows = np.arange(step // 2, shape[0], step)
+    columns = np.arange(step // 2, shape[1], step)
+    return np.meshgrid(rows, columns, indexing="ij")
+
+
+def arrow_gain(displacements: np.ndarray, masks: np.ndarray) -> float:
+    """Magnification making the 99th percentile of the arrow lengths about 0.9 grid step, rounded to 1, 2 or 5
+    times a power of ten. displacements: (N, 2, H, W) voxels; masks: (N, H, W) bool."""
+    rows, columns = _arrow_grid(displacements.shape[2:])
+    lengths = np.hypot(displacements[:, 0, rows, columns], displacements[:, 1, rows, columns])
+    lengths = lengths[masks[:, rows, columns]]
+    typical = float(np.percentile(lengths, 99)) if lengths.size else 0.0
+    if typical <= 0:
+        return 1.0
+    wanted = 0.9 * _arrow_step(displacements.shape[2:]) / typical
+    power = 10.0 ** math.floor(math.log10(wanted))
+    return next(m * power for m in (5, 2, 1) if m * power <= wanted)
+
+
+def _draw_frame(axes, frame: np.ndarray, aspect: float, title: str) -> None:
+    axes.imshow(frame, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
+    axes.set_title(title, fontsize=9)
+    axes.set_axis_off()
+
+
+def _draw_motion(axes, frame: np.ndarray, displacement: np.ndarray, mask: np.ndarray, gain: float,
+                 aspect: float, title: str) -> None:
+    """``frame`` (H, W) with the motion -``displacement`` ((2, H, W) voxels) as arrows inside ``mask``."""
+    _draw_frame(axes, frame, aspect, title)
+    rows, columns = _arrow_grid(frame.shape)
+    inside = mask[rows, columns]
+    rows, columns = rows[inside], columns[inside]
+    axes.quiver(columns, rows, -gain * displacement[1, rows, columns], -gain * displacement[0, rows, columns],
+                angles="xy", scale_units="xy", scale=1.0, color=ARROW_COLOUR, width=0.004, headwidth=4)
+
+
+def _aspect(result: "TrackingResult") -> float:
+    spacing_x, spacing_y = result.cine.frame_grid.GetSpacing()
+    return spacing_y / spacing_x
+
+
+def write_animation(path: str, result: "TrackingResult") -> None:
+    """Animated GIF: for each pair t, frame t with the motion from frame t-1."""
+    frames, masks = result.cine.frames, result.masks
+    displacements = result.displacements.numpy()
+    gain = arrow_gain(displacements, masks[1:])
+    aspect = _aspect(result)
+    height, width = frames.shape[1:]
+    zoom = max(1.0, MIN_ANIMATION_WIDTH / width)
+    title_share = 0.93
+    figure = Figure(figsize=(width * zoom / 100, height * aspect * zoom / 100 / title_share), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    pictures = []
+    for pair in result.pairs:
+        figure.clear()
+        axes = figure.add_axes((0.0, 0.0, 1.0, title_share))
+        _draw_motion(axes, frames[pair], displacements[pair - 1], masks[pair], gain, aspect,
+                     f"frame {pair - 1} \u2192 {pair}   (arrows \u00d7{gain:g})")
+        canvas.draw()
+        pictures.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy()))
+    pictures[0].save(path, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=round(1000 / FRAMES_PER_SECOND), loop=0)
+
+
+def write_overview(path: str, result: "TrackingResult") -> None:
+    """PNG like the paper's Fig. 3: for a few pairs, the moving and fixed frames and the field after each scale."""
+    frames, masks = result.cine.frames, result.masks
+    pairs = sorted({int(p) for p in np.linspace(1, len(result.pairs), min(OVERVIEW_PAIRS, len(result.pairs)))
+                    .round()})
+    per_scale = [d.numpy() for d in result.displacements_per_scale]
+    gain = arrow_gain(result.displacements.numpy()[[p - 1 for p in pairs]], masks[pairs])
+    aspect = _aspect(result)
+    height, width = frames.shape[1:]
+    columns = 2 + len(per_scale)
+    panel_width = 3.0
+    panel_height = panel_width * height * aspect / width + 0.35
+    figure = Figure(figsize=(columns * panel_width, len(pairs) * panel_height + 0.4), dpi=100)
+    FigureCanvasAgg(figure)
+    for row, pair in enumerate(pairs):
+        first = row * columns + 1
+        _draw_frame(figure.add_subplot(len(pairs), columns, first), frames[pair - 1], aspect,
+                    f"frame {pair - 1} (moving)")
+        _draw_frame(figure.add_subplot(len(pairs), columns, first + 1), frames[pair], aspect,
+                    f"frame {pair} (fixed)")
+        for offset, (scale, displacements) in enumerate(zip(result.settings.scales, per_scale)):
+            _draw_motion(figure.add_subplot(len(pairs), columns, first + 2 + offset), frames[pair],
+                         displacements[pair - 1], masks[pair], gain, aspect, f"SSMSR ({scale})")
+    figure.suptitle(f"Motion from frame t-1 to frame t after each scale (arrows \u00d7{gain:g})", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
