@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .imaging.images import read_image
 
 GREY_MATTER, WHITE_MATTER = 1, 2
 
@@ -38,21 +39,20 @@ def echo_cine_path() -> str:
 def echo_frames(indices: Optional[Sequence[int]] = None) -> List[sitk.Image]:
     """Frames of the echo cine as 2D float32 images of the first (luma) channel, values 0..255.
 
-    Pixel spacing is the DICOM ultrasound region's PhysicalDeltaX/Y (cm -> mm). The region
-    coordinates in this example exceed the stored 320x240 frame, so the frames were downsized
-    after calibration and the spacing is only indicative.
+    The pixel size comes from the DICOM ultrasound region (PhysicalDeltaX/Y, cm -> mm), as ``read_image``
+    gives it. The region coordinates in this example exceed the stored 320x240 frame, so the frames were
+    downsized after calibration and the spacing is only indicative.
     """
-    import pydicom
-
-    dataset = pydicom.dcmread(echo_cine_path())
-    frames = dataset.pixel_array  # (frames, rows, columns, 3), YBR converted to RGB by pydicom
-    region = dataset.SequenceOfUltrasoundRegions[0]
-    spacing = (float(region.PhysicalDeltaX) * 10.0, float(region.PhysicalDeltaY) * 10.0)
+    cine = read_image(echo_cine_path(), "echo cine")
+    channel = sitk.VectorIndexSelectionCast(cine, 0, sitk.sitkFloat32)
+    spacing = channel.GetSpacing()[:2]
     images = []
-    for index in (range(frames.shape[0]) if indices is None else indices):
-        image = sitk.GetImageFromArray(frames[index, :, :, 0].astype(np.float32))
-        image.SetSpacing(spacing)
-        images.append(image)
+    for index in (range(channel.GetSize()[2]) if indices is None else indices):
+        frame = channel[:, :, int(index)]
+        frame.SetOrigin((0.0, 0.0))
+        frame.SetDirection((1.0, 0.0, 0.0, 1.0))
+        frame.SetSpacing(spacing)
+        images.append(frame)
     return images
 
 

@@ -63,3 +63,12 @@ def test_normalisation_clips_beyond_six_standard_deviations_and_maps_to_unit_ran
     assert np.all(scaled[:20] == 1.0)
     with pytest.raises(InputError, match="constant"):
         intensity_window(np.full(50, 7.0), "moving image")
+
+
+def test_ultrasound_dicom_gets_its_region_calibration():
+    """pydicom's echo cine has no Pixel Spacing; its ultrasound region says 0.0510497 cm per pixel."""
+    from SSMSRRegistrationLib import sample_data
+
+    cine = read_image(sample_data.echo_cine_path(), "cine")
+    assert cine.GetSpacing()[:2] == pytest.approx((0.510497, 0.510497), abs=1e-6)
+    assert cine.GetSpacing()[2] == 1.0

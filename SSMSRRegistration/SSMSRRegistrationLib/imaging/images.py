@@ -42,11 +42,46 @@ def read_image(source: ImageLike, role: str) -> sitk.Image:
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series[0]))
             return reader.Execute()
-        return sitk.ReadImage(path)
+        return _with_ultrasound_calibration(sitk.ReadImage(path), path)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(f"Cannot read the {role} {path!r}: it is not an image SimpleITK can read "
                          f"(NIfTI, NRRD, MHA, DICOM, ...). {first_line}") from None
+
+
+#: DICOM "Physical Units X/Y Direction" code for centimetres.
+_DICOM_UNITS_CM = 3
+
+
+def ultrasound_pixel_spacing(path: str) -> Optional[Tuple[float, float]]:
+    """(x, y) pixel size in mm from a DICOM file's first ultrasound region calibrated in cm, else None.
+
+    Needs pydicom (optional); returns None without it or when the file has no such region.
+    """
+    try:
+        import pydicom
+    except ImportError:
+        return None
+    try:
+        regions = pydicom.dcmread(path, stop_before_pixels=True).get("SequenceOfUltrasoundRegions")
+    except Exception:  # noqa: BLE001 - not readable as DICOM by pydicom: no calibration to offer
+        return None
+    for region in regions or []:
+        if (region.get("PhysicalUnitsXDirection") == _DICOM_UNITS_CM
+                and region.get("PhysicalUnitsYDirection") == _DICOM_UNITS_CM
+                and region.get("PhysicalDeltaX") and region.get("PhysicalDeltaY")):
+            return float(region.PhysicalDeltaX) * 10.0, float(region.PhysicalDeltaY) * 10.0
+    return None
+
+
+def _with_ultrasound_calibration(image: sitk.Image, path: str) -> sitk.Image:
+    """Give a DICOM ultrasound image without Pixel Spacing (0028,0030) its ultrasound-region pixel size."""
+    is_ultrasound = image.HasMetaDataKey("0008|0060") and image.GetMetaData("0008|0060").strip() == "US"
+    if is_ultrasound and not image.HasMetaDataKey("0028|0030"):
+        spacing = ultrasound_pixel_spacing(path)
+        if spacing is not None:
+            image.SetSpacing(spacing + tuple(image.GetSpacing()[2:]))
+    return image
 
 
 def check_image(image: sitk.Image, role: str, dimension: Optional[int] = None) -> None:
