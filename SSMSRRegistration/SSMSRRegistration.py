@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import slicer
 import vtk
@@ -32,15 +33,22 @@ from SSMSRRegistrationLib.logic import (
     DEFAULT_SMOOTHNESS_WEIGHT,
     DEFAULT_STEPS_PER_SCALE,
     SCALE_PRESETS,
+    AtlasSegmentationJob,
     JobState,
     RegistrationLogic,
+    atlasInputProblems,
+    atlasVolumeNode,
     describeProgress,
     inputProblems,
+    modelFileProblems,
     overallFraction,
 )
 
 #: Milliseconds between two looks at the worker's output while a registration runs.
 POLL_INTERVAL_MS = 100
+
+#: Node reference role, on the module's parameter node, of each checked atlas segmentation.
+ATLAS_REFERENCE_ROLE = "SSMSR.AtlasSegmentation"
 
 
 #
@@ -60,6 +68,9 @@ class SSMSRRegistration(ScriptedLoadableModule):
             "residual U-Nets (SSMSR). The result is a transform node holding a displacement field on the fixed "
             "image's grid: put the moving volume (or any node defined on it) under that transform to align it "
             "with the fixed volume. A segmentation of the moving image can be propagated onto the fixed image. "
+            "In atlas selection mode, the atlases (segmentations with their volumes) most similar to the fixed "
+            "volume by local normalized cross-correlation are registered onto it and their segments propagated. "
+            "A model pretrained with `ssmsr train` can be the starting point of the test-time training. "
             "The computation runs in the background with PyTorch (installed through the PyTorch extension); "
             "use a CUDA GPU for full-length schedules."
         )
@@ -86,6 +97,10 @@ class SSMSRRegistrationParameterNode:
     scales - coarse-to-fine schedule, e.g. "1/4,1/2,1". stepsPerScale - training steps at each scale.
     smoothnessWeight - weight of the displacement-gradient penalty. nccWindow - local NCC window in voxels
     (0: the engine's default). device - "auto", "cpu", "cuda" or "cuda:N". keepTemporaryFiles - for debugging.
+    modelFile - optional model written by `ssmsr train` to start from ("": train from scratch at test time).
+    atlasSelection - segment the fixed volume with the most similar atlases instead of registering a pair; the
+    checked atlas segmentations are node references (role ATLAS_REFERENCE_ROLE) of the parameter node, each
+    drawn on its source volume. topK - number of best-ranked atlases registered and fused by majority vote.
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -95,11 +110,14 @@ class SSMSRRegistrationParameterNode:
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
     scales: str = DEFAULT_SCALES
-    stepsPerScale: Annotated[int, WithinRange(1, 100000)] = DEFAULT_STEPS_PER_SCALE
+    stepsPerScale: Annotated[int, WithinRange(0, 100000)] = DEFAULT_STEPS_PER_SCALE
     smoothnessWeight: Annotated[float, WithinRange(0.0, 10000.0)] = DEFAULT_SMOOTHNESS_WEIGHT
     nccWindow: Annotated[int, WithinRange(0, 99)] = 0
     device: str = "auto"
     keepTemporaryFiles: bool = False
+    modelFile: str = ""
+    atlasSelection: bool = False
+    topK: Annotated[int, WithinRange(1, 99)] = 1
 
 
 #
@@ -134,6 +152,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.deviceComboBox.addItem(_("Automatic (GPU if available)"), "auto")
         self.ui.deviceComboBox.addItem(_("CPU"), "cpu")
         self.ui.progressBar.setVisible(False)
+        self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.modelPathLineEdit.nameFilters = [_("SSMSR models (*.pt *.pth)"), _("All files (*)")]
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -143,6 +163,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.scalesLineEdit.connect("textChanged(QString)", self.updateScalePresetFromText)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.atlasSegmentationsComboBox.connect("checkedNodesChanged()", self.onAtlasesChanged)
 
         self.initializeParameterNode()
 
@@ -190,7 +212,55 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._selectDevice(self._parameterNode.device)
         self.updateScalePresetFromText(self._parameterNode.scales)
+        if self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelFile:
+            wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
+            self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelFile
+            self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+        self._showAtlasChecks()
+        self._showMode(self._parameterNode.atlasSelection)
         self._updateApplyButton()
+
+    # Atlas selection mode and pretrained model ------------------------------------------------------------
+
+    def _showMode(self, atlasSelection: bool) -> None:
+        """Atlas selection: the fixed volume is the one to segment; pair-only inputs and outputs are hidden."""
+        for name in ("movingVolumeLabel", "movingVolumeSelector", "segmentationLabel", "segmentationSelector",
+                     "outputTransformLabel", "outputTransformSelector", "outputVolumeLabel", "outputVolumeSelector"):
+            getattr(self.ui, name).setVisible(not atlasSelection)
+        for name in ("atlasSegmentationsLabel", "atlasSegmentationsComboBox", "topKLabel", "topKSpinBox"):
+            getattr(self.ui, name).setVisible(atlasSelection)
+        self.ui.fixedVolumeLabel.text = _("Volume to segment:") if atlasSelection else _("Fixed volume:")
+
+    def checkedAtlases(self) -> list:
+        """(source volume or None, segmentation) of each atlas segmentation referenced by the parameter node."""
+        if self._parameterNode is None:
+            return []
+        node = self._parameterNode.parameterNode
+        segmentations = [node.GetNthNodeReference(ATLAS_REFERENCE_ROLE, index)
+                         for index in range(node.GetNumberOfNodeReferences(ATLAS_REFERENCE_ROLE))]
+        return [(atlasVolumeNode(segmentation), segmentation) for segmentation in segmentations if segmentation]
+
+    def _showAtlasChecks(self) -> None:
+        checked = {segmentation.GetID() for _, segmentation in self.checkedAtlases()}
+        comboBox = self.ui.atlasSegmentationsComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        for index in range(comboBox.nodeCount()):
+            node = comboBox.nodeFromIndex(index)
+            comboBox.setCheckState(node, qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked)
+        comboBox.blockSignals(wasBlocked)
+
+    def onAtlasesChanged(self) -> None:
+        if self._parameterNode is None:
+            return
+        node = self._parameterNode.parameterNode
+        with slicer.util.NodeModify(node):
+            node.RemoveNodeReferenceIDs(ATLAS_REFERENCE_ROLE)
+            for segmentation in self.ui.atlasSegmentationsComboBox.checkedNodes():
+                node.AddNodeReferenceID(ATLAS_REFERENCE_ROLE, segmentation.GetID())
+
+    def onModelPathChanged(self, path: str) -> None:
+        if self._parameterNode is not None and self._parameterNode.modelFile != path:
+            self._parameterNode.modelFile = path
 
     def _updateApplyButton(self) -> None:
         if self.logic.isRunning:
@@ -200,12 +270,22 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self.ui.applyButton.text = _("Apply")
         parameters = self._parameterNode
-        problems = inputProblems(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
-                                 parameters.segmentation, parameters.outputVolume, parameters.outputTransform,
-                                 parameters.scales, parameters.device) if parameters else [_("No parameter node.")]
+        if parameters is None:
+            problems = [_("No parameter node.")]
+        elif parameters.atlasSelection:
+            problems = atlasInputProblems(parameters.fixedVolume, self.checkedAtlases(), parameters.topK,
+                                          parameters.fixedMask, parameters.scales, parameters.device,
+                                          parameters.modelFile)
+        else:
+            problems = inputProblems(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
+                                     parameters.segmentation, parameters.outputVolume, parameters.outputTransform,
+                                     parameters.scales, parameters.device) + modelFileProblems(parameters.modelFile)
+        if parameters is not None and parameters.stepsPerScale == 0 and not parameters.modelFile:
+            problems.append(_("0 steps per scale (no test-time training) needs a pretrained model."))
         self.ui.applyButton.enabled = not problems
-        self.ui.applyButton.toolTip = "\n".join(problems) if problems else _(
-            "Register the moving volume to the fixed volume in the background.")
+        self.ui.applyButton.toolTip = "\n".join(problems) if problems else (
+            _("Segment the volume with the most similar atlases in the background.") if parameters.atlasSelection
+            else _("Register the moving volume to the fixed volume in the background."))
 
     # Scale presets and devices -----------------------------------------------------------------------------
 
@@ -272,14 +352,19 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.progressBar.value = 0
             self.ui.progressBar.setVisible(True)
             self.ui.statusLabel.text = _("Starting...")
-            self.logic.registerVolumes(
-                parameters.fixedVolume, parameters.movingVolume, outputTransformNode=parameters.outputTransform,
-                fixedMaskNode=parameters.fixedMask, segmentationNode=parameters.segmentation,
-                outputVolumeNode=parameters.outputVolume, scales=parameters.scales,
-                stepsPerScale=parameters.stepsPerScale, smoothnessWeight=parameters.smoothnessWeight,
-                nccWindow=parameters.nccWindow or None, device=parameters.device,
-                keepTemporaryFiles=parameters.keepTemporaryFiles, waitForCompletion=False,
-                progressCallback=self.onRegistrationProgress, completionCallback=self.onRegistrationCompleted)
+            common = dict(scales=parameters.scales, stepsPerScale=parameters.stepsPerScale,
+                          smoothnessWeight=parameters.smoothnessWeight, nccWindow=parameters.nccWindow or None,
+                          device=parameters.device, modelFile=parameters.modelFile or None,
+                          keepTemporaryFiles=parameters.keepTemporaryFiles, waitForCompletion=False,
+                          progressCallback=self.onRegistrationProgress, completionCallback=self.onRegistrationCompleted)
+            if parameters.atlasSelection:
+                self.logic.segmentWithAtlases(parameters.fixedVolume, self.checkedAtlases(), topK=parameters.topK,
+                                              fixedMaskNode=parameters.fixedMask, **common)
+            else:
+                self.logic.registerVolumes(
+                    parameters.fixedVolume, parameters.movingVolume, outputTransformNode=parameters.outputTransform,
+                    fixedMaskNode=parameters.fixedMask, segmentationNode=parameters.segmentation,
+                    outputVolumeNode=parameters.outputVolume, **common)
         self._updateApplyButton()
 
     def onRegistrationProgress(self, event: dict) -> None:
@@ -289,13 +374,23 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.statusLabel.text = describeProgress(event)
         elif kind == "started":
             self.ui.statusLabel.text = _("Registering on {device}...").format(device=event.get("device", "?"))
+        elif kind == "atlas":
+            self.ui.statusLabel.text = _("Registering atlas {number} of {count}: {name}...").format(
+                number=int(event.get("index", 0)) + 1, count=event.get("count", "?"), name=event.get("atlasName", "?"))
         self._showNewLogLines(self.logic.activeJob)
 
     def onRegistrationCompleted(self, job) -> None:
         self._showNewLogLines(job)
         self.ui.progressBar.setVisible(False)
         self._updateApplyButton()
-        if job.state is JobState.SUCCEEDED:
+        if job.state is JobState.SUCCEEDED and isinstance(job, AtlasSegmentationJob):
+            best = job.ranking[0] if job.ranking else {}
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: segmentation '{name}' from {count} atlas(es); best "
+                                         "atlas '{atlas}' (NLCC {nlcc:.3f}). The ranking is in the log.").format(
+                seconds=time.monotonic() - job.startTime, name=job.outputSegmentationNode.GetName(),
+                count=job.parameters["topK"], atlas=best.get("atlasName", "?"), nlcc=best.get("nlcc", float("nan")))
+            self.ui.logCollapsibleButton.collapsed = False
+        elif job.state is JobState.SUCCEEDED:
             self._parameterNode.outputTransform = job.outputTransformNode
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s. Put the moving volume under the transform '{name}' "
                                          "to see it aligned.").format(seconds=time.monotonic() - job.startTime,
@@ -363,6 +458,14 @@ class SSMSRRegistrationLogic(ScriptedLoadableModuleLogic):
         """Same as ``RegistrationLogic.registerVolumes``. With ``waitForCompletion=False`` the job runs in the
         background, driven by a QTimer, and ``completionCallback(job)`` is called when it ends."""
         result = self.registration.registerVolumes(*args, waitForCompletion=waitForCompletion, **kwargs)
+        return self._driveInBackground(result, waitForCompletion, completionCallback)
+
+    def segmentWithAtlases(self, *args, completionCallback=None, waitForCompletion=True, **kwargs):
+        """Same as ``RegistrationLogic.segmentWithAtlases``, run in the background like :meth:`registerVolumes`."""
+        result = self.registration.segmentWithAtlases(*args, waitForCompletion=waitForCompletion, **kwargs)
+        return self._driveInBackground(result, waitForCompletion, completionCallback)
+
+    def _driveInBackground(self, result, waitForCompletion: bool, completionCallback):
         if not waitForCompletion:
             self._backgroundJob = result
             self._completionCallback = completionCallback
@@ -438,6 +541,8 @@ class SSMSRRegistrationTest(ScriptedLoadableModuleTest):
         self.test_CancelLeavesSceneUnchanged()
         self.setUp()
         self.test_WorkerErrorReachesUser()
+        self.setUp()
+        self.test_AtlasSelection()
 
     def _registrationLogic(self) -> RegistrationLogic:
         logic = SSMSRRegistrationLogic()
@@ -494,3 +599,15 @@ class SSMSRRegistrationTest(ScriptedLoadableModuleTest):
 
         message = scenarios.runWorkerErrorScenario(self._registrationLogic(), *self._echoPair())
         self.assertIn("mask is empty", message)
+
+    def test_AtlasSelection(self):
+        from SSMSRRegistrationLib import scenarios
+
+        frames, spacingMm = scenarios.echocardiogramFrames(frameIndices=(0, 10, 20))
+        reference = scenarios.addVolumeFromArray(slicer.mrmlScene, frames[0], "echo frame 0", (spacingMm, spacingMm, 1.0),
+                                                 (5.0, 8.0, -3.0), scenarios.rotationMatrix("y", 30.0))
+        others = [(frame, scenarios.echocardiogramLabels(frame)) for frame in frames[1:]]
+        measures = scenarios.runAtlasSegmentationScenario(
+            self._registrationLogic(), reference, scenarios.echocardiogramLabels(frames[0]), others, amplitudeMm=3.0,
+            wavelengthMm=80.0, stepsPerScale=self.STEPS_PER_SCALE)
+        self.delayDisplay(f"Atlas selection: Dice {measures['diceBefore']:.3f} -> {measures['diceAfter']:.3f}")

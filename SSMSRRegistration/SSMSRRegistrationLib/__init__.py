@@ -12,3 +12,17 @@ def register(*args, **kwargs):
     from .api import register as _register
 
     return _register(*args, **kwargs)
+
+
+def train(*args, **kwargs):
+    """See ``SSMSRRegistrationLib.training.train`` (pretraining on a collection; imported lazily)."""
+    from .training import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def segment(*args, **kwargs):
+    """See ``SSMSRRegistrationLib.segmentation.segment`` (atlas selection and label propagation; imported lazily)."""
+    from .segmentation import segment as _segment
+
+    return _segment(*args, **kwargs)

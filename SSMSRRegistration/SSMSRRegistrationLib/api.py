@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,6 +19,7 @@ from .engine.metrics import folding_statistics
 from .engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
 from .engine.schedule import parse_scales
 from .errors import InputError
+from .models import SavedModel, load_model
 from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
 from .imaging.images import (ImageLike, check_image, intensity_window, overlaps, read_image, resample_onto,
                              rescale, same_grid)
@@ -74,9 +76,10 @@ def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
 
 
 def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageLike] = None,
-             moving_labels: Optional[ImageLike] = None, scales="1/2,1", steps: int = 3500,
-             smoothness_weight: float = 10.0, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
+             moving_labels: Optional[ImageLike] = None, scales=None, steps: int = 3500,
+             smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
+             model: Optional[Union[str, os.PathLike, SavedModel]] = None,
              progress: Optional[Callable[[dict], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> RegistrationOutput:
     """Register ``moving`` onto ``fixed`` with SSMSR (multi-scale test-time training).
@@ -87,21 +90,40 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
             by world coordinates first.
         fixed_mask: optional mask (non-zero inside) restricting the similarity term.
         moving_labels: optional label map on the moving image's physical space, warped with the result.
-        scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR).
-        steps: test-time training steps per scale (0 with ``initial_networks``: inference only).
-        smoothness_weight: lambda of Eq. 1. ncc_window: local NCC box side in voxels (default 5 in 3D, 6 in 2D).
+        scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR); default: the model's, or "1/2,1".
+        steps: test-time training steps per scale (0 with a model or ``initial_networks``: inference only,
+            the VoxelMorph-equivalent baseline).
+        smoothness_weight: lambda of Eq. 1 (default: the model's, or 10). ncc_window: local NCC box side in voxels
+            (default: the model's, or 5 in 3D and 6 in 2D).
         learning_rate: Adam's learning rate. device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
         initial_networks: optional U-Net weights to start from (one per scale, or one for all).
+        model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
+            from its per-scale weights, with its channel widths; its dimension and schedule must fit.
         progress: callback receiving the engine's progress dicts. should_stop: polled; True cancels.
     """
-    settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=int(steps),
-                                    smoothness_weight=float(smoothness_weight), ncc_window=ncc_window,
-                                    learning_rate=float(learning_rate), seed=int(seed))
+    if model is not None and initial_networks is not None:
+        raise InputError("Give either a model or initial network weights, not both.")
+    model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    requested_scales = parse_scales(scales) if scales is not None else None
+    settings = RegistrationSettings(
+        scales=requested_scales or (model.scales if model is not None else parse_scales("1/2,1")),
+        steps_per_scale=int(steps),
+        smoothness_weight=float(smoothness_weight if smoothness_weight is not None
+                                else model.smoothness_weight if model is not None else 10.0),
+        ncc_window=ncc_window if ncc_window is not None else (model.ncc_window if model is not None else None),
+        learning_rate=float(learning_rate), seed=int(seed))
+    if model is not None:
+        settings.encoder_channels, settings.decoder_channels = model.encoder_channels, model.decoder_channels
     settings.validate()
     torch_device = resolve_device(device)
 
     fixed_image = read_image(fixed, "fixed image")
     check_image(fixed_image, "fixed image")
+    if model is not None:
+        model.check_fits(fixed_image.GetDimension(), requested_scales, model_path)
+        initial_networks = model.networks
     moving_image = read_image(moving, "moving image")
     check_image(moving_image, "moving image", fixed_image.GetDimension())
     labels_image = None
@@ -149,6 +171,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
                "mse_before": before["mse"], "mse_after": after["mse"],
                "final_loss": next(reversed(result.loss_history.values()))[-1] if steps else float("nan"),
                "seconds": result.seconds, "device": result.device,
+               "model": os.path.abspath(model_path) if model is not None and model_path != "the model" else None,
                **folding_statistics(displacement.detach().cpu())}
     return RegistrationOutput(field=field, warped=warped, warped_labels=warped_labels,
                               loss_history=result.loss_history, metrics=metrics, engine_result=result,

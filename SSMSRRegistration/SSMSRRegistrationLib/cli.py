@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import List, Optional
 
-from .errors import InputError, RegistrationCancelled
+from .errors import InputError, RegistrationCancelled, TrainingStopped
 from .progress import Reporter, make_reporter
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANCELLED = 0, 1, 2, 3, 130
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed-mask", metavar="M", help="mask of the fixed image restricting the similarity")
     _add_training_options(reg, default_scales="1/2,1", steps_help="training steps per scale",
                           window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+    _add_model_option(reg)
 
     trk = commands.add_parser("track", help="track the motion through a 2D+t cine (e.g. an echocardiogram)",
                               description="Register every consecutive frame pair of a 2D+t cine (frame t-1 onto "
@@ -79,13 +80,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(trk, default_scales="1/8,1/4,1/2,1",
                           steps_help="training steps per scale for the whole sequence",
                           window_help="local NCC window of the loss in pixels (default: 6)")
+
+    trn = commands.add_parser("train", help="pretrain the per-scale networks on a collection of image pairs",
+                              description="Train one U-Net per scale, coarse to fine, on a collection of pairs (as "
+                                          "VoxelMorph is trained), and write MODEL for `ssmsr register --model` "
+                                          "and `ssmsr segment --model`. MODEL is rewritten atomically as a "
+                                          "checkpoint during training; an interrupted training (Ctrl-C, SIGTERM) "
+                                          "saves a checkpoint that --resume continues.")
+    trn.add_argument("pairs", metavar="PAIRS",
+                     help="CSV file of fixed,moving image paths (relative to the CSV's folder), or a folder of "
+                          "images whose ordered pairs are the training pairs")
+    trn.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (e.g. model.pt)")
+    trn.add_argument("--resume", metavar="MODEL",
+                     help="continue the training saved in this checkpoint (same PAIRS; its settings are used)")
+    trn.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
+    trn.add_argument("--batch", type=int, default=None, metavar="N",
+                     help="pairs per step, drawn at random (default: 1; more than 1 needs images of one size)")
+    trn.add_argument("--validation-fraction", type=float, default=None, metavar="F",
+                     help="fraction of the pairs (of a CSV) or images (of a folder) held out to measure the "
+                          "validation loss (default: 0.2; 0: none)")
+    trn.add_argument("--validation-every", type=int, default=None, metavar="N",
+                     help="steps between validation losses (default: 100)")
+    trn.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="steps between checkpoints (default: 500; one is also written after each scale)")
+    _add_training_options(trn, default_scales="1/2,1", steps_help="training steps per scale",
+                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+    # None: the defaults of a new training, or the checkpoint's values with --resume.
+    trn.set_defaults(scales=None, steps=None, smoothness_weight=None, lr=None, seed=None)
+
+    seg = commands.add_parser("segment", help="segment an image with the most similar atlas(es)",
+                              description="Rank the atlases by NLCC with TARGET (each brought onto the target grid "
+                                          "by world coordinates), register the best (or the best K) onto TARGET, "
+                                          "and write their warped label map (K > 1: per-voxel majority vote, ties "
+                                          "to the best-ranked atlas). The ranking is printed (in the 'finished' "
+                                          "event with --progress jsonl).")
+    seg.add_argument("target", help="image to segment (file or DICOM series folder)")
+    seg.add_argument("--atlas", nargs=2, action="append", required=True, metavar=("IMAGE", "LABELS"),
+                     help="an atlas image and its label map; repeat for each atlas")
+    seg.add_argument("-o", "--output", required=True, metavar="LABELS_OUT", help="label map to write on TARGET's grid")
+    seg.add_argument("--top-k", type=int, default=1, metavar="K",
+                     help="register the K best-ranked atlases and fuse their labels by majority vote (default: 1)")
+    seg.add_argument("--fixed-mask", metavar="M", help="mask of the target restricting the ranking and the similarity")
+    _add_training_options(seg, default_scales="1/2,1", steps_help="training steps per scale and atlas",
+                          window_help="local NCC window in voxels, also used for the ranking (default: 5 in 3D, "
+                                      "6 in 2D)")
+    _add_model_option(seg)
     return parser
+
+
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    """--model MODEL; the schedule, smoothness weight and window then default to the model's."""
+    parser.add_argument("--model", metavar="MODEL",
+                        help="start test-time training from a model written by `ssmsr train` (with --steps 0: "
+                             "inference only, the VoxelMorph-equivalent); its scales, smoothness weight and window "
+                             "are then the defaults")
+    parser.set_defaults(scales=None, smoothness_weight=None)
 
 
 def _check_outputs(args) -> None:
     if args.warped_labels and not args.moving_labels:
         raise InputError("--warped-labels needs --moving-labels.")
-    inputs = {os.path.abspath(p) for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p}
+    inputs = {os.path.abspath(p) for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask, args.model)
+              if p}
     for path in (args.output, args.warped, args.warped_labels):
         if path and os.path.abspath(path) in inputs:
             raise InputError(f"The output {path!r} is also an input; choose another output path.")
@@ -100,7 +156,7 @@ def run_register(args, reporter: Reporter) -> None:
     result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, moving_labels=args.moving_labels,
                       scales=args.scales, steps=args.steps, smoothness_weight=args.smoothness_weight,
                       ncc_window=args.window, learning_rate=args.lr, device=args.device, seed=args.seed,
-                      progress=reporter.handle)
+                      model=args.model, progress=reporter.handle)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels)
     reporter.finished({key: os.path.abspath(path) if path else None for key, path in outputs.items()},
                       result.metrics)
@@ -117,6 +173,44 @@ def run_track(args, reporter: Reporter) -> None:
                    device=args.device, seed=args.seed, progress=reporter.handle)
     outputs = result.save(args.output, accumulated=args.accumulate, figures=not args.no_figures)
     reporter.finished(outputs, result.summary())
+
+
+def run_train(args, reporter: Reporter) -> None:
+    from .training import train
+
+    # Ctrl-C and SIGTERM stop the training between two steps, so that the checkpoint written then is consistent.
+    stop_requested = []
+    handlers = {number: signal.signal(number, lambda signum, frame: stop_requested.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = train(args.pairs, args.output, scales=args.scales, steps=args.steps, batch_size=args.batch,
+                       validation_fraction=args.validation_fraction, smoothness_weight=args.smoothness_weight,
+                       ncc_window=args.window, learning_rate=args.lr, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, validation_every=args.validation_every,
+                       device=args.device, resume=args.resume, overwrite=args.overwrite,
+                       progress=reporter.handle, should_stop=lambda: bool(stop_requested))
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    reporter.finished({"model": result.path}, result.summary)
+
+
+def run_segment(args, reporter: Reporter) -> None:
+    from .segmentation import format_ranking, segment
+
+    inputs = {os.path.abspath(p) for p in [args.target, args.fixed_mask, args.model] + sum(args.atlas, []) if p}
+    if os.path.abspath(args.output) in inputs:
+        raise InputError(f"The output {args.output!r} is also an input; choose another output path.")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise InputError(f"The folder of the output {args.output!r} does not exist; create it first.")
+    result = segment(args.target, [tuple(atlas) for atlas in args.atlas], top_k=args.top_k,
+                     fixed_mask=args.fixed_mask, model=args.model, scales=args.scales, steps=args.steps,
+                     smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
+                     device=args.device, seed=args.seed, progress=reporter.handle)
+    outputs = result.save(args.output)
+    reporter.finished(outputs, result.metrics)
+    if args.progress != "jsonl":
+        print(format_ranking(result.ranking), flush=True)
 
 
 def _raise_cancelled(signum, frame):
@@ -143,6 +237,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_register(args, reporter)
         elif args.command == "track":
             run_track(args, reporter)
+        elif args.command == "train":
+            run_train(args, reporter)
+        elif args.command == "segment":
+            run_segment(args, reporter)
         return EXIT_OK
     except InputError as error:
         reporter.error(str(error), "input")
@@ -150,6 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:
         # Whoever read our output has gone (e.g. the Slicer process ended): stop without writing outputs.
         sys.stdout = open(os.devnull, "w")
+        return EXIT_CANCELLED
+    except TrainingStopped as error:
+        reporter.error(str(error), "cancelled")
         return EXIT_CANCELLED
     except (RegistrationCancelled, KeyboardInterrupt):
         reporter.error("Registration cancelled; no output was written.", "cancelled")

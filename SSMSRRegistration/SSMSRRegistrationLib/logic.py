@@ -120,6 +120,59 @@ def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segment
     return problems
 
 
+def modelFileProblems(modelFile: str | None) -> list[str]:
+    """Problems with an optional pretrained model file (checked for existence only: the GUI does not load PyTorch)."""
+    if not modelFile:
+        return []
+    if not os.path.isfile(modelFile):
+        return [f"The model file '{modelFile}' does not exist; choose a file written by `ssmsr train`, or none to "
+                "train from scratch."]
+    return []
+
+
+def atlasVolumeNode(segmentationNode):
+    """The volume an atlas segmentation was drawn on: its reference geometry ("source") volume, or None."""
+    if segmentationNode is None:
+        return None
+    node = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+    return node if isinstance(node, slicer.vtkMRMLScalarVolumeNode) else None
+
+
+def atlasInputProblems(targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
+                       device: str = "auto", modelFile: str | None = None) -> list[str]:
+    """Everything that prevents an atlas-based segmentation, as sentences for the user (empty when ready).
+
+    ``atlases`` is a list of (atlas volume node, atlas segmentation node) pairs; a None volume means the
+    segmentation has no source volume.
+    """
+    problems = []
+    if targetVolumeNode is None:
+        problems.append("Select the volume to segment (the fixed volume).")
+    if not atlases:
+        problems.append("Check one or more atlas segmentations.")
+    for volumeNode, segmentationNode in atlases:
+        if volumeNode is None:
+            problems.append(f"The atlas segmentation '{segmentationNode.GetName()}' has no source volume; select its "
+                            "volume as source geometry in the Segment Editor (or create it from the volume).")
+            continue
+        if volumeNode is targetVolumeNode:
+            problems.append(f"The atlas '{segmentationNode.GetName()}' is drawn on the volume to segment itself.")
+        if segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            problems.append(f"The atlas segmentation '{segmentationNode.GetName()}' has no segments.")
+        for role, node in (("atlas volume", volumeNode), ("atlas segmentation", segmentationNode)):
+            if node.GetParentTransformNode() is not None:
+                problems.append(f"The {role} '{node.GetName()}' is under a transform; harden or remove it first.")
+        if volumeNode.GetImageData() is None:
+            problems.append(f"The atlas volume '{volumeNode.GetName()}' has no image data.")
+    if atlases and not 1 <= int(topK) <= len(atlases):
+        problems.append(f"The number of atlases to register ({topK}) must be between 1 and the {len(atlases)} "
+                        "checked atlases.")
+    if targetVolumeNode is not None:
+        problems += [problem for problem in inputProblems(targetVolumeNode, None, fixedMaskNode, scales=scales,
+                                                          device=device) if problem != "Select a moving volume."]
+    return problems + modelFileProblems(modelFile)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Progress
 
@@ -129,6 +182,8 @@ def overallFraction(event: dict) -> float:
     numberOfScales = max(int(event.get("num_scales", 1)), 1)
     steps = max(int(event.get("steps", 1)), 1)
     fraction = (int(event.get("scale_index", 0)) + int(event.get("step", 0)) / steps) / numberOfScales
+    if "atlas_count" in event:  # one of several atlas registrations
+        fraction = (int(event.get("atlas_index", 0)) + fraction) / max(int(event["atlas_count"]), 1)
     return min(max(fraction, 0.0), 1.0)
 
 
@@ -136,6 +191,8 @@ def describeProgress(event: dict) -> str:
     """One line for a worker "progress" event, e.g. ``Scale 1/2 (1 of 2), step 40/100, loss -0.4123, 12 s left``."""
     text = (f"Scale {event.get('scale', '?')} ({int(event.get('scale_index', 0)) + 1} of {event.get('num_scales', '?')}), "
             f"step {event.get('step', '?')}/{event.get('steps', '?')}")
+    if "atlas_count" in event:
+        text = f"Atlas {int(event.get('atlas_index', 0)) + 1} of {event['atlas_count']}: " + text[0].lower() + text[1:]
     loss = event.get("loss")
     if isinstance(loss, (int, float)) and math.isfinite(loss):
         text += f", loss {loss:.4f}"
@@ -504,6 +561,103 @@ class RegistrationJob:
         undoSteps.append(lambda: setattr(self, "propagatedSegmentationNode", None))
 
 
+class AtlasSegmentationJob(RegistrationJob):
+    """An atlas-based segmentation: the worker ranks the atlases by NLCC with the target, registers the best
+    (``topK``) onto it and fuses their labels; the result becomes a new segmentation node on the target.
+
+    After success: ``outputSegmentationNode`` (segments named and coloured as in the atlases) and ``ranking``
+    (the worker's ranking, best first, with ``atlasName``: the atlas segmentation node's name).
+    """
+
+    def __init__(self, logic: RegistrationLogic, targetVolumeNode, atlases: list, segmentNames: list[str],
+                 segmentColors: list[tuple], atlasFiles: dict, parameters: dict, temporaryDirectory: Path,
+                 slicePlane: SlicePlane | None, workerCommand: list[str], progressCallback: ProgressCallback | None,
+                 keepTemporaryFiles: bool):
+        self.atlases = atlases
+        self.segmentNames = segmentNames
+        self.segmentColors = segmentColors
+        self.atlasFiles = atlasFiles  # worker's atlas image path -> atlas segmentation node
+        self.outputSegmentationNode = None
+        self.ranking: list[dict] = []
+        inputs = {"fixed": targetVolumeNode, "moving": None, "segmentation": None, "outputTransform": None,
+                  "outputVolume": None}
+        super().__init__(logic, inputs, parameters, temporaryDirectory, slicePlane, workerCommand, progressCallback,
+                         keepTemporaryFiles)
+
+    def atlasName(self, workerPath) -> str:
+        """Name of the atlas segmentation node that the worker's atlas image file ``workerPath`` came from."""
+        node = self.atlasFiles.get(os.path.normcase(os.path.abspath(str(workerPath or ""))))
+        return node.GetName() if node is not None else str(workerPath)
+
+    def _handleEvent(self, event: dict) -> None:
+        if event.get("event") == "atlas":
+            event = {**event, "atlasName": self.atlasName(event.get("atlas"))}
+            self._log(f"Registering atlas {int(event.get('index', 0)) + 1} of {event.get('count')}: "
+                      f"'{event['atlasName']}' (rank {event.get('rank')}, NLCC {float(event.get('nlcc', 0)):.4f}).")
+        super()._handleEvent(event)
+
+    def _importResults(self) -> None:
+        outputs = self._finishedEvent.get("outputs") or {}
+        labelsPath = outputs.get("labels") or str(self.temporaryDirectory / "labels.nrrd")
+        labels = _readVolumeArray(labelsPath)
+        targetDimensions = self.fixedVolumeNode.GetImageData().GetDimensions()
+        if labels.size != int(np.prod(targetDimensions)):
+            raise RegistrationError("the propagated label map is not on the target volume's grid.")
+        labels = labels.reshape(tuple(reversed(targetDimensions))).astype(np.int32)
+        if labels.min() < 0 or labels.max() > len(self.segmentNames):
+            raise RegistrationError(f"the propagated label map holds labels outside 0..{len(self.segmentNames)}.")
+        self.ranking = []
+        for entry in (self._finishedEvent.get("metrics") or {}).get("ranking", []):
+            self.ranking.append({**entry, "atlasName": self.atlasName(entry.get("atlas"))})
+
+        undoSteps: list[Callable[[], None]] = []
+        try:
+            self._commitSegmentation(labels, undoSteps)
+        except BaseException:
+            for undo in reversed(undoSteps):
+                undo()
+            raise
+        self._logic._lastAtlasRanking = list(self.ranking)
+        self._log("Atlas ranking (NLCC with the target): " + "; ".join(
+            f"{entry['rank']}. {entry['atlasName']} {entry['nlcc']:.4f}" + (" (registered)" if entry["registered"] else "")
+            for entry in self.ranking))
+
+    def _commitSegmentation(self, labels: np.ndarray, undoSteps: list) -> None:
+        """Add a segmentation node on the target geometry with one segment per atlas segment name present."""
+        scene = self.scene
+        name = scene.GenerateUniqueName(f"{self.fixedVolumeNode.GetName()} segmentation (SSMSR atlas)")
+        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        undoSteps.append(lambda: scene.RemoveNode(segmentationNode))
+        segmentationNode.CreateDefaultDisplayNodes()
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is not None:
+            undoSteps.append(lambda: scene.RemoveNode(displayNode))
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.fixedVolumeNode)
+        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("SSMSR labels"))
+        try:
+            imageData = vtk.vtkImageData()
+            imageData.SetDimensions(self.fixedVolumeNode.GetImageData().GetDimensions())
+            imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(labels).ravel(), deep=True))
+            labelmapNode.SetAndObserveImageData(imageData)
+            labelmapNode.CopyOrientation(self.fixedVolumeNode)
+            if labels.any() and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                    labelmapNode, segmentationNode):
+                raise RegistrationError("the propagated labels could not be imported as a segmentation.")
+        finally:
+            if labelmapNode.GetDisplayNode() is not None:
+                scene.RemoveNode(labelmapNode.GetDisplayNode())
+            scene.RemoveNode(labelmapNode)
+        segmentation = segmentationNode.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(index)
+            value = segment.GetLabelValue()
+            if 1 <= value <= len(self.segmentNames):
+                segment.SetName(self.segmentNames[value - 1])
+                segment.SetColor(*self.segmentColors[value - 1])
+        self.outputSegmentationNode = segmentationNode
+        undoSteps.append(lambda: setattr(self, "outputSegmentationNode", None))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Logic
 
@@ -537,7 +691,7 @@ class RegistrationLogic:
                         stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                         nccWindow: int | None = None, device: str = "auto", waitForCompletion: bool = True,
                         progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                        seed: int | None = None):
+                        seed: int | None = None, modelFile: str | None = None):
         """Deformably register ``movingVolumeNode`` onto ``fixedVolumeNode``.
 
         The result is a transform node holding a "from parent" displacement grid on the fixed volume's geometry
@@ -560,12 +714,19 @@ class RegistrationLogic:
             and "log" carrying a stderr line in "message").
         :param keepTemporaryFiles: keep the job's temporary folder (its path is in the job's log), for debugging.
         :param seed: random seed of the worker; None uses the engine's default.
+        :param modelFile: a model written by ``ssmsr train``: test-time training starts from its weights (its schedule
+            must be ``scales``); None or "" trains from scratch.
         """
         job = self.startRegistration(fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
                                      fixedMaskNode=fixedMaskNode, segmentationNode=segmentationNode,
                                      outputVolumeNode=outputVolumeNode, scales=scales, stepsPerScale=stepsPerScale,
                                      smoothnessWeight=smoothnessWeight, nccWindow=nccWindow, device=device,
-                                     progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles, seed=seed)
+                                     progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles, seed=seed,
+                                     modelFile=modelFile)
+        return self._finish(job, waitForCompletion, lambda: job.outputTransformNode)
+
+    def _finish(self, job: RegistrationJob, waitForCompletion: bool, result: Callable[[], object]):
+        """Return the running job, or wait for it and return ``result()`` (raising on failure or cancel)."""
         if not waitForCompletion:
             return job
         try:
@@ -577,20 +738,21 @@ class RegistrationLogic:
             raise RegistrationCancelledError(job.errorMessage)
         if job.state is not JobState.SUCCEEDED:
             raise RegistrationError(job.errorMessage)
-        return job.outputTransformNode
+        return result()
 
     def startRegistration(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                           segmentationNode=None, outputVolumeNode=None, scales: str = DEFAULT_SCALES,
                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                           nccWindow: int | None = None, device: str = "auto", progressCallback: ProgressCallback | None = None,
-                          keepTemporaryFiles: bool = False, seed: int | None = None) -> RegistrationJob:
+                          keepTemporaryFiles: bool = False, seed: int | None = None,
+                          modelFile: str | None = None) -> RegistrationJob:
         """Write the inputs, start the worker and return the running job (see :meth:`registerVolumes`)."""
         if self.activeJob is not None:
             raise RegistrationError("A registration is already running; cancel it or wait for it to finish.")
         problems = inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode, segmentationNode, outputVolumeNode,
-                                 outputTransformNode, scales, device)
-        if stepsPerScale is None or int(stepsPerScale) < 1:
-            problems.append("Steps per scale must be at least 1.")
+                                 outputTransformNode, scales, device) + modelFileProblems(modelFile)
+        if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
+            problems.append("Steps per scale must be at least 1 (0 is allowed with a model: inference only).")
         if nccWindow is not None and int(nccWindow) < 1:
             problems.append("The NCC window must be at least 1 voxel.")
         if problems:
@@ -611,6 +773,8 @@ class RegistrationLogic:
                 command += ["--window", str(int(nccWindow))]
             if seed is not None:
                 command += ["--seed", str(int(seed))]
+            if modelFile:
+                command += ["--model", str(Path(modelFile).resolve())]
             if fixedMaskNode is not None:
                 command += ["--fixed-mask", self._writeVolume(fixedMaskNode, temporaryDirectory / "fixed-mask.nrrd", slicePlane, "fixed mask")]
             if outputVolumeNode is not None:
@@ -622,10 +786,140 @@ class RegistrationLogic:
         inputs = {"fixed": fixedVolumeNode, "moving": movingVolumeNode, "segmentation": segmentationNode,
                   "outputTransform": outputTransformNode, "outputVolume": outputVolumeNode}
         parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "smoothnessWeight": float(smoothnessWeight),
-                      "nccWindow": nccWindow, "device": device, "seed": seed}
+                      "nccWindow": nccWindow, "device": device, "seed": seed, "modelFile": modelFile or None}
         job = RegistrationJob(self, inputs, parameters, temporaryDirectory, slicePlane, command, progressCallback, keepTemporaryFiles)
         self.activeJob = job
         return job
+
+    def segmentWithAtlases(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
+                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
+                           nccWindow: int | None = None, device: str = "auto", modelFile: str | None = None,
+                           waitForCompletion: bool = True, progressCallback: ProgressCallback | None = None,
+                           keepTemporaryFiles: bool = False, seed: int | None = None):
+        """Segment ``targetVolumeNode`` with the most similar atlas(es) (``ssmsr segment`` in the background).
+
+        The atlases are ranked by NLCC with the target (each brought onto the target grid by world coordinates); the
+        best ``topK`` are registered onto the target and their segmentations warped and fused by majority vote
+        (ties go to the best-ranked atlas). Segments are matched across atlases by name.
+
+        :param atlases: atlas segmentation nodes (each drawn on its source volume, see :func:`atlasVolumeNode`), or
+            (volume node, segmentation node) pairs.
+        :param fixedMaskNode: optional mask on the target restricting the ranking and the registrations' similarity.
+        :param modelFile: optional model written by ``ssmsr train`` to start each registration from.
+
+        Other parameters as for :meth:`registerVolumes`. Blocking: returns the new segmentation node (the ranking is
+        in ``lastAtlasRanking``); non-blocking: returns the running :class:`AtlasSegmentationJob`.
+        """
+        job = self.startAtlasSegmentation(targetVolumeNode, atlases, topK=topK, fixedMaskNode=fixedMaskNode,
+                                          scales=scales, stepsPerScale=stepsPerScale, smoothnessWeight=smoothnessWeight,
+                                          nccWindow=nccWindow, device=device, modelFile=modelFile,
+                                          progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles,
+                                          seed=seed)
+        return self._finish(job, waitForCompletion, lambda: job.outputSegmentationNode)
+
+    @property
+    def lastAtlasRanking(self) -> list[dict]:
+        """The ranking of the last successful atlas segmentation, best first (see :class:`AtlasSegmentationJob`)."""
+        return list(getattr(self, "_lastAtlasRanking", []))
+
+    def startAtlasSegmentation(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None,
+                               scales: str = DEFAULT_SCALES, stepsPerScale: int = DEFAULT_STEPS_PER_SCALE,
+                               smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
+                               device: str = "auto", modelFile: str | None = None,
+                               progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
+                               seed: int | None = None) -> AtlasSegmentationJob:
+        """Write the target and atlases, start the worker and return the running job (see :meth:`segmentWithAtlases`)."""
+        if self.activeJob is not None:
+            raise RegistrationError("A registration is already running; cancel it or wait for it to finish.")
+        pairs = [tuple(item) if isinstance(item, (tuple, list)) else (atlasVolumeNode(item), item) for item in atlases or []]
+        problems = atlasInputProblems(targetVolumeNode, pairs, topK, fixedMaskNode, scales, device, modelFile)
+        if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
+            problems.append("Steps per scale must be at least 1 (0 is allowed with a model: inference only).")
+        if problems:
+            raise ValueError(" ".join(problems))
+
+        # One label value per segment name, in order of first appearance; colours from the first atlas that has it.
+        segmentNames, segmentColors = [], []
+        for _, segmentationNode in pairs:
+            segmentation = segmentationNode.GetSegmentation()
+            for index in range(segmentation.GetNumberOfSegments()):
+                segment = segmentation.GetNthSegment(index)
+                if segment.GetName() not in segmentNames:
+                    segmentNames.append(segment.GetName())
+                    segmentColors.append(tuple(segment.GetColor()))
+
+        temporaryDirectory = Path(tempfile.mkdtemp(prefix="SSMSR-", dir=self.temporaryDirectoryRoot))
+        try:
+            slicePlane = SlicePlane(targetVolumeNode) if _isSingleSlice(targetVolumeNode) else None
+            targetPath = self._writeVolume(targetVolumeNode, temporaryDirectory / "target.nrrd", slicePlane, "volume to segment")
+            command = self.workerCommandPrefix + ["segment", targetPath, "-o", str(temporaryDirectory / "labels.nrrd"),
+                                                  "--top-k", str(int(topK)), "--progress", "jsonl",
+                                                  "--scales", format_scales(parse_scales(scales)),
+                                                  "--steps", str(int(stepsPerScale)),
+                                                  "--lambda", repr(float(smoothnessWeight)),
+                                                  "--device", normalizeDevice(device)]
+            atlasFiles = {}
+            for number, (volumeNode, segmentationNode) in enumerate(pairs):
+                imagePath = self._writeVolume(volumeNode, temporaryDirectory / f"atlas{number}.nrrd", slicePlane,
+                                              f"atlas volume '{volumeNode.GetName()}'")
+                labelsPath = self._writeAtlasLabels(segmentationNode, volumeNode, segmentNames,
+                                                    temporaryDirectory / f"atlas{number}-labels.nrrd", slicePlane)
+                command += ["--atlas", imagePath, labelsPath]
+                atlasFiles[os.path.normcase(os.path.abspath(imagePath))] = segmentationNode
+            if nccWindow is not None:
+                command += ["--window", str(int(nccWindow))]
+            if seed is not None:
+                command += ["--seed", str(int(seed))]
+            if modelFile:
+                command += ["--model", str(Path(modelFile).resolve())]
+            if fixedMaskNode is not None:
+                command += ["--fixed-mask", self._writeVolume(fixedMaskNode, temporaryDirectory / "fixed-mask.nrrd", slicePlane, "fixed mask")]
+        except BaseException:
+            shutil.rmtree(temporaryDirectory, ignore_errors=True)
+            raise
+
+        parameters = {"topK": int(topK), "scales": scales, "stepsPerScale": int(stepsPerScale),
+                      "smoothnessWeight": float(smoothnessWeight), "nccWindow": nccWindow, "device": device, "seed": seed,
+                      "modelFile": modelFile or None}
+        job = AtlasSegmentationJob(self, targetVolumeNode, pairs, segmentNames, segmentColors, atlasFiles, parameters,
+                                   temporaryDirectory, slicePlane, command, progressCallback, keepTemporaryFiles)
+        self.activeJob = job
+        return job
+
+    def _writeAtlasLabels(self, segmentationNode, volumeNode, segmentNames: list[str], path: Path,
+                          slicePlane: SlicePlane | None) -> str:
+        """Write an atlas segmentation as one label map on its volume's grid, label k+1 for ``segmentNames[k]``."""
+        labels = np.zeros(_volumeArray(volumeNode).shape, np.uint16 if len(segmentNames) > 255 else np.uint8)
+        segmentation = segmentationNode.GetSegmentation()
+        exportNode = slicer.vtkMRMLLabelMapVolumeNode()
+        self.scene.AddNode(exportNode)
+        try:
+            for index in range(segmentation.GetNumberOfSegments()):
+                segmentIds = vtk.vtkStringArray()
+                segmentIds.InsertNextValue(segmentation.GetNthSegmentID(index))
+                if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                        segmentationNode, segmentIds, exportNode, volumeNode):
+                    raise RegistrationError(f"Could not export the segmentation '{segmentationNode.GetName()}' onto "
+                                            f"its volume '{volumeNode.GetName()}'.")
+                inside = _volumeArray(exportNode) != 0
+                if inside.shape != labels.shape:
+                    raise RegistrationError(f"The segmentation '{segmentationNode.GetName()}' did not export onto the "
+                                            f"grid of '{volumeNode.GetName()}'.")
+                labels[inside] = segmentNames.index(segmentation.GetNthSegment(index).GetName()) + 1
+        finally:
+            if exportNode.GetDisplayNode() is not None:
+                self.scene.RemoveNode(exportNode.GetDisplayNode())
+            self.scene.RemoveNode(exportNode)
+        labelNode = slicer.vtkMRMLLabelMapVolumeNode()
+        imageData = vtk.vtkImageData()
+        imageData.SetDimensions(volumeNode.GetImageData().GetDimensions())
+        imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True))
+        labelNode.SetAndObserveImageData(imageData)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        labelNode.SetIJKToRASMatrix(ijkToRas)
+        labelNode.SetName(f"{segmentationNode.GetName()} labels")
+        return self._writeVolume(labelNode, path, slicePlane, f"labels of the atlas '{segmentationNode.GetName()}'")
 
     def cancel(self) -> None:
         """Cancel the running registration, if any."""

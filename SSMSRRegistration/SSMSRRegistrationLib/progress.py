@@ -7,6 +7,17 @@ JSON-lines protocol (stdout, one object per line, flushed):
      "loss": -0.41, "fraction": 0.25, "elapsed_s": 3.2, "eta_s": 9.6}
     {"event": "finished", "outputs": {"field": ..., "warped": ... or null, ...}, "metrics": {...}}
     {"event": "error", "message": "...", "kind": "input" | "cancelled" | "out_of_memory" | "internal"}
+
+``ssmsr train`` adds "validation_pairs", "batch_size" and "resumed_at" (steps already done) to "started", and
+    {"event": "validation", "scale": "1/2", "scale_index": 0, "step": k, "loss": -0.43}
+    {"event": "checkpoint", "path": ..., "complete": false, "scale_index": 0, "step": k}
+its "finished" event has outputs {"model": path} and the model's summary as metrics.
+
+``ssmsr segment`` first sends {"event": "ranking", "ranking": [{"rank", "atlas", "labels", "nlcc", "registered"},
+...]}, then for each registered atlas {"event": "atlas", "rank", "index", "count", "atlas", "nlcc"} followed by
+that registration's "started" and "progress" events (with "atlas_index", "atlas_count", and "fraction" over all
+registrations); its "finished" event has outputs {"labels": path} and metrics {"ranking", "selected",
+"registrations", "seconds"}.
 """
 
 from __future__ import annotations
@@ -66,29 +77,53 @@ class BarReporter(Reporter):
 
     def __init__(self):
         self.bar = None
+        self.validation_loss = None
 
     def handle(self, event: dict) -> None:
         if event["event"] == "started":
             self._start(event)
         elif event["event"] == "progress" and self.bar is not None:
             self._advance(event)
+        elif event["event"] == "validation":
+            self.validation_loss = event["loss"]
+            self._write(f"ssmsr: validation loss at scale {event['scale']}, step {event['step']}: {event['loss']:.4f}")
+        elif event["event"] == "atlas":
+            self._close()
+            print(f"ssmsr: registering atlas {event['index'] + 1} of {event['count']} (rank {event['rank']}, "
+                  f"NLCC {event['nlcc']:.4f}): {event['atlas']}", file=sys.stderr, flush=True)
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def _start(self, info: dict) -> None:
         from tqdm import tqdm
 
+        self._close()
+        self.validation_loss = None
         total = info.get("steps_per_scale", 0) * len(info.get("scales", [])) or None
-        print(f"ssmsr: registering on {info.get('device')} "
-              f"({', '.join(map(str, info.get('image_size', [])))} voxels), scales {','.join(info.get('scales', []))}",
-              file=sys.stderr, flush=True)
-        self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                   "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+        size = ", ".join(map(str, info.get("image_size", [])))
+        if "validation_pairs" in info:
+            print(f"ssmsr: training on {info.get('device')}: {info.get('pairs')} pairs "
+                  f"({info.get('validation_pairs')} for validation), batch {info.get('batch_size')}, first image "
+                  f"{size} voxels, scales {','.join(info.get('scales', []))}", file=sys.stderr, flush=True)
+        else:
+            print(f"ssmsr: registering on {info.get('device')} ({size} voxels), scales "
+                  f"{','.join(info.get('scales', []))}", file=sys.stderr, flush=True)
+        self.bar = tqdm(total=total, initial=int(info.get("resumed_at") or 0), unit="step", file=sys.stderr,
+                        dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                       "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
     def _advance(self, event: dict) -> None:
         done = event["scale_index"] * event["steps"] + event["step"]
         self.bar.set_description_str(f"scale {event['scale']} ({event['scale_index'] + 1}/{event['num_scales']}) "
                                      f"step {event['step']}/{event['steps']}", refresh=False)
-        self.bar.set_postfix_str(f"loss {event['loss']:.4f}", refresh=False)
+        postfix = f"loss {event['loss']:.4f}"
+        if self.validation_loss is not None:
+            postfix += f", validation {self.validation_loss:.4f}"
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(done - self.bar.n)
 
     def _close(self) -> None:
@@ -99,6 +134,16 @@ class BarReporter(Reporter):
     def finished(self, outputs: dict, metrics: dict) -> None:
         self._close()
         written = ", ".join(f"{key} -> {path}" for key, path in outputs.items() if path)
+        if "ranking" in metrics:
+            print(f"ssmsr: done in {metrics.get('seconds', 0):.1f} s; {len(metrics.get('selected', []))} atlas(es) "
+                  f"registered; {written}", file=sys.stderr, flush=True)
+            return
+        if "training" in metrics:
+            final = metrics.get("final_validation_loss")
+            print(f"ssmsr: trained in {metrics.get('seconds', 0):.1f} s"
+                  + (f"; final validation loss {final:.4f}" if final is not None else "") + f"; {written}",
+                  file=sys.stderr, flush=True)
+            return
         print(f"ssmsr: done in {metrics.get('seconds', 0):.1f} s; local NCC {metrics.get('ncc_before', 0):.3f} -> "
               f"{metrics.get('ncc_after', 0):.3f}; {written}", file=sys.stderr, flush=True)
 

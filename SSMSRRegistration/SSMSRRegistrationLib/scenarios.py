@@ -458,3 +458,71 @@ def runWorkerErrorScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolu
     assertSceneUnchanged(before, sceneSnapshot(scene), "A failed registration")
     scene.RemoveNode(emptyMaskNode)
     return message
+
+
+def runAtlasSegmentationScenario(logic: RegistrationLogic, referenceVolumeNode, referenceLabels: np.ndarray,
+                                 otherAtlases: list, amplitudeMm: float, wavelengthMm: float, stepsPerScale: int,
+                                 topK: int = 1, scales: str = "1/2,1", device: str = "cpu", modelFile: str | None = None,
+                                 segmentName: str = "tissue") -> dict:
+    """Segment a deformed copy of a real image with several atlases, one of which is the undeformed image.
+
+    The target volume is ``referenceVolumeNode`` resampled through a known smooth displacement; its true labels are
+    ``referenceLabels`` resampled the same way. The atlases are the reference image with its labels (the right
+    answer, put in the middle of the list) and ``otherAtlases`` ((array, labels) on the reference geometry), each a
+    volume with a segmentation drawn on it whose segment is named ``segmentName``.
+    Checks: the matching atlas ranks first; a new segmentation node with the atlases' segment name and colour is
+    created on the target; its Dice with the true labels beats the unregistered matching atlas's; the atlas nodes
+    are unchanged and the temporary folder is removed. Returns the measures.
+    """
+    scene = logic.scene
+    knownTransformNode = addKnownDisplacementTransform(scene, referenceVolumeNode, amplitudeMm, wavelengthMm)
+    targetArray = resampleThroughTransform(referenceVolumeNode, knownTransformNode, referenceVolumeNode)
+    labelVolumeNode = addVolumeFromArray(scene, referenceLabels.astype(np.int16), "reference labels", labelmap=True)
+    labelVolumeNode.CopyOrientation(referenceVolumeNode)
+    trueLabels = resampleThroughTransform(labelVolumeNode, knownTransformNode, referenceVolumeNode, "nearest") != 0
+    scene.RemoveNode(labelVolumeNode)
+    scene.RemoveNode(knownTransformNode)
+    targetVolumeNode = addVolumeFromArray(scene, targetArray, "target")
+    targetVolumeNode.CopyOrientation(referenceVolumeNode)
+
+    def addAtlas(volumeNode, labels, name):
+        segmentationNode = addSegmentationFromLabels(scene, labels, volumeNode, name)
+        segment = segmentationNode.GetSegmentation().GetNthSegment(0)
+        segment.SetName(segmentName)
+        segment.SetColor(0.9, 0.3, 0.1)
+        return segmentationNode
+
+    atlases = []
+    for number, (array, labels) in enumerate(otherAtlases):
+        volumeNode = addVolumeFromArray(scene, array, f"other atlas {number}")
+        volumeNode.CopyOrientation(referenceVolumeNode)
+        atlases.append(addAtlas(volumeNode, labels, f"other atlas {number} segmentation"))
+    matchingAtlas = addAtlas(referenceVolumeNode, referenceLabels, "matching atlas segmentation")
+    atlases.insert(len(atlases) // 2, matchingAtlas)
+    atlasesBefore = {node.GetID(): nodeFingerprint(node) for node in atlases}
+
+    jobFolderRoot = tempfile.mkdtemp(prefix="SSMSR-scenario-")
+    previousRoot, logic.temporaryDirectoryRoot = logic.temporaryDirectoryRoot, jobFolderRoot
+    try:
+        segmentationNode = logic.segmentWithAtlases(targetVolumeNode, atlases, topK=topK, scales=scales,
+                                                    stepsPerScale=stepsPerScale, device=device, modelFile=modelFile)
+        leftovers = os.listdir(jobFolderRoot)
+    finally:
+        logic.temporaryDirectoryRoot = previousRoot
+        shutil.rmtree(jobFolderRoot, ignore_errors=True)
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    ranking = logic.lastAtlasRanking
+    assert [entry["atlasName"] for entry in ranking][0] == matchingAtlas.GetName(), f"wrong atlas ranked first: {ranking}"
+    assert [entry["registered"] for entry in ranking] == [rank < topK for rank in range(len(atlases))]
+    assert segmentationNode is not None and segmentationNode.GetScene() is scene, "no segmentation node was created"
+    segmentation = segmentationNode.GetSegmentation()
+    names = [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
+    assert names == [segmentName], f"segments of the result: {names}"
+    assert np.allclose(segmentation.GetNthSegment(0).GetColor(), (0.9, 0.3, 0.1)), "the atlas colour was not kept"
+    for node in atlases:
+        assert nodeFingerprint(node) == atlasesBefore[node.GetID()], f"atlas '{node.GetName()}' was modified"
+
+    diceBefore = diceCoefficient(labelArrayFromSegmentation(matchingAtlas, targetVolumeNode), trueLabels)
+    diceAfter = diceCoefficient(labelArrayFromSegmentation(segmentationNode, targetVolumeNode), trueLabels)
+    assert diceAfter > diceBefore + 0.03, f"Dice with the true labels did not rise enough: {diceBefore:.3f} -> {diceAfter:.3f}"
+    return {"diceBefore": diceBefore, "diceAfter": diceAfter, "ranking": ranking, "segmentationNode": segmentationNode}

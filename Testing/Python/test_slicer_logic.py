@@ -24,6 +24,8 @@ from SSMSRRegistrationLib.logic import (  # noqa: E402
     JobState,
     RegistrationError,
     RegistrationLogic,
+    atlasInputProblems,
+    atlasVolumeNode,
     describeProgress,
     gridMatchesVolume,
     inputProblems,
@@ -290,3 +292,68 @@ def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
     written = sitk.ReadImage(str(jobFolder / "fixed.nrrd"))
     np.testing.assert_allclose(sitk.GetArrayFromImage(written), scenarios.arrayFromVolume(fixed))
     np.testing.assert_allclose(written.GetSpacing(), (1.0, 1.2, 1.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atlas selection and pretrained models
+
+
+def test_atlas_segmentation_picks_the_matching_atlas_and_propagates_its_segments(scene, logic):
+    pytest.importorskip("pydicom")
+    frames, spacingMm = scenarios.echocardiogramFrames(frameIndices=(0, 10, 20))
+    reference = scenarios.addVolumeFromArray(scene, frames[0], "echo frame 0", (spacingMm, spacingMm, 1.0),
+                                             (5.0, 8.0, -3.0), scenarios.rotationMatrix("y", 30.0))
+    others = [(frame, scenarios.echocardiogramLabels(frame)) for frame in frames[1:]]
+    measures = scenarios.runAtlasSegmentationScenario(logic, reference, scenarios.echocardiogramLabels(frames[0]), others,
+                                                      amplitudeMm=3.0, wavelengthMm=80.0, stepsPerScale=STEPS_2D)
+    print({key: value for key, value in measures.items() if key != "segmentationNode"})
+
+
+def test_atlas_inputs_are_checked_before_anything_starts(scene, logic, tmp_path):
+    fixed, moving = addSmallVolumes(scene)
+    segmentation = scenarios.addSegmentationFromLabels(scene, (scenarios.arrayFromVolume(moving) > 0.5).astype(np.uint8),
+                                                       moving, "atlas")
+    orphan = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "orphan")
+    assert atlasVolumeNode(segmentation) is moving and atlasVolumeNode(orphan) is None
+    assert atlasInputProblems(fixed, [(moving, segmentation)]) == []
+    assert any("no source volume" in problem for problem in atlasInputProblems(fixed, [(None, orphan)]))
+    assert any("between 1 and the 1" in problem for problem in atlasInputProblems(fixed, [(moving, segmentation)], topK=2))
+    assert any("Check one or more" in problem for problem in atlasInputProblems(fixed, []))
+    assert any("model file" in problem for problem in atlasInputProblems(fixed, [(moving, segmentation)],
+                                                                        modelFile=str(tmp_path / "none.pt")))
+    before = scenarios.sceneSnapshot(scene)
+    with pytest.raises(ValueError, match="no source volume"):
+        logic.segmentWithAtlases(fixed, [orphan])
+    with pytest.raises(ValueError, match="model file"):
+        logic.registerVolumes(fixed, moving, modelFile=str(tmp_path / "none.pt"))
+    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "Rejected atlas parameters")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_file_reaches_the_worker_and_zero_steps_is_inference(scene, logic, tmp_path):
+    """A model passed to the logic is used by the worker: its schedule error comes back; with it, 0 steps works."""
+    fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
+    modelPath = str(tmp_path / "model.pt")
+    trainTinyModel(modelPath, ndim=3, scales="1/2,1")
+    with pytest.raises(RegistrationError, match="trained for the scales 1/2,1"):
+        logic.registerVolumes(fixed, moving, scales="1/4,1/2,1", modelFile=modelPath, stepsPerScale=1, device="cpu")
+    transform = logic.registerVolumes(fixed, moving, scales="1/2,1", modelFile=modelPath, stepsPerScale=0, device="cpu")
+    assert gridMatchesVolume(transform.GetTransformFromParent(), fixed)
+
+
+def trainTinyModel(path: str, ndim: int, scales: str) -> None:
+    """A small complete model file (a few steps on random volumes), written with the training code."""
+    import torch
+
+    from SSMSRRegistrationLib.engine.pretraining import TensorPairs, TrainingSettings, train_networks
+    from SSMSRRegistrationLib.models import SavedModel, save_model
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (16, 20, 24) if ndim == 3 else (32, 32)
+    pairs = [(torch.rand(shape, generator=generator), torch.rand(shape, generator=generator)) for _ in range(2)]
+    settings = TrainingSettings(scales=parse_scales(scales), steps_per_scale=2, checkpoint_every=0)
+    state = train_networks(TensorPairs(pairs), None, settings)
+    save_model(SavedModel(ndim=ndim, scales=settings.scales, encoder_channels=settings.encoder_channels,
+                          decoder_channels=settings.decoder_channels, smoothness_weight=settings.smoothness_weight,
+                          ncc_window=settings.window_for(ndim), networks=state.networks,
+                          training={"steps_per_scale": 2}), path)

@@ -3,8 +3,10 @@
 * the .ui file is well-formed and its widget names are unique;
 * every ``self.ui.<name>`` used in SSMSRRegistration.py is a widget of the .ui file;
 * every ``SlicerParameterName`` names a parameter of the parameter node wrapper, on a widget class the
-  parameter node wrapper can bind to that parameter's type, and every parameter except ``device`` (bound in
-  code, because GPU entries are added at run time) is bound to a widget;
+  parameter node wrapper can bind to that parameter's type, and every parameter except those bound in code
+  (``device``: GPU entries are added at run time; ``modelFile``: a path selector) is bound to a widget;
+* every custom widget class used is declared, and the model selector offers no model (train from scratch) by
+  default;
 * advanced settings and the log start collapsed, and Apply starts disabled.
 """
 
@@ -26,7 +28,9 @@ CONNECTORS = {
     "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},
     "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
 }
-PARAMETERS_BOUND_IN_CODE = {"device"}
+#: device: GPU entries are added at run time; modelFile: a ctkPathLineEdit (the wrapper binds it to pathlib.Path
+#: only, and "" must mean "no model").
+PARAMETERS_BOUND_IN_CODE = {"device", "modelFile"}
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +108,24 @@ def test_advanced_settings_and_log_start_collapsed_and_apply_disabled(widgets):
 
 
 def test_node_selectors_get_the_scene_and_create_new_transform_by_default(uiTree, widgets):
-    selectors = {name for name, widget in widgets.items() if widget.get("class") == "qMRMLNodeComboBox"}
+    selectors = {name for name, widget in widgets.items()
+                 if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
     connected = {connection.findtext("receiver") for connection in uiTree.iter("connection")
                  if connection.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     assert selectors == connected, f"selectors without the scene: {sorted(selectors - connected)}"
     assert property_(widgets["outputTransformSelector"], "noneDisplay") == "Create new transform"
     for optional in ("fixedMaskSelector", "segmentationSelector", "outputTransformSelector", "outputVolumeSelector"):
         assert property_(widgets[optional], "noneEnabled") == "true", f"{optional} should allow None"
+
+
+def test_custom_widgets_are_declared_and_atlas_mode_widgets_exist(uiTree, widgets, moduleSyntaxTree):
+    declared = {element.findtext("class") for element in uiTree.iter("customwidget")}
+    used = {widget.get("class") for widget in widgets.values()}
+    standard = {cls for cls in used if cls.startswith("Q")}
+    assert used - standard <= declared, f"undeclared custom widgets: {sorted(used - standard - declared)}"
+    assert widgets["modelPathLineEdit"].get("class") == "ctkPathLineEdit"
+    assert widgets["atlasSegmentationsComboBox"].get("class") == "qMRMLCheckableNodeComboBox"
+    defaults = {statement.target.id: statement.value for node in ast.walk(moduleSyntaxTree)
+                if isinstance(node, ast.ClassDef) for statement in node.body
+                if isinstance(statement, ast.AnnAssign) and statement.value is not None}
+    assert ast.literal_eval(defaults["modelFile"]) == "" and ast.literal_eval(defaults["atlasSelection"]) is False

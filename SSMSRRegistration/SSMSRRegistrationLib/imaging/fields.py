@@ -12,12 +12,11 @@ A ``.h5`` path is written as an ITK transform file (DisplacementFieldTransform).
 from __future__ import annotations
 
 import os
-import uuid
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..atomic import write_atomically
 from ..errors import InputError
 
 TRANSFORM_EXTENSIONS = (".h5", ".hdf5")
@@ -62,33 +61,10 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Write through ``write(temporary_path)`` in the target folder, then rename onto ``path``.
-
-    The temporary name keeps the extension (it selects the file format) and is created by ``write``
-    itself, so the file gets the usual permissions; on any failure it is removed and ``path`` is
-    left as it was.
-    """
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise InputError(f"The output folder {folder!r} does not exist; create it first.")
-    name = os.path.basename(path)
-    extension = name[name.index("."):] if "." in name else ""
-    temporary = os.path.join(folder, f".{name}.partial-{uuid.uuid4().hex}{extension}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def write_image(image: sitk.Image, path: str, compress: bool = True) -> None:
     """Write any image atomically (format from the extension)."""
     try:
-        _write_atomically(path, lambda temporary: sitk.WriteImage(image, temporary, compress))
+        write_atomically(path, lambda temporary: sitk.WriteImage(image, temporary, compress))
     except RuntimeError as error:
         raise InputError(f"Cannot write {path!r}: {str(error).strip().splitlines()[-1]} "
                          "Use an extension SimpleITK writes, such as .nii.gz, .nrrd or .mha.") from None
@@ -97,7 +73,7 @@ def write_image(image: sitk.Image, path: str, compress: bool = True) -> None:
 def write_field(field: sitk.Image, path: str) -> None:
     """Write a physical displacement field atomically: an image file, or an ITK transform for .h5."""
     if os.fspath(path).lower().endswith(TRANSFORM_EXTENSIONS):
-        _write_atomically(path, lambda temporary: sitk.WriteTransform(displacement_transform(field), temporary))
+        write_atomically(path, lambda temporary: sitk.WriteTransform(displacement_transform(field), temporary))
     else:
         write_image(sitk.Cast(field, sitk.sitkVectorFloat32), path)
 
