@@ -16,7 +16,7 @@ import ctk
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
+from slicer import vtkMRMLNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from SSMSRRegistrationLib.cine_logic import CineTrackingJob, cineInputProblems
 from SSMSRRegistrationLib.logic import (
     DEFAULT_SCALES,
     DEFAULT_SMOOTHNESS_WEIGHT,
@@ -71,6 +72,9 @@ class SSMSRRegistration(ScriptedLoadableModule):
             "In atlas selection mode, the atlases (segmentations with their volumes) most similar to the fixed "
             "volume by local normalized cross-correlation are registered onto it and their segments propagated. "
             "A model pretrained with `ssmsr train` can be the starting point of the test-time training. "
+            "In cine tracking mode, every consecutive frame pair of a 2D+t cine (a sequence of 2D images or a volume "
+            "whose third axis is time) is registered with one test-time training for the whole sequence; the fields "
+            "become a sequence of transforms in the cine's sequence browser, with a metrics table and plots. "
             "The computation runs in the background with PyTorch (installed through the PyTorch extension); "
             "use a CUDA GPU for full-length schedules."
         )
@@ -101,6 +105,8 @@ class SSMSRRegistrationParameterNode:
     atlasSelection - segment the fixed volume with the most similar atlases instead of registering a pair; the
     checked atlas segmentations are node references (role ATLAS_REFERENCE_ROLE) of the parameter node, each
     drawn on its source volume. topK - number of best-ranked atlases registered and fused by majority vote.
+    cineTracking - track the motion through ``cine`` (a sequence of 2D images or a volume whose third axis is time)
+    instead; fixedMask is then an optional mask on the frames. batchSize - frame pairs per training step (0: all).
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -118,6 +124,9 @@ class SSMSRRegistrationParameterNode:
     modelFile: str = ""
     atlasSelection: bool = False
     topK: Annotated[int, WithinRange(1, 99)] = 1
+    cineTracking: bool = False
+    cine: vtkMRMLNode
+    batchSize: Annotated[int, WithinRange(0, 999)] = 1
 
 
 #
@@ -217,19 +226,26 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelFile
             self.ui.modelPathLineEdit.blockSignals(wasBlocked)
         self._showAtlasChecks()
-        self._showMode(self._parameterNode.atlasSelection)
+        self._showMode(self._parameterNode.atlasSelection, self._parameterNode.cineTracking)
         self._updateApplyButton()
 
     # Atlas selection mode and pretrained model ------------------------------------------------------------
 
-    def _showMode(self, atlasSelection: bool) -> None:
-        """Atlas selection: the fixed volume is the one to segment; pair-only inputs and outputs are hidden."""
+    def _showMode(self, atlasSelection: bool, cineTracking: bool = False) -> None:
+        """Atlas selection: the fixed volume is the one to segment; pair-only inputs and outputs are hidden.
+        Cine tracking (takes precedence): only the cine, an optional mask and the pairs per step are shown."""
+        atlasSelection = atlasSelection and not cineTracking
         for name in ("movingVolumeLabel", "movingVolumeSelector", "segmentationLabel", "segmentationSelector",
                      "outputTransformLabel", "outputTransformSelector", "outputVolumeLabel", "outputVolumeSelector"):
-            getattr(self.ui, name).setVisible(not atlasSelection)
+            getattr(self.ui, name).setVisible(not atlasSelection and not cineTracking)
         for name in ("atlasSegmentationsLabel", "atlasSegmentationsComboBox", "topKLabel", "topKSpinBox"):
             getattr(self.ui, name).setVisible(atlasSelection)
+        for name in ("fixedVolumeLabel", "fixedVolumeSelector", "atlasSelectionLabel", "atlasSelectionCheckBox"):
+            getattr(self.ui, name).setVisible(not cineTracking)
+        for name in ("cineLabel", "cineSelector", "batchSizeLabel", "batchSizeSpinBox"):
+            getattr(self.ui, name).setVisible(cineTracking)
         self.ui.fixedVolumeLabel.text = _("Volume to segment:") if atlasSelection else _("Fixed volume:")
+        self.ui.fixedMaskLabel.text = _("Mask (on the frames):") if cineTracking else _("Fixed mask:")
 
     def checkedAtlases(self) -> list:
         """(source volume or None, segmentation) of each atlas segmentation referenced by the parameter node."""
@@ -272,6 +288,11 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         parameters = self._parameterNode
         if parameters is None:
             problems = [_("No parameter node.")]
+        elif parameters.cineTracking:
+            problems = cineInputProblems(parameters.cine, parameters.fixedMask, parameters.scales, parameters.device,
+                                         parameters.stepsPerScale, parameters.batchSize)
+            if parameters.modelFile:
+                problems.append(_("Cine tracking trains from scratch; clear the pretrained model."))
         elif parameters.atlasSelection:
             problems = atlasInputProblems(parameters.fixedVolume, self.checkedAtlases(), parameters.topK,
                                           parameters.fixedMask, parameters.scales, parameters.device,
@@ -280,11 +301,13 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             problems = inputProblems(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
                                      parameters.segmentation, parameters.outputVolume, parameters.outputTransform,
                                      parameters.scales, parameters.device) + modelFileProblems(parameters.modelFile)
-        if parameters is not None and parameters.stepsPerScale == 0 and not parameters.modelFile:
+        if (parameters is not None and not parameters.cineTracking and parameters.stepsPerScale == 0
+                and not parameters.modelFile):
             problems.append(_("0 steps per scale (no test-time training) needs a pretrained model."))
         self.ui.applyButton.enabled = not problems
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else (
-            _("Segment the volume with the most similar atlases in the background.") if parameters.atlasSelection
+            _("Track the motion through the cine in the background.") if parameters.cineTracking
+            else _("Segment the volume with the most similar atlases in the background.") if parameters.atlasSelection
             else _("Register the moving volume to the fixed volume in the background."))
 
     # Scale presets and devices -----------------------------------------------------------------------------
@@ -354,9 +377,15 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.statusLabel.text = _("Starting...")
             common = dict(scales=parameters.scales, stepsPerScale=parameters.stepsPerScale,
                           smoothnessWeight=parameters.smoothnessWeight, nccWindow=parameters.nccWindow or None,
-                          device=parameters.device, modelFile=parameters.modelFile or None,
-                          keepTemporaryFiles=parameters.keepTemporaryFiles, waitForCompletion=False,
-                          progressCallback=self.onRegistrationProgress, completionCallback=self.onRegistrationCompleted)
+                          device=parameters.device, keepTemporaryFiles=parameters.keepTemporaryFiles,
+                          waitForCompletion=False, progressCallback=self.onRegistrationProgress,
+                          completionCallback=self.onRegistrationCompleted)
+            if parameters.cineTracking:
+                self.logic.trackSequence(parameters.cine, maskNode=parameters.fixedMask,
+                                         batchSize=parameters.batchSize, **common)
+                self._updateApplyButton()
+                return
+            common["modelFile"] = parameters.modelFile or None
             if parameters.atlasSelection:
                 self.logic.segmentWithAtlases(parameters.fixedVolume, self.checkedAtlases(), topK=parameters.topK,
                                               fixedMaskNode=parameters.fixedMask, **common)
@@ -372,6 +401,9 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if kind == "progress":
             self.ui.progressBar.value = int(round(100 * overallFraction(event)))
             self.ui.statusLabel.text = describeProgress(event)
+        elif kind == "started" and "pairs" in event:
+            self.ui.statusLabel.text = _("Tracking {pairs} frame pairs on {device}...").format(
+                pairs=event.get("pairs", "?"), device=event.get("device", "?"))
         elif kind == "started":
             self.ui.statusLabel.text = _("Registering on {device}...").format(device=event.get("device", "?"))
         elif kind == "atlas":
@@ -383,7 +415,16 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._showNewLogLines(job)
         self.ui.progressBar.setVisible(False)
         self._updateApplyButton()
-        if job.state is JobState.SUCCEEDED and isinstance(job, AtlasSegmentationJob):
+        if job.state is JobState.SUCCEEDED and isinstance(job, CineTrackingJob):
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: transforms '{name}' in the browser '{browser}'; mean "
+                                         "MSE {mseBefore:.4g} -> {mseAfter:.4g}, NLCC {nlccBefore:.3f} -> "
+                                         "{nlccAfter:.3f}.").format(
+                seconds=time.monotonic() - job.startTime, name=job.transformSequenceNode.GetName(),
+                browser=job.browserNode.GetName(), mseBefore=job.metrics.get("mse_before", float("nan")),
+                mseAfter=job.metrics.get("mse_after", float("nan")),
+                nlccBefore=job.metrics.get("ncc_before", float("nan")), nlccAfter=job.metrics.get("ncc_after", float("nan")))
+            self._showTrackingResults(job)
+        elif job.state is JobState.SUCCEEDED and isinstance(job, AtlasSegmentationJob):
             best = job.ranking[0] if job.ranking else {}
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s: segmentation '{name}' from {count} atlas(es); best "
                                          "atlas '{atlas}' (NLCC {nlcc:.3f}). The ranking is in the log.").format(
@@ -403,6 +444,17 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         else:
             self.ui.statusLabel.text = _("Failed; see the log.")
             slicer.util.errorDisplay(job.errorMessage, detailedText="\n".join(job.log))
+
+    def _showTrackingResults(self, job) -> None:
+        """Show the metrics table and the NLCC chart (the MSE chart is in the scene too) in a plot + table layout."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
+        applicationLogic = slicer.app.applicationLogic()
+        applicationLogic.GetSelectionNode().SetActiveTableID(job.metricsTableNode.GetID())
+        applicationLogic.PropagateTableSelection()
+        slicer.modules.plots.logic().ShowChartInLayout(job.chartNodes["nlcc"])
 
     def _showNewLogLines(self, job) -> None:
         """Append the job's log lines that the log panel does not show yet."""
@@ -442,6 +494,9 @@ class SSMSRRegistrationLogic(ScriptedLoadableModuleLogic):
         self._pollTimer.connect("timeout()", self._pollBackgroundJob)
         self._backgroundJob = None
         self._completionCallback = None
+        sequences = getattr(slicer.modules, "sequences", None)
+        if sequences is not None:  # creates the proxy (glyph display) of a new transform sequence at once
+            self.registration.sequencesLogic = sequences.logic()
 
     def getParameterNode(self):
         return SSMSRRegistrationParameterNode(super().getParameterNode())
@@ -463,6 +518,12 @@ class SSMSRRegistrationLogic(ScriptedLoadableModuleLogic):
     def segmentWithAtlases(self, *args, completionCallback=None, waitForCompletion=True, **kwargs):
         """Same as ``RegistrationLogic.segmentWithAtlases``, run in the background like :meth:`registerVolumes`."""
         result = self.registration.segmentWithAtlases(*args, waitForCompletion=waitForCompletion, **kwargs)
+        return self._driveInBackground(result, waitForCompletion, completionCallback)
+
+    def trackSequence(self, *args, completionCallback=None, waitForCompletion=True, **kwargs):
+        """Same as ``RegistrationLogic.trackSequence`` (cine tracking), run in the background like
+        :meth:`registerVolumes`."""
+        result = self.registration.trackSequence(*args, waitForCompletion=waitForCompletion, **kwargs)
         return self._driveInBackground(result, waitForCompletion, completionCallback)
 
     def _driveInBackground(self, result, waitForCompletion: bool, completionCallback):

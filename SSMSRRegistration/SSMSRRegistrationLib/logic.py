@@ -676,6 +676,9 @@ class RegistrationLogic:
         self.temporaryDirectoryRoot = temporaryDirectoryRoot
         self.workerCommandPrefix = [self.pythonExecutable, "-m", WORKER_MODULE]
         self.activeJob: RegistrationJob | None = None
+        #: Optional ``vtkSlicerSequencesLogic`` of the scene: cine tracking asks it to create the proxy node of the
+        #: new transform sequence at once (in Slicer: ``slicer.modules.sequences.logic()``).
+        self.sequencesLogic = None
 
     def workerEnvironment(self) -> dict[str, str]:
         """Environment of the worker: this process's, with the module folder first on PYTHONPATH and unbuffered output."""
@@ -724,6 +727,37 @@ class RegistrationLogic:
                                      progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles, seed=seed,
                                      modelFile=modelFile)
         return self._finish(job, waitForCompletion, lambda: job.outputTransformNode)
+
+    def trackSequence(self, cineNode, maskNode=None, scales: str | None = None,
+                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, batchSize: int = 1,
+                      smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
+                      device: str = "auto", waitForCompletion: bool = True,
+                      progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
+                      seed: int | None = None):
+        """Track the motion through a 2D+t cine (``ssmsr track`` in the background); see ``cine_logic``.
+
+        :param cineNode: a sequence node of single-slice volumes (e.g. an ultrasound cine from DICOM) or a scalar
+            volume whose third axis is time. Colour frames are reduced to their first channel.
+        :param maskNode: optional single-slice volume on the frames' grid (non-zero inside); None: the paper's
+            automatic mask.
+        :param scales: coarse-to-fine schedule; None: the paper's echo schedule "1/8,1/4,1/2,1".
+        :param batchSize: frame pairs per training step (0: all pairs).
+
+        Other parameters as for :meth:`registerVolumes`. Blocking: returns the new sequence of transform nodes (one
+        per frame, in the cine's sequence browser); non-blocking: the running ``CineTrackingJob``, whose
+        ``transformSequenceNode``, ``browserNode``, ``metricsTableNode`` and ``chartNodes`` hold the results.
+        """
+        job = self.startTracking(cineNode, maskNode=maskNode, scales=scales, stepsPerScale=stepsPerScale,
+                                 batchSize=batchSize, smoothnessWeight=smoothnessWeight, nccWindow=nccWindow,
+                                 device=device, progressCallback=progressCallback,
+                                 keepTemporaryFiles=keepTemporaryFiles, seed=seed)
+        return self._finish(job, waitForCompletion, lambda: job.transformSequenceNode)
+
+    def startTracking(self, cineNode, maskNode=None, scales: str | None = None, **kwargs):
+        """Write the cine, start the ``track`` worker and return the running job (see :meth:`trackSequence`)."""
+        from .cine_logic import DEFAULT_TRACKING_SCALES, startTracking
+
+        return startTracking(self, cineNode, maskNode=maskNode, scales=scales or DEFAULT_TRACKING_SCALES, **kwargs)
 
     def _finish(self, job: RegistrationJob, waitForCompletion: bool, result: Callable[[], object]):
         """Return the running job, or wait for it and return ``result()`` (raising on failure or cancel)."""

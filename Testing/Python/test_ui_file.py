@@ -129,3 +129,17 @@ def test_custom_widgets_are_declared_and_atlas_mode_widgets_exist(uiTree, widget
                 if isinstance(node, ast.ClassDef) for statement in node.body
                 if isinstance(statement, ast.AnnAssign) and statement.value is not None}
     assert ast.literal_eval(defaults["modelFile"]) == "" and ast.literal_eval(defaults["atlasSelection"]) is False
+
+
+def test_cine_tracking_widgets_exist_and_the_mode_starts_off(widgets, moduleSyntaxTree):
+    assert widgets["cineTrackingCheckBox"].get("class") == "QCheckBox"
+    assert widgets["batchSizeSpinBox"].get("class") == "QSpinBox"
+    cineSelector = widgets["cineSelector"]
+    assert cineSelector.get("class") == "qMRMLNodeComboBox"
+    nodeTypes = {element.text for element in cineSelector.iter("string")}
+    assert {"vtkMRMLSequenceNode", "vtkMRMLScalarVolumeNode"} <= nodeTypes
+    assert property_(cineSelector, "noneEnabled") == "true"
+    defaults = {statement.target.id: statement.value for node in ast.walk(moduleSyntaxTree)
+                if isinstance(node, ast.ClassDef) for statement in node.body
+                if isinstance(statement, ast.AnnAssign) and statement.value is not None}
+    assert ast.literal_eval(defaults["cineTracking"]) is False and ast.literal_eval(defaults["batchSize"]) == 1
