@@ -40,6 +40,7 @@ from .logic import (
     _ijkToRas,
     gridMatchesVolume,
     normalizeDevice,
+    scheduleAndDeviceProblems,
     readDisplacementFieldTransform,
 )
 
@@ -159,14 +160,7 @@ def cineInputProblems(cineNode, maskNode=None, scales: str = DEFAULT_TRACKING_SC
             problems.append(f"The mask '{maskNode.GetName()}' has no image data.")
         elif maskNode.GetImageData().GetDimensions()[2] != 1:
             problems.append(f"The mask '{maskNode.GetName()}' must be a single slice on the frames' grid.")
-    try:
-        parse_scales(scales)
-    except ValueError as error:
-        problems.append(str(error))
-    try:
-        normalizeDevice(device)
-    except ValueError as error:
-        problems.append(str(error))
+    problems += scheduleAndDeviceProblems(scales, device)
     if stepsPerScale is None or int(stepsPerScale) < 1:
         problems.append("Steps per scale must be at least 1.")
     if batchSize is None or int(batchSize) < 0:

@@ -83,6 +83,17 @@ def normalizeDevice(device: str) -> str:
     raise ValueError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.")
 
 
+def scheduleAndDeviceProblems(scales: str, device: str) -> list[str]:
+    """What is wrong with a scale schedule and a device name, as sentences for the user (empty when fine)."""
+    problems = []
+    for check, value in ((parse_scales, scales), (normalizeDevice, device)):
+        try:
+            check(value)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
 def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segmentationNode=None, outputVolumeNode=None,
                   outputTransformNode=None, scales: str = DEFAULT_SCALES, device: str = "auto") -> list[str]:
     """Everything that prevents a registration with these inputs, as sentences for the user (empty when ready)."""
@@ -109,14 +120,7 @@ def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segment
         if parent is not None and parent is not outputTransformNode:
             problems.append(f"The {role} '{node.GetName()}' is under the transform '{parent.GetName()}'; harden or "
                             "remove it first (a transform that is the output transform itself is fine).")
-    try:
-        parse_scales(scales)
-    except ValueError as error:
-        problems.append(str(error))
-    try:
-        normalizeDevice(device)
-    except ValueError as error:
-        problems.append(str(error))
+    problems += scheduleAndDeviceProblems(scales, device)
     return problems
 
 
@@ -803,14 +807,8 @@ class RegistrationLogic:
                                                   "--steps", str(int(stepsPerScale)),
                                                   "--lambda", repr(float(smoothnessWeight)),
                                                   "--device", normalizeDevice(device)]
-            if nccWindow is not None:
-                command += ["--window", str(int(nccWindow))]
-            if seed is not None:
-                command += ["--seed", str(int(seed))]
-            if modelFile:
-                command += ["--model", str(Path(modelFile).resolve())]
-            if fixedMaskNode is not None:
-                command += ["--fixed-mask", self._writeVolume(fixedMaskNode, temporaryDirectory / "fixed-mask.nrrd", slicePlane, "fixed mask")]
+            command += self._optionalWorkerOptions(nccWindow, seed, modelFile, fixedMaskNode, temporaryDirectory,
+                                                   slicePlane)
             if outputVolumeNode is not None:
                 command += ["--warped", str(temporaryDirectory / "warped.nrrd")]
         except BaseException:
@@ -900,14 +898,8 @@ class RegistrationLogic:
                                                     temporaryDirectory / f"atlas{number}-labels.nrrd", slicePlane)
                 command += ["--atlas", imagePath, labelsPath]
                 atlasFiles[os.path.normcase(os.path.abspath(imagePath))] = segmentationNode
-            if nccWindow is not None:
-                command += ["--window", str(int(nccWindow))]
-            if seed is not None:
-                command += ["--seed", str(int(seed))]
-            if modelFile:
-                command += ["--model", str(Path(modelFile).resolve())]
-            if fixedMaskNode is not None:
-                command += ["--fixed-mask", self._writeVolume(fixedMaskNode, temporaryDirectory / "fixed-mask.nrrd", slicePlane, "fixed mask")]
+            command += self._optionalWorkerOptions(nccWindow, seed, modelFile, fixedMaskNode, temporaryDirectory,
+                                                   slicePlane)
         except BaseException:
             shutil.rmtree(temporaryDirectory, ignore_errors=True)
             raise
@@ -963,6 +955,21 @@ class RegistrationLogic:
     def _jobEnded(self, job: RegistrationJob) -> None:
         if self.activeJob is job:
             self.activeJob = None
+
+    def _optionalWorkerOptions(self, nccWindow, seed, modelFile, fixedMaskNode, temporaryDirectory: Path,
+                               slicePlane) -> list[str]:
+        """Worker options shared by registration and atlas segmentation; writes the fixed mask if given."""
+        options = []
+        if nccWindow is not None:
+            options += ["--window", str(int(nccWindow))]
+        if seed is not None:
+            options += ["--seed", str(int(seed))]
+        if modelFile:
+            options += ["--model", str(Path(modelFile).resolve())]
+        if fixedMaskNode is not None:
+            options += ["--fixed-mask", self._writeVolume(fixedMaskNode, temporaryDirectory / "fixed-mask.nrrd",
+                                                          slicePlane, "fixed mask")]
+        return options
 
     def _writeVolume(self, volumeNode, path: Path, slicePlane: SlicePlane | None, role: str) -> str:
         """Write a volume node's voxels (ignoring parent transforms) for the worker; return the path.
