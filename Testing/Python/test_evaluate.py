@@ -1,0 +1,120 @@
+"""The evaluation harness (Testing/benchmarks/evaluate.py): a tiny run end to end, its metrics, and the
+conversion of each baseline's result into an ITK displacement field (sign, units, LPS)."""
+
+import csv
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from evaluate import evaluate  # noqa: E402
+from evaluation import baselines, cases  # noqa: E402
+from evaluation.config import TINY  # noqa: E402
+from evaluation.metrics import dice, evaluate_pair, hausdorff95  # noqa: E402
+from evaluation.methods import zero_field  # noqa: E402
+from evaluation.runner import COLUMNS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    evaluate(TINY, str(out), "pytest tiny", log=lambda message: None)
+    with open(out / "results.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    return out, rows
+
+
+def _values(rows, case, method, column):
+    return [float(row[column]) for row in rows if row["case"] == case and row["method"] == method]
+
+
+def test_tiny_run_writes_the_table_report_and_figures(tiny_run):
+    out, rows = tiny_run
+    assert tuple(rows[0]) == COLUMNS
+    methods = {row["method"] for row in rows}
+    assert {"identity", "VoxelMorph-equivalent", "SSR", "SSMSR (1/2)", "SSMSR (1)",
+            "demons (symmetric forces)"} <= methods
+    report = (out / "report.md").read_text()
+    for method in (baselines.ANTS, baselines.ELASTIX):
+        assert (method.name in methods) == (method.missing is None)
+        if method.missing:
+            assert f"**{method.name}**: not run" in report
+    figures = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert len(figures) == 7
+    for name in figures:
+        assert (out / name).stat().st_size > 5000
+    assert "| Method |" in report and "hippocampus_crop" in report and "echo_cine" in report
+
+
+def test_tiny_run_rows_are_sane(tiny_run):
+    _, rows = tiny_run
+    crop_labels = {row["label"] for row in rows if row["case"] == "hippocampus_crop"}
+    assert crop_labels == {"grey matter", "white matter"}
+    assert _values(rows, "hippocampus_crop", "identity", "percent_non_positive_jacobian") == [0.0, 0.0]
+    identity_dice = np.mean(_values(rows, "hippocampus_crop", "identity", "dice"))
+    ssmsr_dice = np.mean(_values(rows, "hippocampus_crop", "SSMSR (1)", "dice"))
+    assert 0.5 < identity_dice < ssmsr_dice <= 1.0
+    assert (_values(rows, "hippocampus_crop", "SSMSR (1)", "endpoint_error_mm")[0]
+            < _values(rows, "hippocampus_crop", "identity", "endpoint_error_mm")[0])
+    assert _values(rows, "hippocampus_crop", "SSMSR (1)", "seconds")[0] > 0
+    echo_pairs = {row["pair"] for row in rows if row["case"] == "echo_cine"}
+    assert len(echo_pairs) == TINY.cine_frames - 1
+    assert (np.mean(_values(rows, "echo_cine", "SSMSR (1)", "mse"))
+            < np.mean(_values(rows, "echo_cine", "identity", "mse")))
+    for row in rows:
+        assert math.isfinite(float(row["mse"])) and 0 <= float(row["nlcc"]) <= 1
+
+
+def _sphere(centre_mm, radius_mm, size=40, spacing=1.5):
+    grid = sitk.Image([size] * 3, sitk.sitkUInt8)
+    grid.SetSpacing([spacing] * 3)
+    points = np.stack(np.meshgrid(*[np.arange(size) * spacing] * 3, indexing="ij"), axis=-1)
+    inside = np.linalg.norm(points - np.array(centre_mm)[::-1], axis=-1) <= radius_mm
+    image = sitk.GetImageFromArray(inside.astype(np.uint8))
+    image.CopyInformation(grid)
+    return image
+
+
+def test_dice_and_hd95_of_shifted_spheres():
+    a = _sphere((30, 30, 30), 12)
+    b = _sphere((36, 30, 30), 12)  # shifted by 6 mm along x
+    assert dice(sitk.GetArrayFromImage(a) > 0, sitk.GetArrayFromImage(a) > 0) == 1.0
+    assert 0.3 < dice(sitk.GetArrayFromImage(a) > 0, sitk.GetArrayFromImage(b) > 0) < 0.9
+    assert hausdorff95(a, a) == 0.0
+    assert hausdorff95(a, b) == pytest.approx(6.0, abs=1.6)  # within a voxel (1.5 mm)
+
+
+def _translated_pair(shift_mm):
+    """A 3D crop of ICBM152 (LPS direction diag(-1, -1, 1)) and the same image translated by ``shift_mm``.
+
+    moving(p) = fixed(p + shift), so the registration field is u(p) = -shift everywhere.
+    """
+    config = replace(TINY, crop_size=(32, 40, 32), synthetic_test_pairs=1, training_pairs=0)
+    fixed = cases.hippocampus_crop(config).pairs[0].moving
+    source = cases._template_source(config.crop_spacing_mm)
+    moving = cases.normalised(sitk.Resample(source, fixed, sitk.TranslationTransform(3, shift_mm), sitk.sitkLinear,
+                                            0.0, sitk.sitkFloat32))
+    return cases.Pair("translation", fixed, moving, None), config
+
+
+@pytest.mark.parametrize("method", [baselines.ANTS, baselines.ELASTIX, baselines.DEMONS], ids=lambda m: m.name)
+def test_baseline_fields_recover_a_translation_in_mm_lps(method):
+    if method.missing:
+        pytest.skip(method.missing)
+    shift = (4.0, -3.0, 2.0)  # mm, LPS
+    pair, config = _translated_pair(shift)
+    case = cases.Case("translation", "", "", [pair], [], "1/2,1", 3)
+    config = replace(config, ants_iterations=(40, 20, 0), elastix_iterations=100, demons_iterations=(30, 20, 10))
+    run = method.run(case, config)[0]
+    field = sitk.GetArrayFromImage(run.fields[0])
+    centre = field[6:-6, 6:-6, 6:-6].reshape(-1, 3)
+    assert np.median(centre, axis=0) == pytest.approx([-s for s in shift], abs=1.0)
+    metrics, _, _ = evaluate_pair(pair, run.fields[0], {}, 2)
+    identity, _, _ = evaluate_pair(pair, zero_field(pair.fixed), {}, 2)
+    assert metrics["mse"] < 0.7 * identity["mse"]
