@@ -304,6 +304,20 @@ def transformFieldMismatchMm(transformNode, fieldPath: str, fixedVolumeNode, num
 # Scenarios
 
 
+def runLeavingNoTemporaryFiles(logic: RegistrationLogic, run):
+    """Return ``run()``, run with the logic's job folders under a fresh root; assert nothing is left there."""
+    jobFolderRoot = tempfile.mkdtemp(prefix="SSMSR-scenario-")
+    previousRoot, logic.temporaryDirectoryRoot = logic.temporaryDirectoryRoot, jobFolderRoot
+    try:
+        result = run()
+        leftovers = os.listdir(jobFolderRoot)
+    finally:
+        logic.temporaryDirectoryRoot = previousRoot
+        shutil.rmtree(jobFolderRoot, ignore_errors=True)
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    return result
+
+
 def runRealPairScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeNode, stepsPerScale: int,
                         scales: str = "1/2,1", device: str = "cpu") -> dict:
     """Register two real images through the background worker and check the transform node and warped volume.
@@ -377,16 +391,9 @@ def runSegmentationPropagationScenario(logic: RegistrationLogic, fixedVolumeNode
     segmentationNode = addSegmentationFromLabels(scene, movingLabels, movingVolumeNode, "moving segmentation")
     segmentationBefore = nodeFingerprint(segmentationNode)
 
-    jobFolderRoot = tempfile.mkdtemp(prefix="SSMSR-scenario-")
-    previousRoot, logic.temporaryDirectoryRoot = logic.temporaryDirectoryRoot, jobFolderRoot
-    try:
-        transformNode = logic.registerVolumes(fixedVolumeNode, movingVolumeNode, segmentationNode=segmentationNode,
-                                              scales=scales, stepsPerScale=stepsPerScale, device=device)
-        leftovers = os.listdir(jobFolderRoot)
-    finally:
-        logic.temporaryDirectoryRoot = previousRoot
-        shutil.rmtree(jobFolderRoot, ignore_errors=True)
-    assert not leftovers, f"temporary files left behind: {leftovers}"
+    transformNode = runLeavingNoTemporaryFiles(logic, lambda: logic.registerVolumes(
+        fixedVolumeNode, movingVolumeNode, segmentationNode=segmentationNode, scales=scales,
+        stepsPerScale=stepsPerScale, device=device))
     propagated = scene.GetNodesByClass("vtkMRMLSegmentationNode")
     propagatedNodes = [propagated.GetItemAsObject(index) for index in range(propagated.GetNumberOfItems())
                        if propagated.GetItemAsObject(index) is not segmentationNode]
@@ -501,16 +508,9 @@ def runAtlasSegmentationScenario(logic: RegistrationLogic, referenceVolumeNode, 
     atlases.insert(len(atlases) // 2, matchingAtlas)
     atlasesBefore = {node.GetID(): nodeFingerprint(node) for node in atlases}
 
-    jobFolderRoot = tempfile.mkdtemp(prefix="SSMSR-scenario-")
-    previousRoot, logic.temporaryDirectoryRoot = logic.temporaryDirectoryRoot, jobFolderRoot
-    try:
-        segmentationNode = logic.segmentWithAtlases(targetVolumeNode, atlases, topK=topK, scales=scales,
-                                                    stepsPerScale=stepsPerScale, device=device, modelFile=modelFile)
-        leftovers = os.listdir(jobFolderRoot)
-    finally:
-        logic.temporaryDirectoryRoot = previousRoot
-        shutil.rmtree(jobFolderRoot, ignore_errors=True)
-    assert not leftovers, f"temporary files left behind: {leftovers}"
+    segmentationNode = runLeavingNoTemporaryFiles(logic, lambda: logic.segmentWithAtlases(
+        targetVolumeNode, atlases, topK=topK, scales=scales, stepsPerScale=stepsPerScale, device=device,
+        modelFile=modelFile))
     ranking = logic.lastAtlasRanking
     assert [entry["atlasName"] for entry in ranking][0] == matchingAtlas.GetName(), f"wrong atlas ranked first: {ranking}"
     assert [entry["registered"] for entry in ranking] == [rank < topK for rank in range(len(atlases))]
