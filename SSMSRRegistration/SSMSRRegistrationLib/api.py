@@ -21,8 +21,7 @@ from .engine.schedule import parse_scales
 from .errors import InputError
 from .models import SavedModel, load_model
 from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
-from .imaging.images import (ImageLike, check_image, intensity_window, overlaps, read_image, resample_onto,
-                             rescale, same_grid)
+from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image, resample_onto, same_grid
 
 
 @dataclass
@@ -132,21 +131,9 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
     mask_array = _prepare_mask(fixed_mask, fixed_image) if fixed_mask is not None else None
 
-    fixed_array = sitk.GetArrayFromImage(fixed_image)
-    moving_array = sitk.GetArrayFromImage(moving_image)
-    fixed_window = intensity_window(fixed_array, "fixed image")
-    moving_window = intensity_window(moving_array, "moving image")
-    moving_on_fixed = moving_image
-    if not same_grid(moving_image, fixed_image):
-        if not overlaps(moving_image, fixed_image):
-            raise InputError("The fixed and moving images do not overlap in physical space; align them first "
-                             "(rigid or affine registration) or check their origins and directions.")
-        moving_on_fixed = resample_onto(moving_image, fixed_image)
-        moving_array = sitk.GetArrayFromImage(moving_on_fixed)
-
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
-    fixed_tensor = as_tensor(rescale(fixed_array, fixed_window))
-    moving_tensor = as_tensor(rescale(moving_array, moving_window))
+    fixed_tensor = as_tensor(normalised_on_grid(fixed_image, fixed_image, "fixed image", "fixed image"))
+    moving_tensor = as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image"))
     mask_tensor = as_tensor(mask_array.astype(np.float32)) if mask_array is not None else None
 
     result = register_tensors(fixed_tensor, moving_tensor, settings, fixed_mask=mask_tensor,

@@ -29,8 +29,7 @@ from .api import register
 from .engine.losses import local_ncc
 from .errors import InputError
 from .imaging.fields import write_image
-from .imaging.images import (ImageLike, check_image, intensity_window, overlaps, read_image, resample_onto,
-                             rescale, same_grid)
+from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model
 
 AtlasLike = Tuple[ImageLike, ImageLike]
@@ -107,19 +106,12 @@ def format_ranking(ranking: Sequence[Dict[str, Any]]) -> str:
 def rank_atlases(target: sitk.Image, atlas_images: Sequence[sitk.Image], names: Sequence[str], window: int,
                  mask: Optional[np.ndarray] = None) -> List[Tuple[int, float]]:
     """(atlas index, NLCC) pairs, best first (ties keep the given order); atlases resampled onto the target grid."""
-    target_array = sitk.GetArrayFromImage(target)
-    target_tensor = torch.from_numpy(rescale(target_array, intensity_window(target_array, "target image")))[None, None]
+    target_tensor = torch.from_numpy(normalised_on_grid(target, target, "target image", "target"))[None, None]
     mask_tensor = torch.from_numpy(mask.astype(np.float32))[None, None] if mask is not None else None
     scores = []
     for index, (atlas, name) in enumerate(zip(atlas_images, names)):
-        atlas_array = sitk.GetArrayFromImage(atlas)
-        atlas_window = intensity_window(atlas_array, f"atlas image {name}")
-        if not same_grid(atlas, target):
-            if not overlaps(atlas, target):
-                raise InputError(f"The atlas image {name} does not overlap the target in physical space; align it "
-                                 "first (rigid or affine registration) or check its origin and direction.")
-            atlas_array = sitk.GetArrayFromImage(resample_onto(atlas, target))
-        atlas_tensor = torch.from_numpy(rescale(atlas_array, atlas_window))[None, None]
+        atlas_on_target = normalised_on_grid(atlas, target, f"atlas image {name}", "target")
+        atlas_tensor = torch.from_numpy(atlas_on_target)[None, None]
         with torch.no_grad():
             scores.append((index, float(local_ncc(target_tensor, atlas_tensor, window, mask_tensor))))
     return sorted(scores, key=lambda item: -item[1])  # sorted() is stable: ties keep the given order

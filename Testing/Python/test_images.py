@@ -72,3 +72,19 @@ def test_ultrasound_dicom_gets_its_region_calibration():
     cine = read_image(sample_data.echo_cine_path(), "cine")
     assert cine.GetSpacing()[:2] == pytest.approx((0.510497, 0.510497), abs=1e-6)
     assert cine.GetSpacing()[2] == 1.0
+
+
+def test_images_are_normalised_on_the_reference_grid_and_must_overlap():
+    from SSMSRRegistrationLib.imaging.images import normalised_on_grid
+
+    rng = np.random.default_rng(2)
+    reference = sitk.GetImageFromArray(rng.random((20, 24)).astype(np.float32) * 100)
+    coarse = sitk.GetImageFromArray(rng.random((10, 12)).astype(np.float32) * 50)
+    coarse.SetSpacing((2.0, 2.0))
+    on_grid = normalised_on_grid(coarse, reference, "moving image", "fixed image")
+    assert on_grid.shape == (20, 24) and on_grid.dtype == np.float32
+    assert 0.0 <= on_grid.min() and on_grid.max() <= 1.0
+    far = sitk.Image(coarse)
+    far.SetOrigin((1000.0, 1000.0))
+    with pytest.raises(InputError, match="moving image does not overlap the fixed image"):
+        normalised_on_grid(far, reference, "moving image", "fixed image")

@@ -161,3 +161,20 @@ def overlaps(a: sitk.Image, b: sitk.Image) -> bool:
         return corners.min(0), corners.max(0)
     (a_low, a_high), (b_low, b_high) = box(a), box(b)
     return bool(np.all(a_low <= b_high) and np.all(b_low <= a_high))
+
+
+def normalised_on_grid(image: sitk.Image, reference: sitk.Image, role: str, reference_role: str) -> np.ndarray:
+    """``image``'s intensities scaled to [0, 1] on ``reference``'s grid, as a float32 array (array-axis order).
+
+    The normalisation window comes from the image's own voxels; an image on another grid is then resampled
+    onto the reference by world coordinates. Raises InputError if the two do not overlap in physical space.
+    """
+    array = sitk.GetArrayFromImage(image)
+    window = intensity_window(array, role)
+    if not same_grid(image, reference):
+        if not overlaps(image, reference):
+            raise InputError(f"The {role} does not overlap the {reference_role} in physical space; align it first "
+                             "(rigid or affine registration) or check its origin and direction.")
+        array = sitk.GetArrayFromImage(resample_onto(image, reference))
+    return rescale(array, window)
+
