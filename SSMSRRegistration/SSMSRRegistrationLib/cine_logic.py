@@ -222,7 +222,7 @@ class CineTrackingJob(RegistrationJob):
         gridTransforms = [self._loadField(self._zeroFieldPath(), 0)]
         for pair in range(1, frames):
             gridTransforms.append(self._loadField(folder / f"field_{pair:04d}.nii.gz", pair))
-        with open(outputs.get("metrics") or folder / "metrics.csv", newline="") as stream:
+        with open(outputs.get("metrics") or folder / "metrics.csv", newline="", encoding="utf-8") as stream:
             rows = list(csv.DictReader(stream))
         if [int(row["pair"]) for row in rows] != list(range(1, frames)):
             raise RegistrationError(f"metrics.csv does not list the pairs 1..{frames - 1}.")

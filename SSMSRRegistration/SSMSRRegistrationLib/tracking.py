@@ -407,7 +407,7 @@ class TrackingResult:
                 write_field(self.field(pair, from_first), os.path.join(folder, f"accumulated_{pair:04d}.nii.gz"))
             write_field(self.stacked_field(from_first), os.path.join(folder, "accumulated.nii.gz"))
         self._write_metrics(os.path.join(folder, "metrics.csv"))
-        with open(os.path.join(folder, "summary.json"), "w") as stream:
+        with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as stream:
             json.dump(self._provenance(), stream, indent=2, allow_nan=False)
         if figures:
             from . import tracking_figures
@@ -416,7 +416,7 @@ class TrackingResult:
             tracking_figures.write_overview(os.path.join(folder, "tracking.png"), self)
 
     def _write_metrics(self, path: str) -> None:
-        with open(path, "w", newline="") as stream:
+        with open(path, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(["pair", "moving_frame", "fixed_frame", *METRIC_NAMES])
             for index, pair in enumerate(self.pairs):

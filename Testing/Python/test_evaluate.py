@@ -25,7 +25,7 @@ from evaluation.runner import COLUMNS  # noqa: E402
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
     evaluate(TINY, str(out), "pytest tiny", log=lambda message: None)
-    with open(out / "results.csv") as stream:
+    with open(out / "results.csv", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     return out, rows
 
@@ -40,7 +40,7 @@ def test_tiny_run_writes_the_table_report_and_figures(tiny_run):
     methods = {row["method"] for row in rows}
     assert {"identity", "VoxelMorph-equivalent", "SSR", "SSMSR (1/2)", "SSMSR (1)",
             "demons (symmetric forces)"} <= methods
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     for method in (baselines.ANTS, baselines.ELASTIX):
         assert (method.name in methods) == (method.missing is None)
         if method.missing:

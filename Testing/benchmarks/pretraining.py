@@ -67,7 +67,7 @@ def main() -> None:
                 image.SetSpacing((float(step), float(step)))
                 sitk.WriteImage(image, os.path.join(folder, f"{name}{level}.nii.gz"))
             rows.append((f"fixed{level}.nii.gz", f"moving{level}.nii.gz"))
-        with open(os.path.join(folder, "pairs.csv"), "w", newline="") as stream:
+        with open(os.path.join(folder, "pairs.csv"), "w", newline="", encoding="utf-8") as stream:
             csv.writer(stream).writerows(rows)
         start = time.perf_counter()
         result = train(os.path.join(folder, "pairs.csv"), os.path.join(folder, "model.pt"), scales=args.scales,
@@ -104,7 +104,7 @@ def main() -> None:
         report["pairs"].append({"level": level, "identity": identity, "target": target, "steps_to_target": reach,
                                 "ncc": curves})
     if args.json:
-        with open(args.json, "w") as stream:
+        with open(args.json, "w", encoding="utf-8") as stream:
             json.dump(report, stream, indent=1)
 
 

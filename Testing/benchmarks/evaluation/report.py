@@ -49,7 +49,7 @@ def summarise(result: CaseResult) -> "OrderedDict[str, Dict[str, Statistic]]":
 
 
 def write_csv(results: List[CaseResult], path: str) -> None:
-    with open(path, "w", newline="") as stream:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=COLUMNS)
         writer.writeheader()
         for result in results:
@@ -153,5 +153,5 @@ def report_lines(results: List[CaseResult], config: Config, provenance: Dict[str
 
 
 def write_report(path: str, lines: List[str]) -> None:
-    with open(path, "w") as stream:
+    with open(path, "w", encoding="utf-8") as stream:
         stream.write("\n".join(lines))
