@@ -1,10 +1,13 @@
 """Multi-scale test-time training on a real image with known deformations."""
 
 import pytest
+import SimpleITK as sitk
 import torch
 
+from SSMSRRegistrationLib import sample_data
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
 from SSMSRRegistrationLib.engine.schedule import parse_scales, scaled_size
+from SSMSRRegistrationLib.engine.unet import bfloat16_supported
 from SSMSRRegistrationLib.errors import InputError, RegistrationCancelled
 from realimages import brain_slice, deformed_pair
 
@@ -20,6 +23,11 @@ def endpoint_error(estimated, truth, fixed):
 def run(fixed, moving, scales, steps, **kwargs):
     settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=steps, **kwargs)
     return register_tensors(fixed, moving, settings, device="cpu")
+
+
+#: Mixed precision falls back to float32 on a CPU without native bfloat16, where there is nothing to compare.
+needs_cpu_bfloat16 = pytest.mark.skipif(not bfloat16_supported(torch.device("cpu")),
+                                        reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,38 @@ def test_impossible_schedules_are_rejected(fixed, schedule, message):
 def test_scaled_sizes_round_and_stay_positive():
     assert scaled_size((48, 64, 48), parse_scales("1/2")[0]) == (24, 32, 24)
     assert scaled_size((241, 320), parse_scales("1/8")[0]) == (30, 40)
+
+
+@needs_cpu_bfloat16
+def test_mixed_precision_stays_within_tolerance_of_the_float32_reference(fixed):
+    moving, truth = deformed_pair(fixed, amplitude=4.0, period=60.0)
+    events = []
+    settings = RegistrationSettings(scales=parse_scales("1/4,1/2,1"), steps_per_scale=150, mixed_precision=True)
+    mixed = register_tensors(fixed, moving, settings, device="cpu", progress=events.append)
+    reference = run(fixed, moving, "1/4,1/2,1", 150)
+    assert events[0]["precision"] == "bfloat16 mixed"
+    mixed_error, magnitude = endpoint_error(mixed.displacement, truth, fixed)
+    reference_error = endpoint_error(reference.displacement, truth, fixed)[0]
+    assert abs(mixed_error - reference_error) < 0.05 * magnitude
+    assert endpoint_error(mixed.displacement, reference.displacement, fixed)[0] < 0.1 * magnitude
+
+
+@needs_cpu_bfloat16
+def test_mixed_precision_trains_a_3d_network_whose_bottom_level_is_two_voxels_deep():
+    # 20x24x20 is padded to 32x32x32: the U-Net's bottom level is 2x2x2, where oneDNN's bfloat16 Conv3d weight
+    # gradient is not finite (unet.ConvBlock runs such tiny inputs in float32).
+    t1 = sample_data.crop_and_shrink(sample_data.brain_t1(), [50, 60, 60], [80, 96, 80], 4)
+    volume = torch.from_numpy(sitk_array(t1))[None, None]
+    fixed, moving = volume[..., 1:], volume[..., :-1]
+    settings = RegistrationSettings(scales=parse_scales("1"), steps_per_scale=40, mixed_precision=True)
+    result = register_tensors(fixed, moving, settings, device="cpu")
+    assert all(torch.isfinite(torch.tensor(losses)).all() for losses in result.loss_history.values())
+    assert torch.isfinite(result.displacement).all()
+
+
+def sitk_array(image):
+    array = sitk.GetArrayFromImage(image).astype("float32")
+    return (array - array.min()) / (array.max() - array.min())
 
 
 @pytest.mark.gpu

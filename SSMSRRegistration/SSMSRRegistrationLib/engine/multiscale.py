@@ -24,7 +24,8 @@ from ..errors import InputError, RegistrationCancelled
 from .losses import local_ncc, registration_loss
 from .schedule import check_schedule, format_scale, scaled_size
 from .spatial import compose, resize_field, resize_image, warp
-from .unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet
+from .unet import (DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet, bfloat16_supported,
+                   predict, use_mixed_precision)
 
 #: Default interval between progress reports (and cancel checks), seconds.
 REPORT_SECONDS = 0.2
@@ -46,6 +47,7 @@ class RegistrationSettings:
     decoder_channels: Tuple[int, ...] = DEFAULT_DECODER_CHANNELS
     progress_every: int = 0  # report every N steps; 0: every REPORT_SECONDS of wall time
     batch_size: int = 0  # pairs per training step, drawn at random (seeded); 0 or >= N: all pairs every step
+    mixed_precision: bool = False  # bfloat16 convolutions (unet.predict) where the device runs them natively
 
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
@@ -120,7 +122,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
             from instead of a fresh network; with ``steps_per_scale == 0`` this is pure inference.
         device: 'auto', 'cpu', 'cuda[:N]' or a torch.device.
         progress: called with dict events: once {"event": "started", "device", "scales", "steps_per_scale",
-            "image_size" (x, y[, z] order), "pairs", "batch_size"}, then {"event": "progress", "scale",
+            "image_size" (x, y[, z] order), "pairs", "batch_size", "precision"}, then {"event": "progress", "scale",
             "scale_index", "num_scales", "step", "steps", "loss" (of the step's batch), "fraction", "elapsed_s",
             "eta_s"}.
         should_stop: polled at every report; returning True raises RegistrationCancelled.
@@ -158,6 +160,9 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     batch_sampler = torch.Generator().manual_seed(settings.seed)
     displacement = torch.zeros((pairs, ndim) + size, device=device)
     network = RegistrationUNet(ndim, settings.encoder_channels, settings.decoder_channels).to(device)
+    mixed = settings.mixed_precision and bfloat16_supported(device)
+    if mixed:
+        network = use_mixed_precision(network)
     per_scale: List[torch.Tensor] = []
     histories: Dict[str, List[float]] = {}
     trained: List[Dict[str, torch.Tensor]] = []
@@ -165,7 +170,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     if progress is not None:
         progress({"event": "started", "device": str(device), "scales": [format_scale(s) for s in scales],
                   "steps_per_scale": settings.steps_per_scale, "image_size": list(reversed(size)),
-                  "pairs": pairs, "batch_size": batch_size})
+                  "pairs": pairs, "batch_size": batch_size, "precision": "bfloat16 mixed" if mixed else "float32"})
     start = last_report = time.perf_counter()
 
     for index, scale in enumerate(scales):
@@ -190,7 +195,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                 mask_b = mask_s[chosen] if mask_s is not None else None
             else:
                 pair_b, fixed_b, moving_b, mask_b = pair, fixed_s, moving_s, mask_s
-            residual = network(pair_b)
+            residual = predict(network, pair_b, mixed)
             loss = registration_loss(fixed_b, warp(moving_b, residual), residual, window,
                                      settings.smoothness_weight, mask_b)
             loss.backward()
@@ -217,11 +222,12 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
         network.eval()
         with torch.no_grad():
-            residual = torch.cat([network(chunk) for chunk in pair.split(batch_size)])
+            residual = torch.cat([predict(network, chunk, mixed) for chunk in pair.split(batch_size)])
         displacement = compose(displacement, resize_field(residual, size))
         per_scale.append(displacement)
         # The next scale goes on training this network: it starts from these weights.
-        trained.append({k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
+        trained.append({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                        for k, v in network.state_dict().items()})
 
     return RegistrationResult(displacement=displacement, displacements_per_scale=per_scale,
                               loss_history=histories, networks=trained,

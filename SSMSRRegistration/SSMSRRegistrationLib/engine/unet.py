@@ -23,6 +23,11 @@ class ConvBlock(nn.Module):
         self.activation = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type) and min(x.shape[2:]) <= 2:
+            # Tiny inputs run in float32 (negligible cost): oneDNN's bfloat16 Conv3d weight gradient is
+            # non-finite when the first spatial axis has 2 voxels (torch 2.13 CPU, tested in test_registration).
+            with torch.autocast(x.device.type, enabled=False):
+                return self.activation(self.conv(x.float()))
         return self.activation(self.conv(x))
 
 
@@ -101,3 +106,34 @@ class RegistrationUNet(nn.Module):
         flow = self.flow(x)
         crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in size)
         return flow[crop]
+
+
+def bfloat16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively (CUDA compute >= 8.0, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def _layout(ndim: int) -> torch.memory_format:
+    return torch.channels_last_3d if ndim == 3 else torch.channels_last
+
+
+def use_mixed_precision(network: RegistrationUNet) -> RegistrationUNet:
+    """Store the weights channels-last, the layout the bfloat16 convolutions of ``predict`` are fastest in."""
+    return network.to(memory_format=_layout(network.ndim))
+
+
+def predict(network: RegistrationUNet, pair: torch.Tensor, mixed_precision: bool = False) -> torch.Tensor:
+    """(N, 2, *S) pair -> (N, ndim, *S) float32 field in voxels.
+
+    With ``mixed_precision`` the convolutions run in bfloat16 on channels-last tensors (weights and Adam
+    state stay float32, the field is returned in float32); without it, a plain float32 forward pass.
+    """
+    if not mixed_precision:
+        return network(pair)
+    with torch.autocast(pair.device.type, dtype=torch.bfloat16):
+        return network(pair.contiguous(memory_format=_layout(network.ndim))).float()
+
