@@ -29,10 +29,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SSMSRRegistrationLib.cine_logic import CineTrackingJob, cineInputProblems
+from SSMSRRegistrationLib.presets import PRESETS, matching_preset
 from SSMSRRegistrationLib.logic import (
-    DEFAULT_SCALES,
     DEFAULT_SMOOTHNESS_WEIGHT,
-    DEFAULT_STEPS_PER_SCALE,
     SCALE_PRESETS,
     AtlasSegmentationJob,
     JobState,
@@ -47,6 +46,9 @@ from SSMSRRegistrationLib.logic import (
 
 #: Milliseconds between two looks at the worker's output while a registration runs.
 POLL_INTERVAL_MS = 100
+
+#: The preset a new parameter node starts from (the command line's default is "paper").
+GUI_PRESET = PRESETS["fast"]
 
 #: Node reference role, on the module's parameter node, of each checked atlas segmentation.
 ATLAS_REFERENCE_ROLE = "SSMSR.AtlasSegmentation"
@@ -99,6 +101,8 @@ class SSMSRRegistrationParameterNode:
     outputTransform - receives the displacement field; empty: a new transform node is created.
     outputVolume - optional volume that receives the moving volume warped onto the fixed grid.
     scales - coarse-to-fine schedule, e.g. "1/4,1/2,1". stepsPerScale - training steps at each scale.
+    mixedPrecision - bfloat16 convolutions where the device supports them (else float32). The preset combo box
+    fills these three from ``SSMSRRegistrationLib.presets`` (a new node starts from GUI_PRESET).
     smoothnessWeight - weight of the displacement-gradient penalty. nccWindow - local NCC window in voxels
     (0: the engine's default). device - "auto", "cpu", "cuda" or "cuda:N". keepTemporaryFiles - for debugging.
     modelFile - optional model written by `ssmsr train` to start from ("": train from scratch at test time).
@@ -115,8 +119,9 @@ class SSMSRRegistrationParameterNode:
     segmentation: vtkMRMLSegmentationNode
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
-    scales: str = DEFAULT_SCALES
-    stepsPerScale: Annotated[int, WithinRange(0, 100000)] = DEFAULT_STEPS_PER_SCALE
+    scales: str = GUI_PRESET.pair_scales
+    stepsPerScale: Annotated[int, WithinRange(0, 100000)] = GUI_PRESET.steps
+    mixedPrecision: bool = GUI_PRESET.precision == "mixed"
     smoothnessWeight: Annotated[float, WithinRange(0.0, 10000.0)] = DEFAULT_SMOOTHNESS_WEIGHT
     nccWindow: Annotated[int, WithinRange(0, 99)] = 0
     device: str = "auto"
@@ -155,6 +160,10 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
         self.logic = SSMSRRegistrationLogic()
 
+        for preset in PRESETS.values():
+            self.ui.presetComboBox.addItem(preset.name.capitalize(), preset.name)
+            self.ui.presetComboBox.setItemData(self.ui.presetComboBox.count - 1, preset.summary, qt.Qt.ToolTipRole)
+        self.ui.presetComboBox.addItem(_("Custom"), "")
         for preset in SCALE_PRESETS:
             self.ui.scalePresetComboBox.addItem(preset, preset)
         self.ui.scalePresetComboBox.addItem(_("Custom"), "")
@@ -168,6 +177,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.presetComboBox.connect("activated(int)", self.onPresetActivated)
+        self.ui.cineTrackingCheckBox.connect("toggled(bool)", self.onCineTrackingToggled)
         self.ui.scalePresetComboBox.connect("activated(int)", self.onScalePresetActivated)
         self.ui.scalesLineEdit.connect("textChanged(QString)", self.updateScalePresetFromText)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
@@ -221,6 +232,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._selectDevice(self._parameterNode.device)
         self.updateScalePresetFromText(self._parameterNode.scales)
+        self._showPreset()
         if self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelFile:
             wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelFile
@@ -310,7 +322,35 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             else _("Segment the volume with the most similar atlases in the background.") if parameters.atlasSelection
             else _("Register the moving volume to the fixed volume in the background."))
 
-    # Scale presets and devices -----------------------------------------------------------------------------
+    # Presets, scale presets and devices ---------------------------------------------------------------------
+
+    def _matchingPreset(self, cineTracking: bool) -> Optional[str]:
+        parameters = self._parameterNode
+        return matching_preset(parameters.scales, parameters.stepsPerScale,
+                               "mixed" if parameters.mixedPrecision else "float32", cine=cineTracking)
+
+    def _showPreset(self) -> None:
+        name = self._matchingPreset(self._parameterNode.cineTracking) or ""
+        self.ui.presetComboBox.currentIndex = self.ui.presetComboBox.findData(name)
+
+    def _applyPreset(self, name: str, cineTracking: bool) -> None:
+        preset = PRESETS[name]
+        self._parameterNode.scales = preset.cine_scales if cineTracking else preset.pair_scales
+        self._parameterNode.stepsPerScale = preset.steps
+        self._parameterNode.mixedPrecision = preset.precision == "mixed"
+
+    def onPresetActivated(self, index: int) -> None:
+        name = self.ui.presetComboBox.itemData(index)
+        if name and self._parameterNode is not None:
+            self._applyPreset(name, self._parameterNode.cineTracking)
+
+    def onCineTrackingToggled(self, cineTracking: bool) -> None:
+        # A preset chosen for the other mode follows the mode (a cine has its own schedule).
+        if self._parameterNode is not None:
+            name = self._matchingPreset(not cineTracking)
+            if name:
+                self._applyPreset(name, cineTracking)
+
 
     def onScalePresetActivated(self, index: int) -> None:
         preset = self.ui.scalePresetComboBox.itemData(index)
@@ -376,6 +416,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.progressBar.setVisible(True)
             self.ui.statusLabel.text = _("Starting...")
             common = dict(scales=parameters.scales, stepsPerScale=parameters.stepsPerScale,
+                          precision="mixed" if parameters.mixedPrecision else "float32",
                           smoothnessWeight=parameters.smoothnessWeight, nccWindow=parameters.nccWindow or None,
                           device=parameters.device, keepTemporaryFiles=parameters.keepTemporaryFiles,
                           waitForCompletion=False, progressCallback=self.onRegistrationProgress,

@@ -20,6 +20,7 @@ from .engine.multiscale import RegistrationResult, RegistrationSettings, registe
 from .engine.schedule import parse_scales
 from .errors import InputError
 from .models import SavedModel, load_model
+from .presets import DEFAULT_PRESET, budget
 from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
 from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image, resample_onto, same_grid
 
@@ -75,7 +76,8 @@ def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
 
 
 def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageLike] = None,
-             moving_labels: Optional[ImageLike] = None, scales=None, steps: int = 3500,
+             moving_labels: Optional[ImageLike] = None, preset: str = DEFAULT_PRESET, scales=None,
+             steps: Optional[int] = None, precision: Optional[str] = None,
              smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
@@ -89,9 +91,11 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
             by world coordinates first.
         fixed_mask: optional mask (non-zero inside) restricting the similarity term.
         moving_labels: optional label map on the moving image's physical space, warped with the result.
-        scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR); default: the model's, or "1/2,1".
+        preset: "paper" or "fast" (``presets``): the schedule, steps and precision not given explicitly.
+        scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR); default: the model's, or the preset's.
         steps: test-time training steps per scale (0 with a model or ``initial_networks``: inference only,
-            the VoxelMorph-equivalent baseline).
+            the VoxelMorph-equivalent baseline); default: the preset's.
+        precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32"; default: the preset's.
         smoothness_weight: lambda of Eq. 1 (default: the model's, or 10). ncc_window: local NCC box side in voxels
             (default: the model's, or 5 in 3D and 6 in 2D).
         learning_rate: Adam's learning rate. device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
@@ -106,9 +110,10 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     requested_scales = parse_scales(scales) if scales is not None else None
+    plan = budget(preset, steps=steps, precision=precision)
     settings = RegistrationSettings(
-        scales=requested_scales or (model.scales if model is not None else parse_scales("1/2,1")),
-        steps_per_scale=int(steps),
+        scales=requested_scales or (model.scales if model is not None else parse_scales(plan.scales)),
+        steps_per_scale=plan.steps, mixed_precision=plan.mixed_precision,
         smoothness_weight=float(smoothness_weight if smoothness_weight is not None
                                 else model.smoothness_weight if model is not None else 10.0),
         ncc_window=ncc_window if ncc_window is not None else (model.ncc_window if model is not None else None),

@@ -30,6 +30,7 @@ from vtk.util import numpy_support
 
 from .engine.schedule import format_scales, parse_scales
 from .logic import (
+    DEFAULT_PRECISION,
     DEFAULT_STEPS_PER_SCALE,
     DEFAULT_SMOOTHNESS_WEIGHT,
     GRID_TOLERANCE,
@@ -40,12 +41,14 @@ from .logic import (
     _ijkToRas,
     gridMatchesVolume,
     normalizeDevice,
+    precisionProblems,
     scheduleAndDeviceProblems,
     readDisplacementFieldTransform,
 )
+from .presets import DEFAULT_PRESET, PRESETS
 
-#: The paper's echo schedule (the CLI's ``track`` default).
-DEFAULT_TRACKING_SCALES = "1/8,1/4,1/2,1"
+#: The default preset's cine schedule (the paper's echo schedule, the CLI's ``track`` default).
+DEFAULT_TRACKING_SCALES = PRESETS[DEFAULT_PRESET].cine_scales
 #: Columns of the metrics table, as in the worker's metrics.csv.
 METRIC_COLUMNS = ("mse_identity", "mse", "nlcc_identity", "nlcc")
 
@@ -363,13 +366,15 @@ class CineTrackingJob(RegistrationJob):
 
 
 def startTracking(logic, cineNode, maskNode=None, scales: str = DEFAULT_TRACKING_SCALES,
-                  stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, batchSize: int = 1,
+                  stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
+                  batchSize: int = 1,
                   smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
                   device: str = "auto", progressCallback: ProgressCallback | None = None,
                   keepTemporaryFiles: bool = False, seed: int | None = None) -> CineTrackingJob:
     if logic.activeJob is not None:
         raise RegistrationError("A registration is already running; cancel it or wait for it to finish.")
     problems = cineInputProblems(cineNode, maskNode, scales, device, stepsPerScale, batchSize)
+    problems += precisionProblems(precision)
     if nccWindow is not None and int(nccWindow) < 1:
         problems.append("The NCC window must be at least 1 pixel.")
     if problems:
@@ -391,7 +396,8 @@ def startTracking(logic, cineNode, maskNode=None, scales: str = DEFAULT_TRACKING
         command = logic.workerCommandPrefix + ["track", str(cinePath), "-o", str(temporaryDirectory / "tracking"),
                                                "--progress", "jsonl", "--no-figures",
                                                "--scales", format_scales(parse_scales(scales)),
-                                               "--steps", str(int(stepsPerScale)), "--batch", str(int(batchSize)),
+                                               "--steps", str(int(stepsPerScale)), "--precision", precision,
+                                               "--batch", str(int(batchSize)),
                                                "--lambda", repr(float(smoothnessWeight)),
                                                "--device", normalizeDevice(device)]
         if nccWindow is not None:
@@ -403,7 +409,8 @@ def startTracking(logic, cineNode, maskNode=None, scales: str = DEFAULT_TRACKING
     except BaseException:
         shutil.rmtree(temporaryDirectory, ignore_errors=True)
         raise
-    parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "batchSize": int(batchSize),
+    parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
+                  "batchSize": int(batchSize),
                   "smoothnessWeight": float(smoothnessWeight), "nccWindow": nccWindow, "device": device, "seed": seed}
     job = CineTrackingJob(logic, cineNode, geometries, indexValues, parameters, temporaryDirectory, slicePlane, command,
                           progressCallback, keepTemporaryFiles, sequencesLogic=getattr(logic, "sequencesLogic", None))

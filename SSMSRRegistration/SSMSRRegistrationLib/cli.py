@@ -13,6 +13,7 @@ import traceback
 from typing import List, Optional
 
 from .errors import InputError, RegistrationCancelled, TrainingStopped
+from .presets import DEFAULT_PRESET, PRECISIONS, PRESETS
 from .progress import Reporter, make_reporter
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANCELLED = 0, 1, 2, 3, 130
@@ -25,12 +26,22 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see `ssmsr {self.prog.split()[-1]} --help`)")
 
 
-def _add_training_options(parser: argparse.ArgumentParser, default_scales: str, steps_help: str,
-                          window_help: str) -> None:
-    """Options shared by every command that runs test-time training."""
+def _add_training_options(parser: argparse.ArgumentParser, steps_help: str, window_help: str,
+                          default_scales: Optional[str] = None) -> None:
+    """Options shared by every command that trains. Without ``default_scales`` (register, track, segment) the
+    schedule, steps and precision default to those of --preset (``presets``)."""
+    if default_scales is None:
+        parser.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                            help="; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+                            + f" (default: {DEFAULT_PRESET})")
+        parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                            help="mixed: bfloat16 convolutions where the device supports them (float32 elsewhere); "
+                                 "float32: the plain reference (default: the preset's, mixed)")
+    scales_default, steps_default = (default_scales, "3500") if default_scales else ("the preset's",) * 2
     parser.add_argument("--scales", default=default_scales,
-                        help=f"coarse-to-fine schedule (default: {default_scales}; '1' is single scale, SSR)")
-    parser.add_argument("--steps", type=int, default=3500, help=f"{steps_help} (default: 3500)")
+                        help=f"coarse-to-fine schedule (default: {scales_default}; '1' is single scale, SSR)")
+    parser.add_argument("--steps", type=int, default=3500 if default_scales else None,
+                        help=f"{steps_help} (default: {steps_default})")
     parser.add_argument("--lambda", dest="smoothness_weight", type=float, default=10.0,
                         help="smoothness weight (default: 10)")
     parser.add_argument("--window", type=int, default=None, help=window_help)
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-labels", metavar="L", help="label map of the moving image to warp")
     reg.add_argument("--warped-labels", metavar="OUT", help="write the warped label map (needs --moving-labels)")
     reg.add_argument("--fixed-mask", metavar="M", help="mask of the fixed image restricting the similarity")
-    _add_training_options(reg, default_scales="1/2,1", steps_help="training steps per scale",
+    _add_training_options(reg, steps_help="training steps per scale",
                           window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
     _add_model_option(reg)
 
@@ -77,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     trk.add_argument("--accumulate", action="store_true",
                      help="also write accumulated_NNNN.nii.gz and accumulated.nii.gz (frame 0 onto frame NNNN)")
     trk.add_argument("--no-figures", action="store_true", help="do not draw tracking.gif and tracking.png")
-    _add_training_options(trk, default_scales="1/8,1/4,1/2,1",
-                          steps_help="training steps per scale for the whole sequence",
+    _add_training_options(trk, steps_help="training steps per scale for the whole sequence",
                           window_help="local NCC window of the loss in pixels (default: 6)")
 
     trn = commands.add_parser("train", help="pretrain the per-scale networks on a collection of image pairs",
@@ -103,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="steps between validation losses (default: 100)")
     trn.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="steps between checkpoints (default: 500; one is also written after each scale)")
-    _add_training_options(trn, default_scales="1/2,1", steps_help="training steps per scale",
-                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+    _add_training_options(trn, steps_help="training steps per scale",
+                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)", default_scales="1/2,1")
     # None: the defaults of a new training, or the checkpoint's values with --resume.
     trn.set_defaults(scales=None, steps=None, smoothness_weight=None, lr=None, seed=None)
 
@@ -121,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--top-k", type=int, default=1, metavar="K",
                      help="register the K best-ranked atlases and fuse their labels by majority vote (default: 1)")
     seg.add_argument("--fixed-mask", metavar="M", help="mask of the target restricting the ranking and the similarity")
-    _add_training_options(seg, default_scales="1/2,1", steps_help="training steps per scale and atlas",
+    _add_training_options(seg, steps_help="training steps per scale and atlas",
                           window_help="local NCC window in voxels, also used for the ranking (default: 5 in 3D, "
                                       "6 in 2D)")
     _add_model_option(seg)
@@ -154,7 +164,8 @@ def run_register(args, reporter: Reporter) -> None:
 
     _check_outputs(args)
     result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, moving_labels=args.moving_labels,
-                      scales=args.scales, steps=args.steps, smoothness_weight=args.smoothness_weight,
+                      preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
+                      smoothness_weight=args.smoothness_weight,
                       ncc_window=args.window, learning_rate=args.lr, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels)
@@ -168,7 +179,8 @@ def run_track(args, reporter: Reporter) -> None:
     check_output_folder(args.output)
     if not args.no_figures:
         check_figure_support()
-    result = track(args.cine, mask=args.mask, scales=args.scales, steps=args.steps, batch_size=args.batch,
+    result = track(args.cine, mask=args.mask, preset=args.preset, scales=args.scales, steps=args.steps,
+                   precision=args.precision, batch_size=args.batch,
                    smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
                    device=args.device, seed=args.seed, progress=reporter.handle)
     outputs = result.save(args.output, accumulated=args.accumulate, figures=not args.no_figures)
@@ -204,7 +216,8 @@ def run_segment(args, reporter: Reporter) -> None:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise InputError(f"The folder of the output {args.output!r} does not exist; create it first.")
     result = segment(args.target, [tuple(atlas) for atlas in args.atlas], top_k=args.top_k,
-                     fixed_mask=args.fixed_mask, model=args.model, scales=args.scales, steps=args.steps,
+                     fixed_mask=args.fixed_mask, model=args.model, preset=args.preset, scales=args.scales,
+                     steps=args.steps, precision=args.precision,
                      smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
                      device=args.device, seed=args.seed, progress=reporter.handle)
     outputs = result.save(args.output)

@@ -33,6 +33,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .engine.schedule import format_scales, parse_scales
+from .presets import DEFAULT_PRESET, PRECISIONS, PRESETS
 from .worker_process import WorkerProcess
 
 #: Folder that holds the ``SSMSRRegistrationLib`` package; the worker needs it on its PYTHONPATH.
@@ -40,10 +41,11 @@ MODULE_DIRECTORY = Path(__file__).resolve().parents[1]
 WORKER_MODULE = "SSMSRRegistrationLib.cli"
 
 SCALE_PRESETS = ("1/2,1", "1/4,1/2,1", "1/8,1/4,1/2,1")
-DEFAULT_SCALES = "1/2,1"
-#: Same as the engine's default (``ssmsr register --steps``).
-DEFAULT_STEPS_PER_SCALE = 3500
+#: The default preset's (``ssmsr register``'s defaults).
+DEFAULT_SCALES = PRESETS[DEFAULT_PRESET].pair_scales
+DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].steps
 DEFAULT_SMOOTHNESS_WEIGHT = 10.0
+DEFAULT_PRECISION = PRESETS[DEFAULT_PRESET].precision
 
 #: How far (mm) a moving slice or mask may lie off the fixed slice's plane and still count as the same plane.
 PLANE_TOLERANCE_MM = 1e-3
@@ -81,6 +83,13 @@ def normalizeDevice(device: str) -> str:
     if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
         return device
     raise ValueError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.")
+
+
+def precisionProblems(precision: str) -> list[str]:
+    """A sentence for the user if ``precision`` is not one the worker accepts (empty when it is)."""
+    if precision in PRECISIONS:
+        return []
+    return [f"Unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}."]
 
 
 def scheduleAndDeviceProblems(scales: str, device: str) -> list[str]:
@@ -695,7 +704,8 @@ class RegistrationLogic:
 
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                         segmentationNode=None, outputVolumeNode=None, scales: str = DEFAULT_SCALES,
-                        stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
+                        stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
+                        smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                         nccWindow: int | None = None, device: str = "auto", waitForCompletion: bool = True,
                         progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
                         seed: int | None = None, modelFile: str | None = None):
@@ -711,6 +721,7 @@ class RegistrationLogic:
         :param outputVolumeNode: optional scalar volume that receives the moving volume warped onto the fixed grid.
         :param scales: coarse-to-fine schedule, e.g. "1/4,1/2,1".
         :param stepsPerScale: test-time training steps at each scale.
+        :param precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32" (reference).
         :param smoothnessWeight: weight (lambda) of the displacement-gradient penalty.
         :param nccWindow: local NCC window in voxels; None uses the engine's default (5 in 3D, 6 in 2D).
         :param device: "auto", "cpu", "cuda" or "cuda:N".
@@ -727,13 +738,15 @@ class RegistrationLogic:
         job = self.startRegistration(fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
                                      fixedMaskNode=fixedMaskNode, segmentationNode=segmentationNode,
                                      outputVolumeNode=outputVolumeNode, scales=scales, stepsPerScale=stepsPerScale,
+                                     precision=precision,
                                      smoothnessWeight=smoothnessWeight, nccWindow=nccWindow, device=device,
                                      progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles, seed=seed,
                                      modelFile=modelFile)
         return self._finish(job, waitForCompletion, lambda: job.outputTransformNode)
 
     def trackSequence(self, cineNode, maskNode=None, scales: str | None = None,
-                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, batchSize: int = 1,
+                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
+                      batchSize: int = 1,
                       smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
                       device: str = "auto", waitForCompletion: bool = True,
                       progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
@@ -752,6 +765,7 @@ class RegistrationLogic:
         ``transformSequenceNode``, ``browserNode``, ``metricsTableNode`` and ``chartNodes`` hold the results.
         """
         job = self.startTracking(cineNode, maskNode=maskNode, scales=scales, stepsPerScale=stepsPerScale,
+                                 precision=precision,
                                  batchSize=batchSize, smoothnessWeight=smoothnessWeight, nccWindow=nccWindow,
                                  device=device, progressCallback=progressCallback,
                                  keepTemporaryFiles=keepTemporaryFiles, seed=seed)
@@ -780,7 +794,8 @@ class RegistrationLogic:
 
     def startRegistration(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                           segmentationNode=None, outputVolumeNode=None, scales: str = DEFAULT_SCALES,
-                          stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
+                          stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
+                        smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                           nccWindow: int | None = None, device: str = "auto", progressCallback: ProgressCallback | None = None,
                           keepTemporaryFiles: bool = False, seed: int | None = None,
                           modelFile: str | None = None) -> RegistrationJob:
@@ -791,6 +806,7 @@ class RegistrationLogic:
                                  outputTransformNode, scales, device) + modelFileProblems(modelFile)
         if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
             problems.append("Steps per scale must be at least 1 (0 is allowed with a model: inference only).")
+        problems += precisionProblems(precision)
         if nccWindow is not None and int(nccWindow) < 1:
             problems.append("The NCC window must be at least 1 voxel.")
         if problems:
@@ -804,7 +820,7 @@ class RegistrationLogic:
             command = self.workerCommandPrefix + ["register", fixedPath, movingPath,
                                                   "-o", str(temporaryDirectory / "field.nrrd"), "--progress", "jsonl",
                                                   "--scales", format_scales(parse_scales(scales)),
-                                                  "--steps", str(int(stepsPerScale)),
+                                                  "--steps", str(int(stepsPerScale)), "--precision", precision,
                                                   "--lambda", repr(float(smoothnessWeight)),
                                                   "--device", normalizeDevice(device)]
             command += self._optionalWorkerOptions(nccWindow, seed, modelFile, fixedMaskNode, temporaryDirectory,
@@ -817,14 +833,16 @@ class RegistrationLogic:
 
         inputs = {"fixed": fixedVolumeNode, "moving": movingVolumeNode, "segmentation": segmentationNode,
                   "outputTransform": outputTransformNode, "outputVolume": outputVolumeNode}
-        parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "smoothnessWeight": float(smoothnessWeight),
+        parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
+                      "smoothnessWeight": float(smoothnessWeight),
                       "nccWindow": nccWindow, "device": device, "seed": seed, "modelFile": modelFile or None}
         job = RegistrationJob(self, inputs, parameters, temporaryDirectory, slicePlane, command, progressCallback, keepTemporaryFiles)
         self.activeJob = job
         return job
 
     def segmentWithAtlases(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
-                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
+                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
+                        smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                            nccWindow: int | None = None, device: str = "auto", modelFile: str | None = None,
                            waitForCompletion: bool = True, progressCallback: ProgressCallback | None = None,
                            keepTemporaryFiles: bool = False, seed: int | None = None):
@@ -843,7 +861,8 @@ class RegistrationLogic:
         in ``lastAtlasRanking``); non-blocking: returns the running :class:`AtlasSegmentationJob`.
         """
         job = self.startAtlasSegmentation(targetVolumeNode, atlases, topK=topK, fixedMaskNode=fixedMaskNode,
-                                          scales=scales, stepsPerScale=stepsPerScale, smoothnessWeight=smoothnessWeight,
+                                          scales=scales, stepsPerScale=stepsPerScale, precision=precision,
+                                          smoothnessWeight=smoothnessWeight,
                                           nccWindow=nccWindow, device=device, modelFile=modelFile,
                                           progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles,
                                           seed=seed)
@@ -856,6 +875,7 @@ class RegistrationLogic:
 
     def startAtlasSegmentation(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None,
                                scales: str = DEFAULT_SCALES, stepsPerScale: int = DEFAULT_STEPS_PER_SCALE,
+                               precision: str = DEFAULT_PRECISION,
                                smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
                                device: str = "auto", modelFile: str | None = None,
                                progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
@@ -867,6 +887,7 @@ class RegistrationLogic:
         problems = atlasInputProblems(targetVolumeNode, pairs, topK, fixedMaskNode, scales, device, modelFile)
         if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
             problems.append("Steps per scale must be at least 1 (0 is allowed with a model: inference only).")
+        problems += precisionProblems(precision)
         if problems:
             raise ValueError(" ".join(problems))
 
@@ -887,7 +908,7 @@ class RegistrationLogic:
             command = self.workerCommandPrefix + ["segment", targetPath, "-o", str(temporaryDirectory / "labels.nrrd"),
                                                   "--top-k", str(int(topK)), "--progress", "jsonl",
                                                   "--scales", format_scales(parse_scales(scales)),
-                                                  "--steps", str(int(stepsPerScale)),
+                                                  "--steps", str(int(stepsPerScale)), "--precision", precision,
                                                   "--lambda", repr(float(smoothnessWeight)),
                                                   "--device", normalizeDevice(device)]
             atlasFiles = {}

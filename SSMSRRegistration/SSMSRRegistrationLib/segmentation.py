@@ -31,6 +31,7 @@ from .errors import InputError
 from .imaging.fields import write_image
 from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model
+from .presets import DEFAULT_PRESET
 
 AtlasLike = Tuple[ImageLike, ImageLike]
 
@@ -119,7 +120,8 @@ def rank_atlases(target: sitk.Image, atlas_images: Sequence[sitk.Image], names: 
 
 def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             fixed_mask: Optional[ImageLike] = None, model: Optional[Union[str, os.PathLike, SavedModel]] = None,
-            scales=None, steps: int = 3500, smoothness_weight: Optional[float] = None,
+            preset: str = DEFAULT_PRESET, scales=None, steps: Optional[int] = None, precision: Optional[str] = None,
+            smoothness_weight: Optional[float] = None,
             ncc_window: Optional[int] = None, learning_rate: float = 1e-3, device: str = "auto", seed: int = 0,
             progress: Optional[Callable[[dict], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None) -> SegmentationOutput:
@@ -130,7 +132,8 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
         atlases: (image, label map) pairs; each label map lies in its atlas image's physical space.
         top_k: how many of the best-ranked atlases to register and fuse (1 <= top_k <= len(atlases)).
         fixed_mask: optional target mask for the ranking and the registrations' similarity term.
-        model, scales, steps, smoothness_weight, ncc_window, learning_rate, device, seed: as for ``api.register``.
+        model, preset, scales, steps, precision, smoothness_weight, ncc_window, learning_rate, device, seed: as for
+            ``api.register``.
         progress: receives {"event": "ranking", "ranking": [...]}, then for each registered atlas
             {"event": "atlas", "rank", "index" (0-based among those registered), "count", "atlas", "nlcc"}
             followed by that registration's events (with "atlas_index" and "atlas_count" added and "fraction"
@@ -189,7 +192,8 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             progress(event)
 
         result = register(target_image, atlas_images[index], fixed_mask=fixed_mask, moving_labels=atlas_labels[index],
-                          scales=scales, steps=steps, smoothness_weight=smoothness_weight, ncc_window=ncc_window,
+                          preset=preset, scales=scales, steps=steps, precision=precision,
+                          smoothness_weight=smoothness_weight, ncc_window=ncc_window,
                           learning_rate=learning_rate, device=device, seed=seed, model=model,
                           progress=forward if progress is not None else None, should_stop=should_stop)
         warped_maps.append(sitk.GetArrayFromImage(result.warped_labels))

@@ -37,11 +37,9 @@ from .engine.spatial import compose, warp
 from .errors import InputError
 from .imaging.fields import voxel_field_to_image, write_field, write_image
 from .imaging.images import ImageLike, read_image
+from .presets import DEFAULT_PRESET, budget
 
 CineSource = Union[str, os.PathLike, sitk.Image, Sequence[ImageLike]]
-
-#: The paper's echo schedule (Sec. III-B).
-DEFAULT_SCALES = "1/8,1/4,1/2,1"
 
 #: Default mask (Sec. III-A): normalised intensities within [low, high], dilated by a disk of this radius.
 MASK_LOW, MASK_HIGH, MASK_DILATION_RADIUS = 0.005, 0.995, 16
@@ -430,11 +428,13 @@ class TrackingResult:
                 "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
                 "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
                 "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,
-                "ncc_window": settings.window_for(2), "learning_rate": settings.learning_rate, "seed": settings.seed}
+                "ncc_window": settings.window_for(2), "learning_rate": settings.learning_rate, "seed": settings.seed,
+                "mixed_precision_requested": settings.mixed_precision}
 
 
-def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", scales=DEFAULT_SCALES,
-          steps: int = 3500, batch_size: int = 1, smoothness_weight: float = 10.0, ncc_window: Optional[int] = None,
+def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", preset: str = DEFAULT_PRESET,
+          scales=None, steps: Optional[int] = None, precision: Optional[str] = None, batch_size: int = 1,
+          smoothness_weight: float = 10.0, ncc_window: Optional[int] = None,
           learning_rate: float = 1e-3, device: str = "auto", seed: int = 0,
           progress: Optional[Callable[[dict], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> TrackingResult:
@@ -443,13 +443,17 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     Args:
         cine: see ``read_cine``, or a ``Cine`` already read.
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
-        scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo).
-        steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs).
+        preset: "paper" or "fast" (``presets``): the schedule, steps and precision not given explicitly.
+        scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's.
+        steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
+        precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
         batch_size: pairs per step, drawn at random with the seed; 0 uses all pairs every step.
         smoothness_weight, ncc_window, learning_rate, device, seed: as for ``api.register``.
         progress, should_stop: the engine's progress callback and cancel poll.
     """
-    settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=int(steps),
+    plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision)
+    settings = RegistrationSettings(scales=parse_scales(plan.scales), steps_per_scale=plan.steps,
+                                    mixed_precision=plan.mixed_precision,
                                     smoothness_weight=float(smoothness_weight), ncc_window=ncc_window,
                                     learning_rate=float(learning_rate), seed=int(seed), batch_size=int(batch_size))
     settings.validate()

@@ -15,6 +15,10 @@ import torch
 
 from SSMSRRegistrationLib import api
 from SSMSRRegistrationLib.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_OUT_OF_MEMORY, main
+from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
+from SSMSRRegistrationLib.engine.schedule import format_scale
+from SSMSRRegistrationLib.errors import InputError
+from SSMSRRegistrationLib.presets import matching_preset
 from realimages import brain_slice
 
 MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration")
@@ -167,3 +171,46 @@ def test_default_progress_is_a_bar_and_outputs_get_normal_permissions(pair, caps
     assert captured.out == ""
     assert "ssmsr: registering on cpu" in captured.err and "step 2/2" in captured.err
     assert (out / "field.nii.gz").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("options, scales, steps, mixed", [
+    ([], ["1/2", "1"], 3500, True),  # the default preset: the paper's
+    (["--preset", "fast"], ["1/4", "1/2", "1"], 200, True),
+    (["--preset", "fast", "--scales", "1", "--steps", "7", "--precision", "float32"], ["1"], 7, False),
+])
+def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, monkeypatch, options, scales, steps,
+                                                                  mixed):
+    _, fixed, moving, out = pair
+    chosen = []
+
+    def shortened(fixed_tensor, moving_tensor, settings, **kwargs):  # the real engine, one step per scale
+        chosen.append(settings)
+        settings = RegistrationSettings(**{**vars(settings), "steps_per_scale": 1})
+        return register_tensors(fixed_tensor, moving_tensor, settings, **kwargs)
+
+    monkeypatch.setattr(api, "register_tensors", shortened)
+    code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--device", "cpu", "--progress", "none",
+                 *options])
+    assert code == 0, capsys.readouterr().err
+    assert [format_scale(s) for s in chosen[0].scales] == scales
+    assert (chosen[0].steps_per_scale, chosen[0].mixed_precision) == (steps, mixed)
+
+
+def test_unknown_preset_or_precision_is_refused(pair, capsys):
+    _, fixed, moving, out = pair
+    for option in (["--preset", "slow"], ["--precision", "half"]):
+        code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--progress", "jsonl", *option])
+        event = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert code == EXIT_INPUT and option[1] in event["message"]
+    with pytest.raises(InputError, match="Unknown preset 'slow'; choose one of: paper, fast"):
+        api.register(fixed, moving, preset="slow")
+    assert fingerprint(out) == {}
+
+
+def test_a_preset_is_recognised_from_its_values():
+    assert matching_preset("1/4, 1/2, 1", 200, "mixed") == "fast"
+    assert matching_preset("1/8,1/4,1/2,1", 200, "mixed", cine=True) == "fast"
+    assert matching_preset("1/2,1", 3500, "mixed") == "paper"
+    assert matching_preset("1/2,1", 3500, "float32") is None
+    assert matching_preset("1/2,1", 3000, "mixed") is None
+    assert matching_preset("not a schedule", 200, "mixed") is None

@@ -37,7 +37,7 @@ from SSMSRRegistrationLib.worker_process import processExists, waitUntilGone  # 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 #: Short schedules keep the suite quick on two CPU cores while still moving the images clearly.
 STEPS_2D = 80
-STEPS_3D = 40
+STEPS_3D = 60
 
 
 @pytest.fixture
@@ -164,6 +164,8 @@ def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tm
         logic.registerVolumes(fixed, None)
     with pytest.raises(ValueError, match="Steps per scale"):
         logic.registerVolumes(fixed, moving, stepsPerScale=0)
+    with pytest.raises(ValueError, match="Unknown precision 'half'"):
+        logic.registerVolumes(fixed, moving, precision="half")
     scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "Rejected parameters")
     assert list(tmp_path.iterdir()) == []
 
@@ -339,6 +341,14 @@ def test_model_file_reaches_the_worker_and_zero_steps_is_inference(scene, logic,
         logic.registerVolumes(fixed, moving, scales="1/4,1/2,1", modelFile=modelPath, stepsPerScale=1, device="cpu")
     transform = logic.registerVolumes(fixed, moving, scales="1/2,1", modelFile=modelPath, stepsPerScale=0, device="cpu")
     assert gridMatchesVolume(transform.GetTransformFromParent(), fixed)
+
+
+def test_precision_reaches_the_worker(scene, logic):
+    fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
+    events = []
+    logic.registerVolumes(fixed, moving, scales="1", stepsPerScale=2, precision="float32", device="cpu",
+                          progressCallback=events.append)
+    assert [event["precision"] for event in events if event.get("event") == "started"] == ["float32"]
 
 
 def trainTinyModel(path: str, ndim: int, scales: str) -> None:
