@@ -17,8 +17,10 @@ from evaluate import evaluate  # noqa: E402
 from evaluation import baselines, cases  # noqa: E402
 from evaluation.config import TINY  # noqa: E402
 from evaluation.metrics import dice, evaluate_pair, hausdorff95  # noqa: E402
-from evaluation.methods import zero_field  # noqa: E402
-from evaluation.runner import COLUMNS  # noqa: E402
+from evaluation.methods import preset_method, zero_field  # noqa: E402
+from evaluation.report import summarise  # noqa: E402
+from evaluation.runner import COLUMNS, run_case  # noqa: E402
+from SSMSRRegistrationLib.presets import PRESETS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,16 @@ def test_baseline_fields_recover_a_translation_in_mm_lps(method):
     metrics, _, _ = evaluate_pair(pair, run.fields[0], {}, 2)
     identity, _, _ = evaluate_pair(pair, zero_field(pair.fixed), {}, 2)
     assert metrics["mse"] < 0.7 * identity["mse"]
+
+
+def test_a_preset_runs_as_a_method_of_the_harness(monkeypatch):
+    """speed.py compares the presets through ``preset_method``: same fields, metrics and per-scale rows."""
+    monkeypatch.setitem(PRESETS, "fast", replace(PRESETS["fast"], pair_scales="1/2,1", steps=3))
+    case = cases.hippocampus_crop(TINY)
+    result = run_case(case, TINY, [preset_method("fast")], log=lambda message: None)
+    parameters = result.parameters["SSMSR fast preset"]
+    assert "preset='fast'" in parameters and "3 steps" in parameters
+    summary = summarise(result)
+    assert list(summary) == ["SSMSR fast preset (1/2)", "SSMSR fast preset (1)"]
+    final = summary["SSMSR fast preset (1)"]
+    assert final["seconds"][0] > 0 and 0 < final["dice"][0] <= 1

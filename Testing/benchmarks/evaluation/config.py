@@ -26,6 +26,7 @@ class Config:
     schedule_3d: str = "1/2,1"  # the paper's hippocampus schedule
     schedule_2d: str = "1/8,1/4,1/2,1"  # the paper's echo schedule
     ssmsr_steps: int = 3500  # test-time training steps per scale (paper)
+    precision: str = "mixed"  # of SSMSR/SSR test-time training ("mixed" or "float32", see presets)
     cine_steps: int = 3500  # steps per scale for a whole cine (paper: per sequence)
     cine_batch: int = 1  # frame pairs per step for the cine
     cine_frames: int = 15  # frames whose consecutive pairs are evaluated; the remaining pairs train VoxelMorph

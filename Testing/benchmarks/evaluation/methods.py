@@ -21,8 +21,9 @@ import torch
 
 from SSMSRRegistrationLib.api import register
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device
-from SSMSRRegistrationLib.engine.schedule import format_scale, parse_scales
+from SSMSRRegistrationLib.engine.schedule import format_scale, format_scales, parse_scales
 from SSMSRRegistrationLib.imaging.fields import voxel_field_to_image
+from SSMSRRegistrationLib.presets import preset_named
 from SSMSRRegistrationLib.tracking import Cine, track
 
 from .cases import Case, normalised
@@ -94,20 +95,20 @@ def _rows_per_scale(prefix: str, schedule: str, fields_per_scale: List[List[sitk
     return rows
 
 
-def _register_each_pair(case: Case, config: Config, prefix: str, schedule: str) -> List[MethodRun]:
+def _register_each_pair(case: Case, config: Config, prefix: str, **options) -> List[MethodRun]:
+    """``api.register`` on each pair with ``options`` (scales, steps, precision or a preset)."""
     fields_per_scale, usage, scale_ends = [], [], []
     for pair in case.pairs:
         events: List[dict] = []
         mask = pair.mask if case.masked_registration else None
-        output, pair_usage = measured(lambda: register(pair.fixed, pair.moving, fixed_mask=mask, scales=schedule,
-                                                       steps=config.ssmsr_steps, device=config.device,
-                                                       seed=config.seed, progress=events.append))
-        scales = len(output.engine_result.scales)
-        fields_per_scale.append([output.field_after_scale(i) for i in range(scales - 1)] + [output.field])
+        output, pair_usage = measured(lambda: register(pair.fixed, pair.moving, fixed_mask=mask, device=config.device,
+                                                       seed=config.seed, progress=events.append, **options))
+        scales = output.engine_result.scales
+        fields_per_scale.append([output.field_after_scale(i) for i in range(len(scales) - 1)] + [output.field])
         usage.append(pair_usage)
-        scale_ends.append(_scale_end_seconds(events, scales))
+        scale_ends.append(_scale_end_seconds(events, len(scales)))
     device = torch_device_name(resolve_device(config.device))
-    return _rows_per_scale(prefix, schedule, fields_per_scale, usage, scale_ends, device)
+    return _rows_per_scale(prefix, format_scales(scales), fields_per_scale, usage, scale_ends, device)
 
 
 def _cine_of(case: Case) -> Cine:
@@ -127,7 +128,8 @@ def _mask_stack(case: Case) -> sitk.Image:
 def _track_sequence(case: Case, config: Config, prefix: str, schedule: str) -> List[MethodRun]:
     events: List[dict] = []
     result, usage = measured(lambda: track(_cine_of(case), mask=_mask_stack(case), scales=schedule,
-                                           steps=config.cine_steps, batch_size=config.cine_batch,
+                                           steps=config.cine_steps, precision=config.precision,
+                                           batch_size=config.cine_batch,
                                            device=config.device, seed=config.seed, progress=events.append))
     pairs = len(case.pairs)
     per_pair = Usage(usage.seconds / pairs, usage.peak_rss_mib, usage.peak_gpu_mib)
@@ -139,14 +141,34 @@ def _track_sequence(case: Case, config: Config, prefix: str, schedule: str) -> L
     return _rows_per_scale(prefix, schedule, fields_per_pair, [per_pair] * pairs, [ends] * pairs, device)
 
 
+def _test_time_run(case: Case, config: Config, prefix: str, schedule: str) -> List[MethodRun]:
+    if case.sequence:
+        return _track_sequence(case, config, prefix, schedule)
+    return _register_each_pair(case, config, prefix, scales=schedule, steps=config.ssmsr_steps,
+                               precision=config.precision)
+
+
 def _run_ssmsr(case: Case, config: Config) -> List[MethodRun]:
-    runner = _track_sequence if case.sequence else _register_each_pair
-    return runner(case, config, "SSMSR", case.schedule)
+    return _test_time_run(case, config, "SSMSR", case.schedule)
 
 
 def _run_ssr(case: Case, config: Config) -> List[MethodRun]:
-    runner = _track_sequence if case.sequence else _register_each_pair
-    return runner(case, config, "SSR", "1")
+    return _test_time_run(case, config, "SSR", "1")
+
+
+def preset_method(name: str) -> Method:
+    """SSMSR with a preset of ``presets`` (its pair schedule, steps and precision) on each pair (not a cine)."""
+    preset = preset_named(name)
+
+    def run(case: Case, config: Config) -> List[MethodRun]:
+        return _register_each_pair(case, config, f"SSMSR {name} preset", preset=name)
+
+    def parameters(case: Case, config: Config) -> str:
+        return (f"api.register(..., preset={name!r}) per pair: schedule {preset.pair_scales}, {preset.steps} steps "
+                f"per scale, {preset.precision} precision; Adam lr 1e-3, lambda 10, local NCC window "
+                f"{RegistrationSettings().window_for(case.dimension)}, seed {config.seed}")
+
+    return Method(f"SSMSR {name} preset", run, parameters)
 
 
 def _training_steps(case: Case, config: Config) -> int:
@@ -191,8 +213,10 @@ def _test_time_parameters(case: Case, config: Config, schedule: str) -> str:
     how = (f"tracking.track on the {len(case.pairs) + 1} evaluated frames: {steps} steps per scale for the whole "
            f"sequence, {config.cine_batch} pair(s) per step, fixed masks" if case.sequence else
            f"api.register per pair: {steps} steps per scale")
+    precision = ("mixed precision (bfloat16 convolutions where the device supports them)"
+                 if config.precision == "mixed" else "float32")
     chained = "; each scale's U-Net starts from the previous scale's weights" if "," in schedule else ""
-    return (f"schedule {schedule}; {how}; Adam lr 1e-3, lambda 10, local NCC window "
+    return (f"schedule {schedule}; {how}; {precision}; Adam lr 1e-3, lambda 10, local NCC window "
             f"{RegistrationSettings().window_for(case.dimension)}, seed {config.seed}{chained}")
 
 

@@ -1,0 +1,218 @@
+"""Speed of SSMSR's test-time training, measured side by side in one run (the speed issue's benchmark).
+
+    python Testing/benchmarks/speed.py [--device auto] [--sections steps,presets] [--pairs 3] [--json FILE]
+
+Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GPU):
+
+* ``steps``: time per training step (U-Net forward, warp, loss, backward, Adam) at full resolution for a 48x64x48
+  3D pair (ICBM152 crops, 2 mm) and a 1024x768 2D pair (two echo frames resized): the plain eager float32 step
+  (``precision="float32"``, the reference) against the optimised step (``precision="mixed"``: bfloat16
+  convolutions on channels-last tensors, losses in float32), same device, same run; the ratio. A step's time is
+  the difference between a run of 5 + N steps and a run of 5 steps, divided by N (set-up and warm-up cancel).
+* ``schedules``: the paper's full schedules with the default (paper) preset: the 3D pair with 1/2,1 x 3500 steps,
+  and a 49-frame 1024x768 2D+t sequence (pydicom's 30-frame echo played forward then back, frames resized) with
+  1/8,1/4,1/2,1 x 3500 steps, one pair per step. Meant for a GPU (hours on a CPU).
+* ``large``: 20 full-resolution steps on a 256x256x256 volume (the ICBM152 T1 resampled): peak memory, or the
+  out-of-memory message the user would get. Meant for a GPU.
+* ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
+  ``paper`` and ``fast`` presets and ANTs SyN with the paper's settings (antspyx, ``pip install .[bench]``), each
+  pair registered by each method in this run: Dice (grey and white matter, mean over labels then pairs), time and
+  peak memory per pair, and the fast preset's time as a fraction of ANTs'.
+
+Peak memory is torch's peak CUDA allocation on a GPU, the peak resident set size above the start on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from evaluation.baselines import ANTS  # noqa: E402
+from evaluation.cases import hippocampus_crop  # noqa: E402
+from evaluation.config import FULL  # noqa: E402
+from evaluation.measure import Usage, cpu_name, measured, torch_device_name  # noqa: E402
+from evaluation.methods import preset_method  # noqa: E402
+from evaluation.report import summarise  # noqa: E402
+from evaluation.runner import configure_threads, run_case  # noqa: E402
+from SSMSRRegistrationLib import sample_data  # noqa: E402
+from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device  # noqa: E402
+from SSMSRRegistrationLib.engine.schedule import parse_scales  # noqa: E402
+from SSMSRRegistrationLib.engine.spatial import resize_image  # noqa: E402
+from SSMSRRegistrationLib.engine.unet import bfloat16_supported  # noqa: E402
+from SSMSRRegistrationLib.presets import PRESETS  # noqa: E402
+
+SECTIONS = ("steps", "schedules", "large", "presets")
+PAPER_STEPS = PRESETS["paper"].steps
+
+
+def normalised(array: np.ndarray) -> torch.Tensor:
+    array = array.astype(np.float32)
+    return torch.from_numpy((array - array.min()) / (array.max() - array.min()))
+
+
+def brain_pair() -> List[torch.Tensor]:
+    """Two overlapping 48x64x48 crops of the ICBM152 T1 at 2 mm, (1, 1, 48, 64, 48) each."""
+    t1 = sample_data.brain_t1()
+    crops = [sample_data.crop_and_shrink(t1, start, [96, 128, 96], 2) for start in ([50, 60, 60], [54, 56, 62])]
+    return [normalised(sitk.GetArrayFromImage(crop))[None, None] for crop in crops]
+
+
+def echo_sequence(frames: int, size=(768, 1024)) -> torch.Tensor:
+    """(frames, 1, H, W): pydicom's echo cine played forward then backward until ``frames`` frames, resized."""
+    images = [normalised(sitk.GetArrayFromImage(frame))[None, None] for frame in sample_data.echo_frames()]
+    cycle = images + images[-2:0:-1]
+    stack = torch.cat([cycle[index % len(cycle)] for index in range(frames)])
+    return resize_image(stack, size)
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_run(fixed, moving, settings: RegistrationSettings, device: torch.device) -> float:
+    synchronise(device)
+    start = time.perf_counter()
+    register_tensors(fixed, moving, settings, device=device)
+    synchronise(device)
+    return time.perf_counter() - start
+
+
+def per_step_seconds(fixed, moving, mixed: bool, steps: int, device: torch.device) -> float:
+    runs = [timed_run(fixed, moving, RegistrationSettings(scales=parse_scales("1"), steps_per_scale=count,
+                                                          mixed_precision=mixed), device)
+            for count in (5, 5 + steps)]
+    return (runs[1] - runs[0]) / steps
+
+
+def memory_text(usage: Usage) -> str:
+    if not np.isnan(usage.peak_gpu_mib):
+        return f"peak GPU memory {usage.peak_gpu_mib:.0f} MiB"
+    return f"peak RSS +{usage.peak_rss_mib:.0f} MiB"
+
+
+def section_steps(device: torch.device, steps: int, report: Dict) -> None:
+    print("\n## Time per training step, plain float32 (reference) vs mixed precision (optimised)")
+    if not bfloat16_supported(device):
+        print(f"(this {device.type} has no native bfloat16: the 'mixed' step runs in float32, the ratio is ~1)")
+    echo = echo_sequence(2)
+    cases = {"3D 48x64x48": brain_pair(), "2D 1024x768": [echo[1:], echo[:1]]}
+    for label, (fixed, moving) in cases.items():
+        reference = per_step_seconds(fixed, moving, False, steps, device)
+        optimised = per_step_seconds(fixed, moving, True, steps, device)
+        print(f"{label}: reference {reference * 1000:.1f} ms/step, optimised {optimised * 1000:.1f} ms/step, "
+              f"ratio {reference / optimised:.2f}x")
+        report["steps"][label] = {"reference_ms": reference * 1000, "optimised_ms": optimised * 1000,
+                                  "ratio": reference / optimised}
+
+
+def section_schedules(device: torch.device, report: Dict) -> None:
+    print("\n## The paper's full schedules (paper preset: mixed precision)")
+    sequence = echo_sequence(49)
+    runs = {"3D 48x64x48 pair, 1/2,1 x 3500": (*brain_pair(), "1/2,1", 0),
+            "2D+t 49 x 1024x768, 1/8,1/4,1/2,1 x 3500, 1 pair per step": (sequence[1:], sequence[:-1],
+                                                                           "1/8,1/4,1/2,1", 1)}
+    for label, (fixed, moving, scales, batch) in runs.items():
+        settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=PAPER_STEPS, batch_size=batch,
+                                        mixed_precision=True)
+        _, usage = measured(lambda: register_tensors(fixed, moving, settings, device=device))
+        print(f"{label}: {usage.seconds:.1f} s total ({usage.seconds / (PAPER_STEPS * len(settings.scales)) * 1000:.2f}"
+              f" ms per step on average); {memory_text(usage)}")
+        report["schedules"][label] = {"seconds": usage.seconds, "peak_gpu_mib": usage.peak_gpu_mib,
+                                      "peak_rss_mib": usage.peak_rss_mib}
+
+
+def section_large(device: torch.device, report: Dict) -> None:
+    print("\n## 256x256x256 volume, 20 full-resolution steps (mixed precision)")
+    t1 = normalised(sitk.GetArrayFromImage(sample_data.brain_t1()))[None, None]
+    volume = resize_image(t1, (256, 256, 256))
+    settings = RegistrationSettings(scales=parse_scales("1"), steps_per_scale=20, mixed_precision=True)
+    try:
+        _, usage = measured(lambda: register_tensors(volume, torch.roll(volume, 2, dims=4), settings, device=device))
+    except torch.cuda.OutOfMemoryError as error:
+        first_line = str(error).splitlines()[0]
+        print(f"out of GPU memory ({first_line}); `ssmsr register` exits with code 3 and suggests --device cpu or "
+              "a coarser schedule")
+        report["large"] = {"out_of_memory": first_line}
+        return
+    print(f"{usage.seconds:.1f} s; {memory_text(usage)}")
+    report["large"] = {"seconds": usage.seconds, "peak_gpu_mib": usage.peak_gpu_mib,
+                       "peak_rss_mib": usage.peak_rss_mib}
+
+
+def section_presets(device: torch.device, pairs: int, report: Dict) -> None:
+    print(f"\n## Presets vs ANTs SyN on the hippocampus crop ({pairs} simulated subject(s))")
+    config = replace(FULL, cases=("hippocampus_crop",), synthetic_test_pairs=pairs, device=str(device))
+    configure_threads(config.threads)
+    case = hippocampus_crop(config)
+    methods = [preset_method("fast"), preset_method("paper"), ANTS]
+    result = run_case(case, config, methods, log=lambda line: print(line, flush=True))
+    for name, why in result.skipped.items():
+        print(f"{name}: skipped, {why}")
+    summary = summarise(result)
+    final = {"SSMSR fast preset": "SSMSR fast preset (1)", "SSMSR paper preset": "SSMSR paper preset (1)",
+             "ANTs SyN": "ANTs SyN"}  # the presets' rows after their last scale
+    rows = {name: summary[row] for name, row in final.items() if row in summary}
+    for name, stats in rows.items():
+        dice, seconds, peak = stats["dice"], stats["seconds"], stats["peak_rss_mib"]
+        print(f"{name}: Dice {dice[0] * 100:.2f} +/- {dice[1] * 100:.2f} %, {seconds[0]:.1f} +/- {seconds[1]:.1f} s "
+              f"per pair, peak RSS +{peak[0]:.0f} MiB")
+        report["presets"][name] = {"dice_percent": dice[0] * 100, "dice_std": dice[1] * 100,
+                                   "seconds": seconds[0], "seconds_std": seconds[1], "peak_rss_mib": peak[0],
+                                   "parameters": result.parameters.get(name, "")}
+    fast, paper = rows.get("SSMSR fast preset"), rows.get("SSMSR paper preset")
+    if fast and paper:
+        print(f"fast - paper: {100 * (fast['dice'][0] - paper['dice'][0]):+.2f} Dice points; "
+              f"fast takes {fast['seconds'][0] / paper['seconds'][0]:.3f} of paper's time")
+    if fast and "ANTs SyN" in rows:
+        print(f"fast preset time / ANTs SyN time: {fast['seconds'][0] / rows['ANTs SyN']['seconds'][0]:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sections", default=None, help=f"comma-separated, from {', '.join(SECTIONS)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case in 'steps' (default: 10)")
+    parser.add_argument("--pairs", type=int, default=3, help="simulated subjects in 'presets' (default: 3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    default = "steps,schedules,large,presets" if device.type == "cuda" else "steps,presets"
+    sections = [name.strip() for name in (args.sections or default).split(",")]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+
+    name = torch_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"# SSMSR speed, {time.strftime('%Y-%m-%d %H:%M')}\ndevice: {device} ({name}); torch {torch.__version__}; "
+          f"python {platform.python_version()}; native bfloat16: {bfloat16_supported(device)}")
+    report: Dict = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                    "command": " ".join(sys.argv), **{section: {} for section in sections}}
+    runners: Dict[str, Callable[[], None]] = {
+        "steps": lambda: section_steps(device, args.steps, report),
+        "schedules": lambda: section_schedules(device, report),
+        "large": lambda: section_large(device, report),
+        "presets": lambda: section_presets(device, args.pairs, report),
+    }
+    for section in sections:
+        runners[section]()
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as stream:
+            json.dump(report, stream, indent=1)
+
+
+if __name__ == "__main__":
+    main()
