@@ -29,7 +29,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SSMSRRegistrationLib.cine_logic import CineTrackingJob, cineInputProblems
-from SSMSRRegistrationLib.presets import PRESETS, matching_preset
 from SSMSRRegistrationLib.logic import (
     DEFAULT_SMOOTHNESS_WEIGHT,
     SCALE_PRESETS,
@@ -43,6 +42,7 @@ from SSMSRRegistrationLib.logic import (
     modelFileProblems,
     overallFraction,
 )
+from SSMSRRegistrationLib.presets import PRESETS, matching_preset
 
 #: Milliseconds between two looks at the worker's output while a registration runs.
 POLL_INTERVAL_MS = 100
@@ -120,7 +120,7 @@ class SSMSRRegistrationParameterNode:
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
     scales: str = GUI_PRESET.pair_scales
-    stepsPerScale: Annotated[int, WithinRange(0, 100000)] = GUI_PRESET.steps
+    stepsPerScale: Annotated[int, WithinRange(0, 100000)] = GUI_PRESET.pair_steps
     mixedPrecision: bool = GUI_PRESET.precision == "mixed"
     smoothnessWeight: Annotated[float, WithinRange(0.0, 10000.0)] = DEFAULT_SMOOTHNESS_WEIGHT
     nccWindow: Annotated[int, WithinRange(0, 99)] = 0
@@ -336,7 +336,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _applyPreset(self, name: str, cineTracking: bool) -> None:
         preset = PRESETS[name]
         self._parameterNode.scales = preset.cine_scales if cineTracking else preset.pair_scales
-        self._parameterNode.stepsPerScale = preset.steps
+        self._parameterNode.stepsPerScale = preset.cine_steps if cineTracking else preset.pair_steps
         self._parameterNode.mixedPrecision = preset.precision == "mixed"
 
     def onPresetActivated(self, index: int) -> None:
@@ -350,7 +350,6 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             name = self._matchingPreset(not cineTracking)
             if name:
                 self._applyPreset(name, cineTracking)
-
 
     def onScalePresetActivated(self, index: int) -> None:
         preset = self.ui.scalePresetComboBox.itemData(index)

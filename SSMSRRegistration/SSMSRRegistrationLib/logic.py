@@ -43,7 +43,7 @@ WORKER_MODULE = "SSMSRRegistrationLib.cli"
 SCALE_PRESETS = ("1/2,1", "1/4,1/2,1", "1/8,1/4,1/2,1")
 #: The default preset's (``ssmsr register``'s defaults).
 DEFAULT_SCALES = PRESETS[DEFAULT_PRESET].pair_scales
-DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].steps
+DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].pair_steps
 DEFAULT_SMOOTHNESS_WEIGHT = 10.0
 DEFAULT_PRECISION = PRESETS[DEFAULT_PRESET].precision
 
@@ -429,7 +429,7 @@ class RegistrationJob:
         kind = event.get("event")
         if kind == "started":
             self._log(f"Worker started on {event.get('device')}: scales {', '.join(map(str, event.get('scales', [])))}, "
-                      f"{event.get('steps_per_scale')} steps per scale.")
+                      f"{event.get('steps_per_scale')} steps per scale, {event.get('precision', 'float32')} precision.")
         elif kind == "progress":
             self.lastProgressEvent = event
         elif kind == "error":

@@ -1,8 +1,9 @@
 """Named test-time training budgets, shared by the command line, the Python API and the Slicer module.
 
 * ``paper``: the paper's schedules (1/2,1 for image pairs, 1/8,1/4,1/2,1 for echo cines) and 3500 steps per scale.
-* ``fast``: a short schedule for a laptop CPU or a quick look; on the evaluation harness's 3D brain pairs it stays
-  within one Dice point of ``paper`` (Testing/benchmarks/speed.py measures it, RESULTS.md gives the figures).
+* ``fast``: a short budget for a laptop CPU or a quick look: pairs 1/4,1/2,1 x 200 steps (on the evaluation's 3D
+  brain pairs within one Dice point of ``paper``, see Testing/benchmarks/speed.py and RESULTS.md), cines
+  1/8,1/4,1/2,1 x 600 steps for the whole sequence.
 
 Both train with mixed precision (bfloat16 convolutions, losses in float32) where the device runs bfloat16
 natively, and in float32 elsewhere; ``precision="float32"`` forces the plain float32 reference. An explicit
@@ -25,17 +26,19 @@ class Preset:
 
     name: str
     pair_scales: str  # ``register`` and ``segment`` (2D or 3D pairs)
-    cine_scales: str  # ``track`` (2D+t)
-    steps: int
+    pair_steps: int
+    cine_scales: str  # ``track`` (2D+t); its steps are for the whole sequence
+    cine_steps: int
     precision: str
     summary: str
 
 
 PRESETS = {
-    "paper": Preset("paper", "1/2,1", "1/8,1/4,1/2,1", 3500, "mixed",
-                    "the paper's schedule and 3500 training steps per scale"),
-    "fast": Preset("fast", "1/4,1/2,1", "1/8,1/4,1/2,1", 200, "mixed",
-                   "three (cine: four) scales x 200 training steps: a minute or less on a CPU for a 48x64x48 pair"),
+    "paper": Preset("paper", "1/2,1", 3500, "1/8,1/4,1/2,1", 3500, "mixed",
+                    "the paper's schedules and 3500 training steps per scale"),
+    "fast": Preset("fast", "1/4,1/2,1", 200, "1/8,1/4,1/2,1", 600, "mixed",
+                   "pairs 1/4,1/2,1 x 200 steps (about 40 s on 2 CPU cores for 48x64x48), cines 1/8,1/4,1/2,1 x "
+                   "600 steps"),
 }
 DEFAULT_PRESET = "paper"
 
@@ -59,18 +62,18 @@ def preset_named(name: Optional[str]) -> Preset:
 
 def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = None, steps: Optional[int] = None,
            precision: Optional[str] = None) -> Budget:
-    """The preset's schedule (of a pair, or of a ``cine``), steps and precision, each overridden when given."""
+    """The preset's schedule and steps (of a pair, or of a ``cine``) and precision, each overridden when given."""
     chosen = preset_named(preset)
     precision = (precision or chosen.precision).strip().lower()
     if precision not in PRECISIONS:
         raise InputError(f"Unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}.")
     return Budget(scales=scales if scales is not None else (chosen.cine_scales if cine else chosen.pair_scales),
-                  steps=int(steps) if steps is not None else chosen.steps,
+                  steps=int(steps) if steps is not None else (chosen.cine_steps if cine else chosen.pair_steps),
                   mixed_precision=precision == "mixed")
 
 
 def matching_preset(scales: str, steps: int, precision: str, cine: bool = False) -> Optional[str]:
-    """The name of the preset whose schedule (of a pair, or of a ``cine``), steps and precision these are, or None."""
+    """The name of the preset whose schedule and steps (of a pair, or of a ``cine``) and precision these are, or None."""
     from .engine.schedule import parse_scales
 
     try:
@@ -79,6 +82,7 @@ def matching_preset(scales: str, steps: int, precision: str, cine: bool = False)
         return None
     for preset in PRESETS.values():
         if (schedule == parse_scales(preset.cine_scales if cine else preset.pair_scales)
-                and int(steps) == preset.steps and precision == preset.precision):
+                and int(steps) == (preset.cine_steps if cine else preset.pair_steps)
+                and precision == preset.precision):
             return preset.name
     return None

@@ -18,7 +18,7 @@ from SSMSRRegistrationLib.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_OUT_OF_MEM
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
 from SSMSRRegistrationLib.engine.schedule import format_scale
 from SSMSRRegistrationLib.errors import InputError
-from SSMSRRegistrationLib.presets import matching_preset
+from SSMSRRegistrationLib.presets import Budget, budget, matching_preset
 from realimages import brain_slice
 
 MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration")
@@ -207,9 +207,16 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
     assert fingerprint(out) == {}
 
 
+def test_a_cine_gets_the_preset_s_cine_budget():
+    assert budget("fast", cine=True) == Budget("1/8,1/4,1/2,1", 600, True)
+    assert budget("fast") == Budget("1/4,1/2,1", 200, True)
+    assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False)
+
+
 def test_a_preset_is_recognised_from_its_values():
     assert matching_preset("1/4, 1/2, 1", 200, "mixed") == "fast"
-    assert matching_preset("1/8,1/4,1/2,1", 200, "mixed", cine=True) == "fast"
+    assert matching_preset("1/8,1/4,1/2,1", 600, "mixed", cine=True) == "fast"
+    assert matching_preset("1/8,1/4,1/2,1", 200, "mixed", cine=True) is None
     assert matching_preset("1/2,1", 3500, "mixed") == "paper"
     assert matching_preset("1/2,1", 3500, "float32") is None
     assert matching_preset("1/2,1", 3000, "mixed") is None

@@ -55,7 +55,6 @@ from SSMSRRegistrationLib.engine.unet import bfloat16_supported  # noqa: E402
 from SSMSRRegistrationLib.presets import PRESETS  # noqa: E402
 
 SECTIONS = ("steps", "schedules", "large", "presets")
-PAPER_STEPS = PRESETS["paper"].steps
 
 
 def normalised(array: np.ndarray) -> torch.Tensor:
@@ -122,15 +121,18 @@ def section_steps(device: torch.device, steps: int, report: Dict) -> None:
 def section_schedules(device: torch.device, report: Dict) -> None:
     print("\n## The paper's full schedules (paper preset: mixed precision)")
     sequence = echo_sequence(49)
-    runs = {"3D 48x64x48 pair, 1/2,1 x 3500": (*brain_pair(), "1/2,1", 0),
-            "2D+t 49 x 1024x768, 1/8,1/4,1/2,1 x 3500, 1 pair per step": (sequence[1:], sequence[:-1],
-                                                                           "1/8,1/4,1/2,1", 1)}
-    for label, (fixed, moving, scales, batch) in runs.items():
-        settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=PAPER_STEPS, batch_size=batch,
+    paper = PRESETS["paper"]
+    runs = {f"3D 48x64x48 pair, {paper.pair_scales} x {paper.pair_steps}": (*brain_pair(), paper.pair_scales,
+                                                                         paper.pair_steps, 0),
+            f"2D+t 49 x 1024x768, {paper.cine_scales} x {paper.cine_steps}, 1 pair per step": (
+                sequence[1:], sequence[:-1], paper.cine_scales, paper.cine_steps, 1)}
+    for label, (fixed, moving, scales, steps, batch) in runs.items():
+        settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=steps, batch_size=batch,
                                         mixed_precision=True)
         _, usage = measured(lambda: register_tensors(fixed, moving, settings, device=device))
-        print(f"{label}: {usage.seconds:.1f} s total ({usage.seconds / (PAPER_STEPS * len(settings.scales)) * 1000:.2f}"
-              f" ms per step on average); {memory_text(usage)}")
+        per_step_ms = usage.seconds / (steps * len(settings.scales)) * 1000
+        print(f"{label}: {usage.seconds:.1f} s total ({per_step_ms:.2f} ms per step on average); "
+              f"{memory_text(usage)}")
         report["schedules"][label] = {"seconds": usage.seconds, "peak_gpu_mib": usage.peak_gpu_mib,
                                       "peak_rss_mib": usage.peak_rss_mib}
 

@@ -1,6 +1,6 @@
 """Benchmark: track pydicom's 30-frame echocardiogram and print time per sequence and MSE/NLCC vs identity.
 
-    python Testing/benchmarks/track_echo.py --scales 1/4,1/2,1 --steps 300 --batch 1 --device cpu
+    python Testing/benchmarks/track_echo.py [--preset paper|fast] [--scales S] [--steps N] [--batch 1] [--device cpu]
 
 Prints one row per scale of the schedule (the field after that scale, as the SSMSR (s) rows of the paper's
 Table II) and the identity, with mean +/- standard deviation over the 29 pairs of MSE (1e-3) and NLCC (1e-1),
@@ -21,13 +21,16 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "SSMSRRegistration"))
 
 from SSMSRRegistrationLib import sample_data  # noqa: E402
+from SSMSRRegistrationLib.presets import DEFAULT_PRESET  # noqa: E402
 from SSMSRRegistrationLib.tracking import pair_metrics, track  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scales", default="1/4,1/2,1")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per scale for the sequence")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="the schedule, steps and precision not given")
+    parser.add_argument("--scales", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="training steps per scale for the sequence")
+    parser.add_argument("--precision", default=None, help="mixed or float32")
     parser.add_argument("--batch", type=int, default=1, help="frame pairs per step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -35,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    result = track(sample_data.echo_cine_path(), scales=args.scales, steps=args.steps, batch_size=args.batch,
-                   device=args.device, seed=args.seed)
+    result = track(sample_data.echo_cine_path(), preset=args.preset, scales=args.scales, steps=args.steps,
+                   precision=args.precision, batch_size=args.batch, device=args.device, seed=args.seed)
     per_sequence = time.perf_counter() - start
 
     frames = torch.from_numpy(result.cine.frames)[:, None]
@@ -48,7 +51,9 @@ def main() -> None:
 
     frames_count, height, width = result.cine.frames.shape
     print(f"cine: {sample_data.echo_cine_path()} ({frames_count} frames, {width}x{height}, {frames_count - 1} pairs)")
-    print(f"schedule {args.scales}, {args.steps} steps per scale for the sequence, batch {args.batch}, "
+    settings = result.settings
+    print(f"preset {args.preset}: schedule {','.join(str(s) for s in settings.scales)}, {settings.steps_per_scale} "
+          f"steps per scale for the sequence, mixed precision {settings.mixed_precision}, batch {args.batch}, "
           f"seed {args.seed}; device {result.device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})")
     print(f"{'method':<16}{'MSE (1e-3)':>22}{'NLCC (1e-1)':>22}")

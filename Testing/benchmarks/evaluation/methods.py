@@ -164,7 +164,7 @@ def preset_method(name: str) -> Method:
         return _register_each_pair(case, config, f"SSMSR {name} preset", preset=name)
 
     def parameters(case: Case, config: Config) -> str:
-        return (f"api.register(..., preset={name!r}) per pair: schedule {preset.pair_scales}, {preset.steps} steps "
+        return (f"api.register(..., preset={name!r}) per pair: schedule {preset.pair_scales}, {preset.pair_steps} steps "
                 f"per scale, {preset.precision} precision; Adam lr 1e-3, lambda 10, local NCC window "
                 f"{RegistrationSettings().window_for(case.dimension)}, seed {config.seed}")
 
