@@ -111,7 +111,7 @@ class RegistrationUNet(nn.Module):
 def bfloat16_supported(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 convolutions natively (CUDA compute >= 8.0, or a CPU with AVX512-BF16/AMX)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return False
