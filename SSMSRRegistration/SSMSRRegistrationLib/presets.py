@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .engine.schedule import parse_scales
 from .errors import InputError
 
 PRECISIONS = ("mixed", "float32")
@@ -74,8 +75,6 @@ def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = No
 
 def matching_preset(scales: str, steps: int, precision: str, cine: bool = False) -> Optional[str]:
     """The name of the preset whose schedule and steps (of a pair, or of a ``cine``) and precision these are, or None."""
-    from .engine.schedule import parse_scales
-
     try:
         schedule = parse_scales(scales)
     except InputError:
