@@ -42,7 +42,7 @@ from SSMSRRegistrationLib.logic import (
     modelFileProblems,
     overallFraction,
 )
-from SSMSRRegistrationLib.presets import PRESETS, matching_preset
+from SSMSRRegistrationLib.presets import PRESETS, budget, matching_preset
 
 #: Milliseconds between two looks at the worker's output while a registration runs.
 POLL_INTERVAL_MS = 100
@@ -334,10 +334,10 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.presetComboBox.currentIndex = self.ui.presetComboBox.findData(name)
 
     def _applyPreset(self, name: str, cineTracking: bool) -> None:
-        preset = PRESETS[name]
-        self._parameterNode.scales = preset.cine_scales if cineTracking else preset.pair_scales
-        self._parameterNode.stepsPerScale = preset.cine_steps if cineTracking else preset.pair_steps
-        self._parameterNode.mixedPrecision = preset.precision == "mixed"
+        plan = budget(name, cine=cineTracking)
+        self._parameterNode.scales = plan.scales
+        self._parameterNode.stepsPerScale = plan.steps
+        self._parameterNode.mixedPrecision = plan.mixed_precision
 
     def onPresetActivated(self, index: int) -> None:
         name = self.ui.presetComboBox.itemData(index)

@@ -20,9 +20,9 @@ from .engine.multiscale import RegistrationResult, RegistrationSettings, registe
 from .engine.schedule import parse_scales
 from .errors import InputError
 from .models import SavedModel, load_model
-from .presets import DEFAULT_PRESET, budget
 from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
 from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image, resample_onto, same_grid
+from .presets import DEFAULT_PRESET, budget
 
 
 @dataclass

@@ -795,7 +795,7 @@ class RegistrationLogic:
     def startRegistration(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                           segmentationNode=None, outputVolumeNode=None, scales: str = DEFAULT_SCALES,
                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                        smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
+                          smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                           nccWindow: int | None = None, device: str = "auto", progressCallback: ProgressCallback | None = None,
                           keepTemporaryFiles: bool = False, seed: int | None = None,
                           modelFile: str | None = None) -> RegistrationJob:
@@ -842,7 +842,7 @@ class RegistrationLogic:
 
     def segmentWithAtlases(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
                            stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                        smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
+                           smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                            nccWindow: int | None = None, device: str = "auto", modelFile: str | None = None,
                            waitForCompletion: bool = True, progressCallback: ProgressCallback | None = None,
                            keepTemporaryFiles: bool = False, seed: int | None = None):

@@ -79,9 +79,9 @@ def matching_preset(scales: str, steps: int, precision: str, cine: bool = False)
         schedule = parse_scales(scales)
     except InputError:
         return None
-    for preset in PRESETS.values():
-        if (schedule == parse_scales(preset.cine_scales if cine else preset.pair_scales)
-                and int(steps) == (preset.cine_steps if cine else preset.pair_steps)
-                and precision == preset.precision):
-            return preset.name
+    for name in PRESETS:
+        plan = budget(name, cine=cine)
+        if (schedule == parse_scales(plan.scales) and int(steps) == plan.steps
+                and (precision == "mixed") == plan.mixed_precision):
+            return name
     return None
