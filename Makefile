@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m SSMSRRegistrationLib.demo --out demo_output
+	$(BIN)/python -m SSMSRRegistrationLib.interfaces.demo --out demo_output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from SSMSRRegistrationLib import sample_data
+from SSMSRRegistrationLib.imaging import sample_data
 from SSMSRRegistrationLib.engine.spatial import voxel_grid, warp
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,12 +14,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SSMSRRegistrationLib import api
-from SSMSRRegistrationLib.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_OUT_OF_MEMORY, main
+from SSMSRRegistrationLib.workflows import register as api
+from SSMSRRegistrationLib.interfaces.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_OUT_OF_MEMORY, main
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
-from SSMSRRegistrationLib.engine.schedule import format_scale
-from SSMSRRegistrationLib.errors import InputError
-from SSMSRRegistrationLib.presets import Budget, budget, matching_preset
+from SSMSRRegistrationLib.common.schedule import format_scale
+from SSMSRRegistrationLib.common.errors import InputError
+from SSMSRRegistrationLib.common.presets import Budget, budget, matching_preset
 from realimages import brain_slice
 
 MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration")
@@ -221,3 +222,69 @@ def test_a_preset_is_recognised_from_its_values():
     assert matching_preset("1/2,1", 3500, "float32") is None
     assert matching_preset("1/2,1", 3000, "mixed") is None
     assert matching_preset("not a schedule", 200, "mixed") is None
+
+
+def test_final_loss_is_reported_when_the_steps_come_from_a_preset(pair, capsys, monkeypatch):
+    _, fixed, moving, out = pair
+
+    def shortened(fixed_tensor, moving_tensor, settings, **kwargs):  # the real engine, two steps per scale
+        return register_tensors(fixed_tensor, moving_tensor, RegistrationSettings(**{**vars(settings),
+                                                                                    "steps_per_scale": 2}), **kwargs)
+
+    monkeypatch.setattr(api, "register_tensors", shortened)
+    code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--preset", "fast", "--device", "cpu",
+                 "--progress", "jsonl"])
+    finished = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert code == 0 and finished["event"] == "finished"
+    assert isinstance(finished["metrics"]["final_loss"], float) and math.isfinite(finished["metrics"]["final_loss"])
+
+
+def test_usage_errors_name_the_right_help_command(capsys):
+    assert main(["register", "--progress", "none"]) == EXIT_INPUT
+    assert "(see `ssmsr register --help`)" in capsys.readouterr().err
+    assert main(["bogus"]) == EXIT_INPUT
+    message = capsys.readouterr().err
+    assert "(see `ssmsr --help`)" in message and "ssmsr ssmsr" not in message
+
+
+def test_the_jacobian_output_is_the_determinant_of_the_written_field(tmp_path):
+    """--jacobian writes det(I + du/dp) on the fixed grid: on an axis-aligned grid it is SimpleITK's
+    DisplacementFieldJacobianDeterminant of the written field; on an oblique grid the same computed in the grid's
+    axes (that filter ignores the direction cosines), which matches the determinant of a known linear field."""
+    from SSMSRRegistrationLib.imaging.fields import jacobian_determinant_image, read_field
+
+    image = brain_slice()
+    for name, direction in (("aligned", (1.0, 0.0, 0.0, 1.0)), ("oblique", (0.8, -0.6, 0.6, 0.8))):
+        fixed_image = sitk.GetImageFromArray(image)
+        fixed_image.SetSpacing((0.9, 1.3))
+        fixed_image.SetDirection(direction)
+        moving_image = sitk.GetImageFromArray(np.roll(image, 3, axis=1))
+        moving_image.CopyInformation(fixed_image)
+        fixed, moving = str(tmp_path / f"{name}-fixed.nrrd"), str(tmp_path / f"{name}-moving.nrrd")
+        sitk.WriteImage(fixed_image, fixed)
+        sitk.WriteImage(moving_image, moving)
+        field_path, jacobian_path = str(tmp_path / f"{name}-field.nrrd"), str(tmp_path / f"{name}-jacobian.nrrd")
+        assert main(["register", fixed, moving, "-o", field_path, "--jacobian", jacobian_path, "--scales", "1/2,1",
+                     "--steps", "30", "--device", "cpu", "--progress", "none"]) == 0
+        written = sitk.ReadImage(jacobian_path)
+        field = read_field(field_path)
+        assert written.GetSize() == fixed_image.GetSize() and written.GetDirection() == pytest.approx(direction)
+        determinant = sitk.GetArrayFromImage(written)
+        assert determinant.std() > 1e-3  # the field is not a translation
+        np.testing.assert_allclose(determinant, sitk.GetArrayFromImage(jacobian_determinant_image(field)), atol=1e-5)
+        if name == "aligned":
+            itk = sitk.DisplacementFieldJacobianDeterminant(sitk.Cast(field, sitk.sitkVectorFloat64))
+            np.testing.assert_allclose(determinant, sitk.GetArrayFromImage(itk), atol=1e-4)
+    # A known linear field u(p) = A p on an oblique, anisotropic 3D grid: det(I + A) everywhere inside the grid
+    # (the filter's differences at the border voxels are one-sided with a zero neighbour).
+    matrix = np.array([[0.1, 0.05, 0.0], [0.0, -0.08, 0.02], [0.03, 0.0, 0.05]])
+    grid = sitk.Image([12, 14, 10], sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.5, 2.0))
+    grid.SetDirection((0.8, -0.6, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0))
+    grid.SetOrigin((3.0, -4.0, 5.0))
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in grid.GetSize()[::-1]], indexing="ij"), -1)[..., ::-1]
+    points = indices @ (np.array(grid.GetDirection()).reshape(3, 3) @ np.diag(grid.GetSpacing())).T + grid.GetOrigin()
+    linear = sitk.GetImageFromArray(points @ matrix.T, isVector=True)
+    linear.CopyInformation(grid)
+    inner = sitk.GetArrayFromImage(jacobian_determinant_image(linear))[1:-1, 1:-1, 1:-1]
+    assert inner == pytest.approx(np.linalg.det(np.eye(3) + matrix), abs=1e-5)

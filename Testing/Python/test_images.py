@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SSMSRRegistrationLib.errors import InputError
+from SSMSRRegistrationLib.common.errors import InputError
 from SSMSRRegistrationLib.imaging.images import intensity_window, read_image, rescale
 
 
@@ -67,7 +67,7 @@ def test_normalisation_clips_beyond_six_standard_deviations_and_maps_to_unit_ran
 
 def test_ultrasound_dicom_gets_its_region_calibration():
     """pydicom's echo cine has no Pixel Spacing; its ultrasound region says 0.0510497 cm per pixel."""
-    from SSMSRRegistrationLib import sample_data
+    from SSMSRRegistrationLib.imaging import sample_data
 
     cine = read_image(sample_data.echo_cine_path(), "cine")
     assert cine.GetSpacing()[:2] == pytest.approx((0.510497, 0.510497), abs=1e-6)
@@ -84,6 +84,17 @@ def test_images_are_normalised_on_the_reference_grid_and_must_overlap():
     on_grid = normalised_on_grid(coarse, reference, "moving image", "fixed image")
     assert on_grid.shape == (20, 24) and on_grid.dtype == np.float32
     assert 0.0 <= on_grid.min() and on_grid.max() <= 1.0
+    # A CT-like image (air -1000 HU) covering only part of the reference: outside it, the bottom of its window
+    # (0), not a raw 0 HU (mid-grey); inside, its own window applied to the resampled values.
+    ct = sitk.GetImageFromArray((rng.random((8, 10)) * 2000 - 1000).astype(np.float32))
+    ct.SetSpacing((1.0, 1.0))
+    ct.SetOrigin((6.0, 4.0))
+    normalised = normalised_on_grid(ct, reference, "moving image", "fixed image")
+    rows, columns = np.mgrid[0:20, 0:24]
+    inside = (columns >= 6) & (columns <= 15) & (rows >= 4) & (rows <= 11)
+    assert np.all(normalised[~inside] == 0.0)
+    window = intensity_window(sitk.GetArrayFromImage(ct), "moving image")
+    np.testing.assert_allclose(normalised[4:12, 6:16], rescale(sitk.GetArrayFromImage(ct), window), atol=1e-6)
     far = sitk.Image(coarse)
     far.SetOrigin((1000.0, 1000.0))
     with pytest.raises(InputError, match="moving image does not overlap the fixed image"):

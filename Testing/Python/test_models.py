@@ -16,18 +16,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SSMSRRegistrationLib import sample_data
-from SSMSRRegistrationLib.cli import EXIT_INPUT, EXIT_OK, main
+from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.interfaces.cli import EXIT_INPUT, EXIT_OK, main
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, similarity
 from SSMSRRegistrationLib.engine.pretraining import (TensorPairs, TrainingSettings, batch_indices,
                                                      coarse_to_fine_field, train_networks)
-from SSMSRRegistrationLib.engine.schedule import parse_scales
+from SSMSRRegistrationLib.common.schedule import parse_scales
 from SSMSRRegistrationLib.engine.spatial import gaussian_blur, warp
 from SSMSRRegistrationLib.engine.unet import RegistrationUNet
-from SSMSRRegistrationLib.errors import InputError, TrainingStopped
-from SSMSRRegistrationLib.models import FORMAT_VERSION, load_model, save_model
-from SSMSRRegistrationLib.segmentation import majority_vote, rank_atlases, segment
-from SSMSRRegistrationLib.training import collect_pairs, train
+from SSMSRRegistrationLib.common.errors import InputError, TrainingStopped
+from SSMSRRegistrationLib.workflows.models import FORMAT_VERSION, load_model, save_model
+from SSMSRRegistrationLib.workflows.segment import majority_vote, rank_atlases, segment
+from SSMSRRegistrationLib.workflows.train import collect_pairs, train
 
 SPACING = (4.0, 4.0)
 TRAINING_LEVELS = tuple(range(50, 140, 6))  # 15 axial levels
@@ -79,14 +79,14 @@ def write_image(path, array, spacing=SPACING, origin=(0.0, 0.0)) -> str:
     return str(path)
 
 
-def write_collection(folder, levels=TRAINING_LEVELS, seed=100) -> str:
+def write_collection(folder, levels=TRAINING_LEVELS, seed=100, amplitude: float = 3.0) -> str:
     """Image files and a CSV of fixed,moving pairs (relative paths) for the given levels."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "pairs.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["fixed", "moving"])
         for index, level in enumerate(levels):
-            fixed, moving = pair(level, seed + index)
+            fixed, moving = pair(level, seed + index, amplitude)
             write_image(folder / f"fixed{level}.nii.gz", fixed[0, 0].numpy())
             write_image(folder / f"moving{level}.nii.gz", moving[0, 0].numpy())
             writer.writerow([f"fixed{level}.nii.gz", f"moving{level}.nii.gz"])
@@ -104,9 +104,13 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A model pretrained through the file-based API on 12 training and 3 validation pairs."""
+    """A model pretrained through the file-based API on 12 training and 3 validation pairs.
+
+    The deformations (up to 6 pixels) are large enough that the coarse scale's gain on the validation loss (0.017 to
+    0.031 over three seeds, measured) stands well clear of the bound of the test below, whatever the CPU; with 3
+    pixels it was 0.004 to 0.010 and the test failed on some CPUs."""
     folder = tmp_path_factory.mktemp("collection")
-    pairs_csv = write_collection(folder)
+    pairs_csv = write_collection(folder, amplitude=6.0)
     events = []
     result = train(pairs_csv, folder / "model.pt", scales="1/2,1", steps=STEPS, batch_size=4,
                    validation_fraction=0.2, validation_every=50, checkpoint_every=100, device="cpu",
@@ -191,7 +195,7 @@ def test_batch_of_pairs_of_different_sizes_is_rejected_and_batch_one_trains():
     small = pair(80, 1)
     cropped = tuple(t[..., :40, :36].contiguous() for t in pair(90, 2))
     settings = TrainingSettings(scales=parse_scales("1/2,1"), steps_per_scale=2, batch_size=2, checkpoint_every=0)
-    with pytest.raises(InputError, match="needs images of one size.*--batch 1"):
+    with pytest.raises(InputError, match="needs images of one size.*batch size of 1"):
         train_networks(TensorPairs([small, cropped]), None, settings)
     settings.batch_size = 1
     state = train_networks(TensorPairs([small, cropped]), None, settings)

@@ -4,11 +4,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SSMSRRegistrationLib import sample_data
+from SSMSRRegistrationLib.imaging import sample_data
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
-from SSMSRRegistrationLib.engine.schedule import parse_scales, scaled_size
+from SSMSRRegistrationLib.common.schedule import parse_scales, scaled_size
 from SSMSRRegistrationLib.engine.unet import bfloat16_supported
-from SSMSRRegistrationLib.errors import InputError, RegistrationCancelled
+from SSMSRRegistrationLib.common.errors import InputError, RegistrationCancelled
 from realimages import brain_slice, deformed_pair
 
 
@@ -133,3 +133,26 @@ def test_cuda_and_cpu_agree(fixed):
     gpu_error = endpoint_error(on_gpu.displacement.cpu(), truth, fixed)[0]
     assert abs(cpu_error - gpu_error) < 0.1
     assert (on_gpu.displacement.cpu() - on_cpu.displacement).abs().mean() < 0.1
+
+
+def test_the_mixed_precision_path_runs_on_any_cpu_on_a_tiny_input():
+    """CI's CPUs may lack native bfloat16 (then ``register_tensors`` uses float32): the bfloat16 forward and backward
+    of ``unet.predict`` still run there (emulated), on a tiny input, close to the float32 pass."""
+    from SSMSRRegistrationLib.engine.unet import RegistrationUNet, predict, use_mixed_precision
+
+    torch.manual_seed(0)
+    network = RegistrationUNet(2)
+    torch.nn.init.normal_(network.flow.weight, std=0.05)  # a visible output instead of the near-zero start
+    pair = torch.rand(1, 2, 32, 32)
+    reference = predict(network, pair)
+    convolutionInputs = []
+    hook = network.encoder[0].register_forward_hook(lambda module, inputs, output: convolutionInputs.append(output))
+    mixed_network = use_mixed_precision(network)
+    mixed = predict(mixed_network, pair, mixed_precision=True)
+    hook.remove()
+    assert convolutionInputs[0].dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    assert (mixed - reference).abs().max() < 0.05 * reference.abs().max()
+    mixed.square().mean().backward()
+    gradients = [parameter.grad for parameter in mixed_network.parameters()]
+    assert all(gradient is not None and torch.isfinite(gradient).all() for gradient in gradients)
+    assert all(gradient.dtype == torch.float32 for gradient in gradients)

@@ -15,10 +15,11 @@ vtk = pytest.importorskip("vtk")
 
 from vtk.util import numpy_support  # noqa: E402
 
-from SSMSRRegistrationLib import scenarios  # noqa: E402
-from SSMSRRegistrationLib.cine_logic import CineTrackingJob, cineInputProblems  # noqa: E402
+from SSMSRRegistrationLib.testing import scene_helpers  # noqa: E402
+from SSMSRRegistrationLib.mrml.cine import CineTrackingJob
+from SSMSRRegistrationLib.mrml.parameters import cineInputProblems  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationLogic  # noqa: E402
-from SSMSRRegistrationLib.worker_process import processExists, waitUntilGone  # noqa: E402
+from SSMSRRegistrationLib.mrml.worker_process import processExists, waitUntilGone  # noqa: E402
 
 FRAMES = 4
 ORIGIN = np.array([12.0, -40.0, 25.0])
@@ -46,7 +47,7 @@ def addCineSequence(scene, frames, spacingMm, name="echo cine"):
         matrix = vtk.vtkMatrix4x4()
         for row in range(3):
             for column in range(3):
-                matrix.SetElement(row, column, scenarios.OBLIQUE_DIRECTIONS[row][column] * (spacingMm, spacingMm, 1.0)[column])
+                matrix.SetElement(row, column, scene_helpers.OBLIQUE_DIRECTIONS[row][column] * (spacingMm, spacingMm, 1.0)[column])
             matrix.SetElement(row, 3, ORIGIN[row])
         node.SetIJKToRASMatrix(matrix)
         sequence.SetDataNodeAtValue(node, indexValue)
@@ -58,7 +59,7 @@ def addCineSequence(scene, frames, spacingMm, name="echo cine"):
 @pytest.fixture(scope="module")
 def echo():
     pytest.importorskip("pydicom")
-    return scenarios.echocardiogramFrames(frameIndices=tuple(range(FRAMES)))
+    return scene_helpers.echocardiogramFrames(frameIndices=tuple(range(FRAMES)))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_each_transform_maps_points_as_its_field_file_says(tracked, echo):
     coordinates of the frames) at 300 random points of the frame; frame 0 is the identity."""
     job, (frames, spacingMm) = tracked["job"], echo
     rows, columns = frames[0].shape
-    axes = scenarios.OBLIQUE_DIRECTIONS  # unit i, j, k axes (RAS columns)
+    axes = scene_helpers.OBLIQUE_DIRECTIONS  # unit i, j, k axes (RAS columns)
     generator = np.random.default_rng(0)
     # Points inside the grid, away from the border where ITK and VTK extrapolate differently.
     plane = np.stack([generator.uniform(1, columns - 2, 300), generator.uniform(1, rows - 2, 300)], axis=1) * spacingMm
@@ -130,7 +131,7 @@ def test_metrics_table_matches_metrics_csv_and_charts_plot_it(tracked):
     assert len(rows) == FRAMES - 1
     table = job.metricsTableNode.GetTable()
     names = [table.GetColumnName(index) for index in range(table.GetNumberOfColumns())]
-    assert names == ["pair", "mse_identity", "mse", "nlcc_identity", "nlcc"]
+    assert names == ["pair", "mse_identity", "mse", "nlcc_identity", "nlcc", "folded_percent"]
     assert table.GetNumberOfRows() == FRAMES - 1
     for index, row in enumerate(rows):
         assert table.GetValue(index, 0).ToInt() == int(row["pair"])
@@ -148,7 +149,7 @@ def test_cancel_leaves_the_scene_unchanged_and_ends_the_worker(echo, tmp_path):
     logic = RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path))
     logic.sequencesLogic = sequencesLogic
     sequence, _ = addCineSequence(scene, *echo)
-    before = scenarios.sceneSnapshot(scene)
+    before = scene_helpers.sceneSnapshot(scene)
     job = logic.trackSequence(sequence, scales="1/2,1", stepsPerScale=100000, device="cpu", waitForCompletion=False)
     deadline = time.monotonic() + 120
     while job.lastProgressEvent is None and not job.isDone and time.monotonic() < deadline:
@@ -158,7 +159,7 @@ def test_cancel_leaves_the_scene_unchanged_and_ends_the_worker(echo, tmp_path):
     assert waitUntilGone(job.worker.pid, timeoutSeconds=2.0) and not processExists(job.worker.pid)
     assert job.state is JobState.CANCELLED and logic.activeJob is None
     assert not job.temporaryDirectory.exists()
-    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "A cancelled tracking")
+    scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "A cancelled tracking")
     assert job.transformSequenceNode is None and job.metricsTableNode is None
 
 
@@ -167,13 +168,13 @@ def test_single_frame_sequence_gives_a_clear_error(echo, tmp_path):
     logic = RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path))
     frames, spacingMm = echo
     sequence, _ = addCineSequence(scene, frames[:1], spacingMm)
-    before = scenarios.sceneSnapshot(scene)
+    before = scene_helpers.sceneSnapshot(scene)
     problems = cineInputProblems(sequence, scales="1/2,1")
     assert problems and "at least two frames" in problems[0]
     with pytest.raises(ValueError, match="has 1 frame.*at least two frames"):
         logic.trackSequence(sequence, scales="1/2,1", stepsPerScale=20, device="cpu")
     assert logic.activeJob is None and not any(tmp_path.iterdir())
-    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "A refused tracking")
+    scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "A refused tracking")
     assert "Select a cine" in cineInputProblems(None)[0]
 
 
@@ -182,10 +183,10 @@ def test_volume_whose_third_axis_is_time_is_tracked_into_a_new_browser(echo, tmp
     logic = RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path))
     logic.sequencesLogic = sequencesLogic
     frames, spacingMm = echo
-    single = scenarios.addVolumeFromArray(scene, frames[0], "one frame", (spacingMm, spacingMm, 1.0))
+    single = scene_helpers.addVolumeFromArray(scene, frames[0], "one frame", (spacingMm, spacingMm, 1.0))
     assert any("single frame" in problem for problem in cineInputProblems(single, scales="1/2,1"))
-    stack = scenarios.addVolumeFromArray(scene, np.stack(frames), "stack", (spacingMm, spacingMm, 2.0), ORIGIN,
-                                         scenarios.OBLIQUE_DIRECTIONS)
+    stack = scene_helpers.addVolumeFromArray(scene, np.stack(frames), "stack", (spacingMm, spacingMm, 2.0), ORIGIN,
+                                         scene_helpers.OBLIQUE_DIRECTIONS)
     assert cineInputProblems(stack, scales="1/2,1") == []
     transforms = logic.trackSequence(stack, scales="1/2,1", stepsPerScale=5, device="cpu")
     assert transforms.GetNumberOfDataNodes() == FRAMES
@@ -194,7 +195,7 @@ def test_volume_whose_third_axis_is_time_is_tracked_into_a_new_browser(echo, tmp
     assert len(browsers) == 1 and browsers[0].GetMasterSequenceNode() is transforms
     for frame in range(FRAMES):  # frame t's field lies on slice t of the volume
         grid = transforms.GetNthDataNode(frame).GetTransformFromParent().GetDisplacementGrid()
-        expectedOrigin = ORIGIN + frame * 2.0 * scenarios.OBLIQUE_DIRECTIONS[:, 2]
+        expectedOrigin = ORIGIN + frame * 2.0 * scene_helpers.OBLIQUE_DIRECTIONS[:, 2]
         np.testing.assert_allclose(grid.GetOrigin(), expectedOrigin, atol=1e-4)
         assert grid.GetDimensions() == (frames[0].shape[1], frames[0].shape[0], 1)
     del sequencesLogic

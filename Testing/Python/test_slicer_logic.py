@@ -1,6 +1,6 @@
 """The Qt-free Slicer logic on a real MRML scene (``slicer-core`` wheel), with the real background worker.
 
-Successful registrations always run the real worker (``SSMSRRegistrationLib.cli``) on real images: pydicom's
+Successful registrations always run the real worker (``python -m SSMSRRegistrationLib``) on real images: pydicom's
 echocardiogram cine and nilearn's ICBM152 template. ``fake_worker.py`` stands in only for crashes, error
 reports, unloadable results and processes that resist termination.
 """
@@ -18,21 +18,15 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from SSMSRRegistrationLib import scenarios  # noqa: E402
-from SSMSRRegistrationLib.engine.schedule import parse_scales  # noqa: E402
-from SSMSRRegistrationLib.logic import (  # noqa: E402
-    JobState,
-    RegistrationError,
-    RegistrationLogic,
-    atlasInputProblems,
-    atlasVolumeNode,
-    describeProgress,
-    gridMatchesVolume,
-    inputProblems,
-    overallFraction,
-    readDisplacementFieldTransform,
-)
-from SSMSRRegistrationLib.worker_process import processExists, waitUntilGone  # noqa: E402
+from SSMSRRegistrationLib.testing import scenarios, scene_helpers  # noqa: E402
+from SSMSRRegistrationLib.common.schedule import parse_scales  # noqa: E402
+from SSMSRRegistrationLib.common.protocol import overall_fraction as overallFraction  # noqa: E402
+from SSMSRRegistrationLib.logic import JobState, RegistrationError, RegistrationLogic  # noqa: E402
+from SSMSRRegistrationLib.mrml.geometry import gridMatchesVolume  # noqa: E402
+from SSMSRRegistrationLib.mrml.parameters import atlasInputProblems, atlasVolumeNode, inputProblems  # noqa: E402
+from SSMSRRegistrationLib.mrml.progress_text import describeProgress  # noqa: E402
+from SSMSRRegistrationLib.mrml.storage import readDisplacementFieldTransform  # noqa: E402
+from SSMSRRegistrationLib.mrml.worker_process import processExists, waitUntilGone  # noqa: E402
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 #: Short schedules keep the suite quick on two CPU cores while still moving the images clearly.
@@ -66,22 +60,22 @@ def fakeWorkerLogic(logic: RegistrationLogic, mode: str) -> RegistrationLogic:
 @pytest.fixture(scope="module")
 def echoFrames():
     pytest.importorskip("pydicom")
-    return scenarios.echocardiogramFrames(frameIndices=(0, 20))
+    return scene_helpers.echocardiogramFrames(frameIndices=(0, 20))
 
 
-def addEchoPair(scene, echoFrames, directions=scenarios.OBLIQUE_DIRECTIONS, origin=(12.0, -40.0, 25.0)):
+def addEchoPair(scene, echoFrames, directions=scene_helpers.OBLIQUE_DIRECTIONS, origin=(12.0, -40.0, 25.0)):
     """Two real echo frames as single-slice volumes on an oblique plane with a non-zero origin."""
     (fixedFrame, movingFrame), spacingMm = echoFrames
     spacing = (spacingMm, spacingMm, 1.0)
-    fixed = scenarios.addVolumeFromArray(scene, fixedFrame, "echo frame 0", spacing, origin, directions)
-    moving = scenarios.addVolumeFromArray(scene, movingFrame, "echo frame 20", spacing, origin, directions)
+    fixed = scene_helpers.addVolumeFromArray(scene, fixedFrame, "echo frame 0", spacing, origin, directions)
+    moving = scene_helpers.addVolumeFromArray(scene, movingFrame, "echo frame 20", spacing, origin, directions)
     return fixed, moving
 
 
 def addSmallVolumes(scene, shape=(8, 10, 12)):
     generator = np.random.default_rng(1)
-    fixed = scenarios.addVolumeFromArray(scene, generator.random(shape, dtype=np.float32), "fixed", spacing=(1.0, 1.2, 1.5))
-    moving = scenarios.addVolumeFromArray(scene, generator.random(shape, dtype=np.float32), "moving", spacing=(1.0, 1.2, 1.5))
+    fixed = scene_helpers.addVolumeFromArray(scene, generator.random(shape, dtype=np.float32), "fixed", spacing=(1.0, 1.2, 1.5))
+    moving = scene_helpers.addVolumeFromArray(scene, generator.random(shape, dtype=np.float32), "moving", spacing=(1.0, 1.2, 1.5))
     return fixed, moving
 
 
@@ -92,7 +86,7 @@ def addSmallVolumes(scene, shape=(8, 10, 12)):
 def test_displacement_field_file_loads_as_from_parent_grid_on_fixed_geometry(scene, tmp_path):
     """An oblique, anisotropic ITK field (LPS, written by SimpleITK) maps RAS points exactly as ITK maps LPS ones."""
     size, spacing, originLps = (12, 10, 8), (1.5, 2.0, 3.0), (10.0, -20.0, 5.0)
-    directionsLps = scenarios.rotationMatrix("z", 20.0) @ scenarios.rotationMatrix("y", 35.0)
+    directionsLps = scene_helpers.rotationMatrix("z", 20.0) @ scene_helpers.rotationMatrix("y", 35.0)
     k, j, i = np.meshgrid(*(np.arange(n) for n in reversed(size)), indexing="ij")
     vectors = np.stack([2 * np.sin(i / 4.0), 1.5 * np.cos(j / 3.0), 0.5 * k - 1.0], axis=-1)
     field = sitk.GetImageFromArray(vectors, isVector=True)
@@ -103,7 +97,7 @@ def test_displacement_field_file_loads_as_from_parent_grid_on_fixed_geometry(sce
     sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(fieldPath))
 
     lpsToRas = np.diag([-1.0, -1.0, 1.0])
-    fixed = scenarios.addVolumeFromArray(scene, np.zeros(tuple(reversed(size)), np.float32), "fixed", spacing,
+    fixed = scene_helpers.addVolumeFromArray(scene, np.zeros(tuple(reversed(size)), np.float32), "fixed", spacing,
                                          lpsToRas @ originLps, lpsToRas @ directionsLps)
     gridTransform = readDisplacementFieldTransform(fieldPath)
     assert gridMatchesVolume(gridTransform, fixed)
@@ -115,7 +109,7 @@ def test_displacement_field_file_loads_as_from_parent_grid_on_fixed_geometry(sce
         actualRas = np.array(gridTransform.TransformPoint(lpsToRas @ pointLps))
         np.testing.assert_allclose(actualRas, expectedRas, atol=1e-4)
 
-    shiftedFixed = scenarios.addVolumeFromArray(scene, np.zeros(tuple(reversed(size)), np.float32), "shifted", spacing,
+    shiftedFixed = scene_helpers.addVolumeFromArray(scene, np.zeros(tuple(reversed(size)), np.float32), "shifted", spacing,
                                                 lpsToRas @ originLps + 1.0, lpsToRas @ directionsLps)
     assert not gridMatchesVolume(gridTransform, shiftedFixed)
 
@@ -159,14 +153,14 @@ def test_progress_text_and_overall_fraction():
 
 def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tmp_path):
     fixed, moving = addSmallVolumes(scene)
-    before = scenarios.sceneSnapshot(scene)
+    before = scene_helpers.sceneSnapshot(scene)
     with pytest.raises(ValueError, match="Select a moving volume"):
         logic.registerVolumes(fixed, None)
     with pytest.raises(ValueError, match="Steps per scale"):
         logic.registerVolumes(fixed, moving, stepsPerScale=0)
     with pytest.raises(ValueError, match="Unknown precision 'half'"):
         logic.registerVolumes(fixed, moving, precision="half")
-    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "Rejected parameters")
+    scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "Rejected parameters")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -181,10 +175,10 @@ def test_real_echocardiogram_pair_on_an_oblique_plane(scene, logic, echoFrames):
 
 def test_segmentation_propagation_on_a_deformed_echocardiogram(scene, logic, echoFrames):
     fixedFrame = echoFrames[0][0]
-    fixed = scenarios.addVolumeFromArray(scene, fixedFrame, "echo frame 0", (echoFrames[1], echoFrames[1], 1.0),
-                                         (5.0, 8.0, -3.0), scenarios.rotationMatrix("y", 30.0))
+    fixed = scene_helpers.addVolumeFromArray(scene, fixedFrame, "echo frame 0", (echoFrames[1], echoFrames[1], 1.0),
+                                         (5.0, 8.0, -3.0), scene_helpers.rotationMatrix("y", 30.0))
     measures = scenarios.runSegmentationPropagationScenario(
-        logic, fixed, scenarios.echocardiogramLabels(fixedFrame), amplitudeMm=3.0, wavelengthMm=80.0,
+        logic, fixed, scene_helpers.echocardiogramLabels(fixedFrame), amplitudeMm=3.0, wavelengthMm=80.0,
         stepsPerScale=STEPS_2D)
     print({key: value for key, value in measures.items() if key != "transformNode"})
 
@@ -193,7 +187,7 @@ def icbmArrays(shape=(32, 40, 32), start=(40, 50, 40)):
     """A 2 mm crop (k, j, i) of nilearn's bundled ICBM152 2009a T1 template scaled to [0, 1], and its white matter."""
     if importlib.util.find_spec("nilearn") is None:
         pytest.skip("nilearn (ICBM152 template) is not installed")
-    from SSMSRRegistrationLib import sample_data
+    from SSMSRRegistrationLib.imaging import sample_data
 
     crop = tuple(slice(first, first + 2 * count, 2) for first, count in zip(start, shape))
     t1 = sitk.GetArrayFromImage(sample_data.brain_t1())[crop]
@@ -203,8 +197,8 @@ def icbmArrays(shape=(32, 40, 32), start=(40, 50, 40)):
 
 def test_segmentation_propagation_on_a_deformed_3d_brain(scene, logic):
     t1, whiteMatter = icbmArrays()
-    fixed = scenarios.addVolumeFromArray(scene, t1, "ICBM152 T1", (2.0, 2.0, 2.4), (-40.0, -60.0, -20.0),
-                                         scenarios.OBLIQUE_DIRECTIONS)
+    fixed = scene_helpers.addVolumeFromArray(scene, t1, "ICBM152 T1", (2.0, 2.0, 2.4), (-40.0, -60.0, -20.0),
+                                         scene_helpers.OBLIQUE_DIRECTIONS)
     measures = scenarios.runSegmentationPropagationScenario(logic, fixed, whiteMatter, amplitudeMm=4.0,
                                                             wavelengthMm=70.0, stepsPerScale=STEPS_3D)
     print({key: value for key, value in measures.items() if key != "transformNode"})
@@ -245,13 +239,13 @@ def test_worker_error_reaches_the_caller(scene, logic, echoFrames):
 def test_worker_failures_give_a_clear_message_and_change_nothing(scene, logic, tmp_path, mode, expected):
     fixed, moving = addSmallVolumes(scene)
     outputTransform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "previous result")
-    before = scenarios.sceneSnapshot(scene)
+    before = scene_helpers.sceneSnapshot(scene)
     with pytest.raises(RegistrationError) as raised:
         fakeWorkerLogic(logic, mode).registerVolumes(fixed, moving, outputTransformNode=outputTransform)
     assert expected in str(raised.value)
     if mode == "crash":
         assert "about to crash in the network" in str(raised.value), "the worker's last stderr lines are missing"
-    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), f"A '{mode}' worker")
+    scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), f"A '{mode}' worker")
     assert outputTransform.GetTransformFromParent().GetClassName() == "vtkTransform"
     assert list(tmp_path.iterdir()) == [], "temporary files left behind"
     assert logic.activeJob is None
@@ -292,7 +286,7 @@ def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
     (jobFolder,) = tmp_path.iterdir()
     assert sorted(path.name for path in jobFolder.iterdir()) == ["fixed.nrrd", "moving.nrrd"]
     written = sitk.ReadImage(str(jobFolder / "fixed.nrrd"))
-    np.testing.assert_allclose(sitk.GetArrayFromImage(written), scenarios.arrayFromVolume(fixed))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(written), scene_helpers.arrayFromVolume(fixed))
     np.testing.assert_allclose(written.GetSpacing(), (1.0, 1.2, 1.5))
 
 
@@ -302,18 +296,18 @@ def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
 
 def test_atlas_segmentation_picks_the_matching_atlas_and_propagates_its_segments(scene, logic):
     pytest.importorskip("pydicom")
-    frames, spacingMm = scenarios.echocardiogramFrames(frameIndices=(0, 10, 20))
-    reference = scenarios.addVolumeFromArray(scene, frames[0], "echo frame 0", (spacingMm, spacingMm, 1.0),
-                                             (5.0, 8.0, -3.0), scenarios.rotationMatrix("y", 30.0))
-    others = [(frame, scenarios.echocardiogramLabels(frame)) for frame in frames[1:]]
-    measures = scenarios.runAtlasSegmentationScenario(logic, reference, scenarios.echocardiogramLabels(frames[0]), others,
+    frames, spacingMm = scene_helpers.echocardiogramFrames(frameIndices=(0, 10, 20))
+    reference = scene_helpers.addVolumeFromArray(scene, frames[0], "echo frame 0", (spacingMm, spacingMm, 1.0),
+                                             (5.0, 8.0, -3.0), scene_helpers.rotationMatrix("y", 30.0))
+    others = [(frame, scene_helpers.echocardiogramLabels(frame)) for frame in frames[1:]]
+    measures = scenarios.runAtlasSegmentationScenario(logic, reference, scene_helpers.echocardiogramLabels(frames[0]), others,
                                                       amplitudeMm=3.0, wavelengthMm=80.0, stepsPerScale=STEPS_2D)
     print({key: value for key, value in measures.items() if key != "segmentationNode"})
 
 
 def test_atlas_inputs_are_checked_before_anything_starts(scene, logic, tmp_path):
     fixed, moving = addSmallVolumes(scene)
-    segmentation = scenarios.addSegmentationFromLabels(scene, (scenarios.arrayFromVolume(moving) > 0.5).astype(np.uint8),
+    segmentation = scene_helpers.addSegmentationFromLabels(scene, (scene_helpers.arrayFromVolume(moving) > 0.5).astype(np.uint8),
                                                        moving, "atlas")
     orphan = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "orphan")
     assert atlasVolumeNode(segmentation) is moving and atlasVolumeNode(orphan) is None
@@ -323,12 +317,12 @@ def test_atlas_inputs_are_checked_before_anything_starts(scene, logic, tmp_path)
     assert any("Check one or more" in problem for problem in atlasInputProblems(fixed, []))
     assert any("model file" in problem for problem in atlasInputProblems(fixed, [(moving, segmentation)],
                                                                         modelFile=str(tmp_path / "none.pt")))
-    before = scenarios.sceneSnapshot(scene)
+    before = scene_helpers.sceneSnapshot(scene)
     with pytest.raises(ValueError, match="no source volume"):
         logic.segmentWithAtlases(fixed, [orphan])
     with pytest.raises(ValueError, match="model file"):
         logic.registerVolumes(fixed, moving, modelFile=str(tmp_path / "none.pt"))
-    scenarios.assertSceneUnchanged(before, scenarios.sceneSnapshot(scene), "Rejected atlas parameters")
+    scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "Rejected atlas parameters")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -344,11 +338,39 @@ def test_model_file_reaches_the_worker_and_zero_steps_is_inference(scene, logic,
 
 
 def test_precision_reaches_the_worker(scene, logic):
+    """On a CPU without native bfloat16 the worker reports float32 either way: the command line is what shows that
+    the choice reaches the worker."""
     fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
-    events = []
-    logic.registerVolumes(fixed, moving, scales="1", stepsPerScale=2, precision="float32", device="cpu",
-                          progressCallback=events.append)
-    assert [event["precision"] for event in events if event.get("event") == "started"] == ["float32"]
+    for precision in ("float32", "mixed"):
+        events = []
+        job = logic.registerVolumes(fixed, moving, scales="1", stepsPerScale=2, precision=precision, device="cpu",
+                                    progressCallback=events.append, waitForCompletion=False)
+        assert job.wait() is JobState.SUCCEEDED, job.errorMessage
+        assert job.command[job.command.index("--precision") + 1] == precision
+        started = [event["precision"] for event in events if event.get("event") == "started"]
+        assert started in (["float32"], ["bfloat16 mixed"]) and (precision == "mixed" or started == ["float32"])
+
+
+def test_the_result_records_its_inputs_as_registration_references_and_its_folding(scene, logic):
+    """Slicer's registration roles (remapped on scene import, unlike attributes holding node IDs); the
+    transform's description and the optional Jacobian volume report the folding."""
+    fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
+    jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
+    transform = logic.registerVolumes(fixed, moving, jacobianVolumeNode=jacobian, scales="1/2,1", stepsPerScale=20,
+                                      device="cpu")
+    assert transform.GetNodeReference(transform.GetFixedNodeReferenceRole()) is fixed
+    assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is moving
+    assert "% of the fixed grid folded (Jacobian determinant <= 0)" in transform.GetDescription()
+    assert transform.GetAttribute("SSMSR.FixedVolumeID") is None
+    determinants = scene_helpers.arrayFromVolume(jacobian)
+    assert determinants.shape == scene_helpers.arrayFromVolume(fixed).shape
+    assert np.isfinite(determinants).all() and 0.5 < np.median(determinants) < 1.5
+    assert scene_helpers.ijkToRasArray(jacobian) == pytest.approx(scene_helpers.ijkToRasArray(fixed))
+    colors = jacobian.GetDisplayNode().GetColorNode()
+    assert colors.GetName() == "SSMSR Jacobian determinant"
+    red = [0.0] * 4
+    colors.GetColor(10, red)  # a determinant below 0
+    assert red[:3] == [1.0, 0.0, 0.0]
 
 
 def trainTinyModel(path: str, ndim: int, scales: str) -> None:
@@ -356,7 +378,7 @@ def trainTinyModel(path: str, ndim: int, scales: str) -> None:
     import torch
 
     from SSMSRRegistrationLib.engine.pretraining import TensorPairs, TrainingSettings, train_networks
-    from SSMSRRegistrationLib.models import SavedModel, save_model
+    from SSMSRRegistrationLib.workflows.models import SavedModel, save_model
 
     generator = torch.Generator().manual_seed(0)
     shape = (16, 20, 24) if ndim == 3 else (32, 32)

@@ -14,14 +14,17 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
-from SSMSRRegistrationLib import sample_data, tracking_figures
-from SSMSRRegistrationLib.cli import EXIT_INPUT, EXIT_OK, main
+from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.report import figures as tracking_figures
+from SSMSRRegistrationLib.interfaces.cli import EXIT_INPUT, EXIT_OK, main
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
-from SSMSRRegistrationLib.engine.schedule import parse_scales
+from SSMSRRegistrationLib.common.schedule import parse_scales
 from SSMSRRegistrationLib.engine.spatial import warp
-from SSMSRRegistrationLib.errors import InputError
+from SSMSRRegistrationLib.common.errors import InputError
 from SSMSRRegistrationLib.imaging.fields import displacement_transform
-from SSMSRRegistrationLib.tracking import default_masks, read_cine, read_masks, track
+from SSMSRRegistrationLib.imaging.cine import default_masks, read_cine, read_masks
+from SSMSRRegistrationLib.interfaces.api import save_tracking
+from SSMSRRegistrationLib.workflows.track import track
 
 #: Echo frames of the test cine: every third frame (larger motion than 30 fps neighbours), frame 9 twice;
 #: cropped to the heart at full resolution.
@@ -76,7 +79,7 @@ def tracked(cine_path, tmp_path_factory):
     """The test cine tracked with a short schedule and saved with every output."""
     result = track(cine_path, scales="1/4,1/2,1", steps=200, batch_size=2, device="cpu")
     folder = tmp_path_factory.mktemp("tracked") / "out"
-    outputs = result.save(str(folder), accumulated=True)
+    outputs = save_tracking(result, str(folder), accumulated=True)
     return result, outputs, folder
 
 
@@ -191,12 +194,12 @@ def test_figures_show_every_pair(tracked):
 def test_a_failure_while_saving_leaves_no_output_folder(tracked, tmp_path, monkeypatch):
     result, _, _ = tracked
 
-    def broken(path, tracking_result):
+    def broken(path, *arrays):
         raise OSError("disk full")
 
     monkeypatch.setattr(tracking_figures, "write_overview", broken)
     with pytest.raises(OSError, match="disk full"):
-        result.save(str(tmp_path / "out"))
+        save_tracking(result, str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -331,3 +334,17 @@ def test_mini_batches_of_pairs_train_one_network_and_evaluate_every_pair():
                                                                    batch_size=2),
                                initial_networks=single.networks, device="cpu")
     torch.testing.assert_close(chunked.displacement, single.displacement, atol=1e-5, rtol=0)
+
+
+def test_metrics_report_the_folded_pixels_of_every_pair(tracked):
+    result, outputs, _ = tracked
+    with open(outputs["metrics"], newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    folded = np.array([float(row["folded_percent"]) for row in rows])
+    assert len(folded) == len(result.pairs) and np.all((folded >= 0) & (folded <= 100))
+    # The same as the determinant of each pair's field, counted over the frame.
+    from SSMSRRegistrationLib.engine.metrics import jacobian_determinant
+
+    expected = 100 * (jacobian_determinant(result.displacements) <= 0).float().mean(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(folded, expected, atol=1e-4)
+    assert result.summary()["max_folded_percent"] == pytest.approx(folded.max(), abs=1e-4)

@@ -47,12 +47,12 @@ from evaluation.measure import Usage, cpu_name, measured, torch_device_name  # n
 from evaluation.methods import preset_method  # noqa: E402
 from evaluation.report import summarise  # noqa: E402
 from evaluation.runner import configure_threads, run_case  # noqa: E402
-from SSMSRRegistrationLib import sample_data  # noqa: E402
+from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device  # noqa: E402
-from SSMSRRegistrationLib.engine.schedule import parse_scales  # noqa: E402
+from SSMSRRegistrationLib.common.schedule import parse_scales  # noqa: E402
 from SSMSRRegistrationLib.engine.spatial import resize_image  # noqa: E402
 from SSMSRRegistrationLib.engine.unet import bfloat16_supported  # noqa: E402
-from SSMSRRegistrationLib.presets import PRESETS  # noqa: E402
+from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
 
 SECTIONS = ("steps", "schedules", "large", "presets")
 

@@ -1,1 +1,4 @@
-"""SSMSR engine: networks, warping, losses, multi-scale test-time training, metrics (torch only)."""
+"""The engine: U-Nets, warping, losses, coarse-to-fine test-time training and pretraining, metrics.
+
+Works on torch tensors in voxel units. May import torch and ``common``; never SimpleITK, vtk, slicer or qt.
+"""

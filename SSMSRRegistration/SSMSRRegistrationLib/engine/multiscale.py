@@ -20,18 +20,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import InputError, RegistrationCancelled
+from ..common.errors import InputError, RegistrationCancelled
+from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_name, progress_event, started_event
+from ..common.schedule import check_schedule, format_scale, scaled_size
 from .losses import local_ncc, registration_loss
-from .schedule import check_schedule, format_scale, scaled_size
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import (DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet, bfloat16_supported,
                    predict, use_mixed_precision)
-
-#: Default interval between progress reports (and cancel checks), seconds.
-REPORT_SECONDS = 0.2
-
-ProgressCallback = Callable[[dict], None]
-
 
 @dataclass
 class RegistrationSettings:
@@ -87,21 +82,21 @@ class RegistrationResult:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N' -> torch.device, with clear errors."""
-    name = (name or "auto").strip().lower()
+    try:
+        name = check_device_name(name)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise InputError(f"Device {name!r} was asked for but this PyTorch sees no CUDA GPU; "
-                             "use --device cpu (or auto).")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"Device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
-                             "are visible.")
-        return device
-    raise InputError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.")
+    if not torch.cuda.is_available():
+        raise InputError(f"Device {name!r} was asked for but this PyTorch sees no CUDA GPU; choose the CPU (or "
+                         "automatic) device instead.")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"Device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return device
 
 
 def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
@@ -166,19 +161,17 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     per_scale: List[torch.Tensor] = []
     histories: Dict[str, List[float]] = {}
     trained: List[Dict[str, torch.Tensor]] = []
-    total_steps = max(1, settings.steps_per_scale * len(scales))
     if progress is not None:
-        progress({"event": "started", "device": str(device), "scales": [format_scale(s) for s in scales],
-                  "steps_per_scale": settings.steps_per_scale, "image_size": list(reversed(size)),
-                  "pairs": pairs, "batch_size": batch_size, "precision": "bfloat16 mixed" if mixed else "float32"})
+        progress(started_event(device, [format_scale(s) for s in scales], settings.steps_per_scale,
+                               list(reversed(size)), pairs, batch_size,
+                               precision="bfloat16 mixed" if mixed else "float32"))
     start = last_report = time.perf_counter()
 
     for index, scale in enumerate(scales):
         if initial_networks is not None:
             network.load_state_dict(initial_networks[index if len(initial_networks) > 1 else 0])
         scale_size = scaled_size(size, scale)
-        fixed_s = resize_image(fixed, scale_size)
-        moving_s = resize_image(warp(moving, displacement), scale_size)
+        fixed_s, moving_s = scale_pair(fixed, moving, displacement, scale_size)
         mask_s = (resize_image(mask, scale_size) > 0.5).float() if mask is not None else None
         if mask_s is not None and mask_s.sum() == 0:
             mask_s = (resize_image(mask, scale_size) > 0).float()
@@ -212,18 +205,14 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                 if should_stop is not None and should_stop():
                     raise RegistrationCancelled("registration cancelled")
                 if progress is not None:
-                    elapsed = now - start
-                    finished = index * settings.steps_per_scale + done
-                    progress({"event": "progress", "scale": format_scale(scale), "scale_index": index,
-                              "num_scales": len(scales), "step": done, "steps": settings.steps_per_scale,
-                              "loss": float(losses[step]), "fraction": finished / total_steps,
-                              "elapsed_s": elapsed, "eta_s": elapsed / finished * (total_steps - finished)})
+                    progress(progress_event(format_scale(scale), index, len(scales), done, settings.steps_per_scale,
+                                            float(losses[step]), 0, now - start))
         histories[format_scale(scale)] = losses.tolist()
 
         network.eval()
         with torch.no_grad():
             residual = torch.cat([predict(network, chunk, mixed) for chunk in pair.split(batch_size)])
-        displacement = compose(displacement, resize_field(residual, size))
+        displacement = add_residual(displacement, residual)
         per_scale.append(displacement)
         # The next scale goes on training this network: it starts from these weights.
         trained.append({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -233,6 +222,40 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                               loss_history=histories, networks=trained,
                               seconds=time.perf_counter() - start, device=str(device), window=window,
                               scales=scales)
+
+
+def scale_pair(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,
+               scale_size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of one scale: ``fixed`` and ``moving`` warped by the field so far, both resized to ``scale_size``.
+
+    fixed, moving: (N, 1, *S); displacement: (N, ndim, *S) voxels. Returns two (N, 1, *scale_size) tensors.
+    """
+    return resize_image(fixed, scale_size), resize_image(warp(moving, displacement), scale_size)
+
+
+def add_residual(displacement: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The field so far (N, ndim, *S) composed with a residual predicted at a scale's size (N, ndim, *s), in voxels
+    of that size: u(p) = r(p) + u_c(p + r(p)) at full resolution (see ``spatial.compose``)."""
+    return compose(displacement, resize_field(residual, tuple(displacement.shape[2:])))
+
+
+def coarse_to_fine_field(networks: Sequence[torch.nn.Module], fixed: torch.Tensor, moving: torch.Tensor,
+                         scales: Sequence[Fraction]) -> torch.Tensor:
+    """Composed full-resolution field of trained networks (no training), as ``register_tensors`` computes it.
+
+    Args:
+        networks: one network per leading scale of ``scales`` (fewer networks than scales: the field after them).
+        fixed, moving: (N, 1, *S).
+    Returns:
+        (N, ndim, *S) voxel field (zeros when ``networks`` is empty).
+    """
+    size = tuple(fixed.shape[2:])
+    displacement = torch.zeros((fixed.shape[0], len(size)) + size, device=fixed.device)
+    with torch.no_grad():
+        for network, scale in zip(networks, scales):
+            fixed_s, moving_s = scale_pair(fixed, moving, displacement, scaled_size(size, scale))
+            displacement = add_residual(displacement, network(torch.cat([moving_s, fixed_s], dim=1)))
+    return displacement
 
 
 def similarity(fixed: torch.Tensor, moving: torch.Tensor, displacement: Optional[torch.Tensor], window: int,

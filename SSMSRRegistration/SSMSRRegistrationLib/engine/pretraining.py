@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import InputError, TrainingStopped
+from ..common.errors import InputError, TrainingStopped
+from ..common.protocol import REPORT_SECONDS, VALIDATION, ProgressCallback, progress_event, started_event
+from ..common.schedule import check_schedule, format_scale, scaled_size
 from .losses import registration_loss
-from .multiscale import RegistrationSettings
-from .schedule import check_schedule, format_scale, scaled_size
-from .spatial import compose, resize_field, resize_image, warp
+from .multiscale import RegistrationSettings, coarse_to_fine_field, scale_pair
+from .spatial import warp
 from .unet import RegistrationUNet
 
-#: Default interval between progress reports, seconds.
-REPORT_SECONDS = 0.2
-
 StateDict = Dict[str, torch.Tensor]
-ProgressCallback = Callable[[dict], None]
 
 
 class PairSource:
@@ -149,28 +145,6 @@ def batch_indices(seed: int, scale_index: int, step: int, count: int, batch_size
     return order[position * batch_size:(position + 1) * batch_size].tolist()
 
 
-def coarse_to_fine_field(networks: Sequence[torch.nn.Module], fixed: torch.Tensor, moving: torch.Tensor,
-                         scales: Sequence[Fraction]) -> torch.Tensor:
-    """Composed full-resolution field of trained networks (no training), as ``register_tensors`` computes it.
-
-    Args:
-        networks: one network per leading scale of ``scales`` (fewer networks than scales: the field after them).
-        fixed, moving: (N, 1, *S).
-    Returns:
-        (N, ndim, *S) voxel field (zeros when ``networks`` is empty).
-    """
-    size = tuple(fixed.shape[2:])
-    displacement = torch.zeros((fixed.shape[0], len(size)) + size, device=fixed.device)
-    with torch.no_grad():
-        for network, scale in zip(networks, scales):
-            scale_size = scaled_size(size, scale)
-            fixed_s = resize_image(fixed, scale_size)
-            moving_s = resize_image(warp(moving, displacement), scale_size)
-            residual = network(torch.cat([moving_s, fixed_s], dim=1))
-            displacement = compose(displacement, resize_field(residual, size))
-    return displacement
-
-
 class _ScaleInputs:
     """(fixed_s, moving_s) of pairs at one scale, moving warped by the coarser networks; cached up to a budget."""
 
@@ -191,7 +165,7 @@ class _ScaleInputs:
         scale_size = scaled_size(size, self.scales[self.index])
         with torch.no_grad():
             displacement = coarse_to_fine_field(self.coarse, fixed, moving, self.scales[:self.index])
-            inputs = (resize_image(fixed, scale_size), resize_image(warp(moving, displacement), scale_size))
+            inputs = scale_pair(fixed, moving, displacement, scale_size)
         cost = 2 * inputs[0].numel() * inputs[0].element_size()
         if self.used + cost <= self.budget:
             self.cache[index] = inputs
@@ -221,7 +195,7 @@ def check_pairs(source: PairSource, settings: TrainingSettings, role: str) -> in
         if len(set(sizes)) > 1:
             examples = ", ".join("x".join(map(str, reversed(size))) for size in sorted(set(sizes))[:4])
             raise InputError(f"A batch of {settings.batch_size} pairs needs images of one size, but the training "
-                             f"pairs have {len(set(sizes))} sizes ({examples}, ...); use --batch 1, or resample "
+                             f"pairs have {len(set(sizes))} sizes ({examples}, ...); train with a batch size of 1, or resample "
                              "the images onto a common grid.")
     return dimensions.pop()
 
@@ -260,13 +234,11 @@ def train_networks(training: PairSource, validation: Optional[PairSource], setti
         raise InputError(f"The checkpoint (scale index {state.scale_index}, step {state.step}, "
                          f"{len(state.networks)} trained networks) does not fit {len(scales)} scales of {steps} steps.")
     pairs = len(training)
-    total_steps = steps * len(scales)
     done_before = min(state.scale_index, len(scales)) * steps + (state.step if state.scale_index < len(scales) else 0)
     if progress is not None:
-        progress({"event": "started", "device": str(device), "scales": [format_scale(s) for s in scales],
-                  "steps_per_scale": steps, "image_size": list(reversed(training.size(0))), "pairs": pairs,
-                  "validation_pairs": len(validation) if has_validation else 0,
-                  "batch_size": settings.batch_size, "resumed_at": done_before})
+        progress(started_event(device, [format_scale(s) for s in scales], steps, list(reversed(training.size(0))),
+                               pairs, settings.batch_size, validation_pairs=len(validation) if has_validation else 0,
+                               resumed_at=done_before))
     start = last_report = time.perf_counter()
     seconds_before = state.seconds
 
@@ -309,7 +281,7 @@ def train_networks(training: PairSource, validation: Optional[PairSource], setti
             record = {"scale": key, "scale_index": index, "step": step, "loss": loss}
             state.validation_history.append(record)
             if progress is not None:
-                progress({"event": "validation", **record})
+                progress({"event": VALIDATION, **record})
 
         network.eval()
         validate_now(state.step)
@@ -338,12 +310,7 @@ def train_networks(training: PairSource, validation: Optional[PairSource], setti
                 else now - last_report >= REPORT_SECONDS
             if progress is not None and (due or done == steps):
                 last_report = now
-                finished = index * steps + done
-                elapsed = now - start
-                rate = elapsed / max(finished - done_before, 1)
-                progress({"event": "progress", "scale": key, "scale_index": index, "num_scales": len(scales),
-                          "step": done, "steps": steps, "loss": history[-1], "fraction": finished / total_steps,
-                          "elapsed_s": elapsed, "eta_s": rate * (total_steps - finished)})
+                progress(progress_event(key, index, len(scales), done, steps, history[-1], done_before, now - start))
             if should_stop is not None and should_stop() and done < steps:
                 snapshot(network, optimizer)
                 if checkpoint is not None:

@@ -1,1 +1,5 @@
-"""Image I/O and geometry: images in physical space, displacement-field files, resampling (SimpleITK)."""
+"""Images in physical space: reading and checking images, cines and masks, resampling, displacement-field files,
+atomic writes, the sample data shipped in registry packages.
+
+May import SimpleITK, numpy and ``common``; never torch, slicer or qt.
+"""

@@ -16,8 +16,8 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import write_atomically
-from ..errors import InputError
+from .atomic import write_atomically
+from ..common.errors import InputError
 
 TRANSFORM_EXTENSIONS = (".h5", ".hdf5")
 
@@ -59,6 +59,24 @@ def image_to_voxel_field(field: sitk.Image) -> np.ndarray:
 def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
     """A SimpleITK transform for a physical field (the field image is copied, not consumed)."""
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def jacobian_determinant_image(field: sitk.Image) -> sitk.Image:
+    """det(I + du/dp) of a physical displacement field (mm, LPS), a float32 image on the field's grid.
+
+    Central differences in millimetres, as SimpleITK's ``DisplacementFieldJacobianDeterminant``; that filter
+    differentiates along the grid axes and ignores the direction cosines, so the vectors are first expressed in
+    the grid's axes (v = D^T u): det(I + D^T (du/dp) D) = det(I + du/dp). On an axis-aligned grid the result is
+    the filter's. Values <= 0 mark folding.
+    """
+    ndim = field.GetDimension()
+    direction = np.array(field.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    in_axes = sitk.GetImageFromArray(sitk.GetArrayFromImage(field).astype(np.float64) @ direction, isVector=True)
+    in_axes.SetSpacing(field.GetSpacing())
+    determinant = sitk.DisplacementFieldJacobianDeterminant(in_axes)
+    determinant = sitk.Cast(determinant, sitk.sitkFloat32)
+    determinant.CopyInformation(field)
+    return determinant
 
 
 def write_image(image: sitk.Image, path: str, compress: bool = True) -> None:

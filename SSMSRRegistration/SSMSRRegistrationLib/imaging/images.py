@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 ImageLike = Union[str, os.PathLike, sitk.Image]
 
@@ -139,14 +139,14 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GRID_TOLERANCE) -
             and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance))
 
 
-def resample_onto(image: sitk.Image, reference: sitk.Image, labels: bool = False) -> sitk.Image:
+def resample_onto(image: sitk.Image, reference: sitk.Image, labels: bool = False, outside: float = 0.0) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid by world coordinates (identity transform).
 
-    Linear interpolation, or nearest neighbour for label maps; 0 outside the image.
+    Linear interpolation, or nearest neighbour for label maps; ``outside`` where the reference grid leaves the image.
     """
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     output_type = image.GetPixelID() if labels else sitk.sitkFloat32
-    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0, output_type)
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(outside), output_type)
 
 
 def overlaps(a: sitk.Image, b: sitk.Image) -> bool:
@@ -166,8 +166,10 @@ def overlaps(a: sitk.Image, b: sitk.Image) -> bool:
 def normalised_on_grid(image: sitk.Image, reference: sitk.Image, role: str, reference_role: str) -> np.ndarray:
     """``image``'s intensities scaled to [0, 1] on ``reference``'s grid, as a float32 array (array-axis order).
 
-    The normalisation window comes from the image's own voxels; an image on another grid is then resampled
-    onto the reference by world coordinates. Raises InputError if the two do not overlap in physical space.
+    The normalisation window comes from the image's own voxels (so pretraining and test-time registration give a
+    network the same input); an image on another grid is then resampled onto the reference by world coordinates,
+    and reference voxels outside the image get the bottom of the window (0), not a raw 0 that could be mid-grey
+    (0 HU in a CT). Raises InputError if the two do not overlap in physical space.
     """
     array = sitk.GetArrayFromImage(image)
     window = intensity_window(array, role)
@@ -175,6 +177,6 @@ def normalised_on_grid(image: sitk.Image, reference: sitk.Image, role: str, refe
         if not overlaps(image, reference):
             raise InputError(f"The {role} does not overlap the {reference_role} in physical space; align it first "
                              "(rigid or affine registration) or check its origin and direction.")
-        array = sitk.GetArrayFromImage(resample_onto(image, reference))
+        array = sitk.GetArrayFromImage(resample_onto(image, reference, outside=window[0]))
     return rescale(array, window)
 

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from SSMSRRegistrationLib import sample_data
+from SSMSRRegistrationLib.imaging import sample_data
 from SSMSRRegistrationLib.imaging.images import intensity_window, rescale
 
 from .config import Config

@@ -13,8 +13,9 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk
 
-from SSMSRRegistrationLib import sample_data
-from SSMSRRegistrationLib.tracking import MASK_DILATION_RADIUS, NLCC_RADIUS, default_masks
+from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.imaging.cine import MASK_DILATION_RADIUS, default_masks
+from SSMSRRegistrationLib.workflows.track import NLCC_RADIUS
 
 from .cases import Case, Pair
 from .config import Config

@@ -19,12 +19,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from SSMSRRegistrationLib.api import register
+from SSMSRRegistrationLib.workflows.register import register
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device
-from SSMSRRegistrationLib.engine.schedule import format_scale, format_scales, parse_scales
+from SSMSRRegistrationLib.common.schedule import format_scale, format_scales, parse_scales
 from SSMSRRegistrationLib.imaging.fields import voxel_field_to_image
-from SSMSRRegistrationLib.presets import preset_named
-from SSMSRRegistrationLib.tracking import Cine, track
+from SSMSRRegistrationLib.common.presets import preset_named
+from SSMSRRegistrationLib.imaging.cine import Cine
+from SSMSRRegistrationLib.workflows.track import track
 
 from .cases import Case, normalised
 from .config import Config

@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .imaging.images import read_image
+from ..common.errors import InputError
+from .images import read_image
 
 GREY_MATTER, WHITE_MATTER = 1, 2
 

@@ -40,11 +40,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import __version__
-from .engine.schedule import format_scales, parse_scales
-from .engine.unet import RegistrationUNet
-from .atomic import write_atomically
-from .errors import InputError
+from .. import __version__
+from ..common.schedule import format_scales, parse_scales
+from ..engine.unet import RegistrationUNet
+from ..imaging.atomic import write_atomically
+from ..common.errors import InputError
 
 FORMAT_ID = "ssmsr-model"
 FORMAT_VERSION = 1

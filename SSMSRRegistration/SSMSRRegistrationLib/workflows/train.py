@@ -35,13 +35,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__
-from .engine.multiscale import resolve_device
-from .engine.pretraining import PairSource, TrainingSettings, TrainingState, check_pairs, train_networks
-from .engine.schedule import format_scales, parse_scales
-from .engine.unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS
-from .errors import InputError, TrainingStopped
-from .imaging.images import check_image, intensity_window, overlaps, read_image, resample_onto, rescale, same_grid
+from .. import __version__
+from ..engine.multiscale import resolve_device
+from ..engine.pretraining import PairSource, TrainingSettings, TrainingState, check_pairs, train_networks
+from ..common.schedule import format_scales, parse_scales
+from ..engine.unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS
+from ..common.errors import InputError, TrainingStopped
+from ..common.protocol import CHECKPOINT, ProgressCallback
+from ..imaging.images import check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model, model_summary, save_model
 
 #: File names (lower case) that a collection folder takes as images.
@@ -211,16 +212,10 @@ class ImagePairs(PairSource):
         check_image(fixed, f"{self.role} fixed image {fixed_path!r}")
         moving = read_image(moving_path, f"{self.role} moving image")
         check_image(moving, f"{self.role} moving image {moving_path!r}", fixed.GetDimension())
-        if not same_grid(moving, fixed):
-            if not overlaps(moving, fixed):
-                raise InputError(f"The {self.role} pair {fixed_path!r}, {moving_path!r} does not overlap in physical "
-                                 "space; align the images first or check their origins and directions.")
-            moving = resample_onto(moving, fixed)
-        fixed_array = sitk.GetArrayFromImage(fixed)
-        moving_array = sitk.GetArrayFromImage(moving)
-        pair = tuple(torch.from_numpy(np.ascontiguousarray(rescale(array, intensity_window(array, role))))[None, None]
-                     for array, role in ((fixed_array, f"{self.role} fixed image {fixed_path!r}"),
-                                         (moving_array, f"{self.role} moving image {moving_path!r}")))
+        fixed_role, moving_role = f"{self.role} fixed image {fixed_path!r}", f"{self.role} moving image {moving_path!r}"
+        pair = tuple(torch.from_numpy(np.ascontiguousarray(array))[None, None]
+                     for array in (normalised_on_grid(fixed, fixed, fixed_role, fixed_role),
+                                   normalised_on_grid(moving, fixed, moving_role, fixed_role)))
         cost = sum(t.numel() * t.element_size() for t in pair)
         while self._cache and self._cached_bytes + cost > self.cache_bytes:
             _, dropped = self._cache.popitem(last=False)
@@ -314,7 +309,7 @@ def train(pairs: Union[str, os.PathLike], output: Union[str, os.PathLike], *, sc
           validation_every: Optional[int] = None, encoder_channels: Sequence[int] = DEFAULT_ENCODER_CHANNELS,
           decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, device: str = "auto",
           resume: Optional[Union[str, os.PathLike]] = None, overwrite: bool = False,
-          cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Optional[Callable[[dict], None]] = None,
+          cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Optional[ProgressCallback] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> TrainingOutput:
     """Pretrain the per-scale networks on a collection and write the model file ``output``.
 
@@ -380,7 +375,7 @@ def train(pairs: Union[str, os.PathLike], output: Union[str, os.PathLike], *, sc
                    output)
         if progress is not None:
             finished = current.finished(len(settings.scales))
-            progress({"event": "checkpoint", "path": output, "complete": finished,
+            progress({"event": CHECKPOINT, "path": output, "complete": finished,
                       "scale_index": min(current.scale_index, len(settings.scales) - 1),
                       "step": settings.steps_per_scale if finished else current.step})
 

@@ -15,14 +15,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .engine.metrics import folding_statistics
-from .engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
-from .engine.schedule import parse_scales
-from .errors import InputError
+from ..engine.metrics import folding_statistics
+from ..engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
+from ..common.schedule import parse_scales
+from ..common.errors import InputError
+from ..common.protocol import ProgressCallback
 from .models import SavedModel, load_model
-from .imaging.fields import displacement_transform, voxel_field_to_image, write_field, write_image
-from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image, resample_onto, same_grid
-from .presets import DEFAULT_PRESET, budget
+from ..imaging.fields import (displacement_transform, jacobian_determinant_image, voxel_field_to_image, write_field,
+                              write_image)
+from ..imaging.images import ImageLike, check_image, normalised_on_grid, read_image, resample_onto, same_grid
+from ..common.presets import DEFAULT_PRESET, budget
 
 
 @dataclass
@@ -50,8 +52,12 @@ class RegistrationOutput:
         displacement = self.engine_result.displacements_per_scale[index][0].cpu().numpy()
         return voxel_field_to_image(displacement, self.fixed_grid)
 
-    def save(self, field_path: str, warped_path: Optional[str] = None,
-             warped_labels_path: Optional[str] = None) -> Dict[str, Optional[str]]:
+    def jacobian(self) -> sitk.Image:
+        """The Jacobian determinant of ``field`` on the fixed grid (float32; <= 0 where the field folds)."""
+        return jacobian_determinant_image(self.field)
+
+    def save(self, field_path: str, warped_path: Optional[str] = None, warped_labels_path: Optional[str] = None,
+             jacobian_path: Optional[str] = None) -> Dict[str, Optional[str]]:
         """Write the outputs (each atomically); returns the paths written."""
         if warped_labels_path and self.warped_labels is None:
             raise InputError("warped labels were asked for but no moving label map was registered.")
@@ -60,7 +66,10 @@ class RegistrationOutput:
             write_image(self.warped, warped_path)
         if warped_labels_path:
             write_image(self.warped_labels, warped_labels_path)
-        return {"field": field_path, "warped": warped_path, "warped_labels": warped_labels_path}
+        if jacobian_path:
+            write_image(self.jacobian(), jacobian_path)
+        return {"field": field_path, "warped": warped_path, "warped_labels": warped_labels_path,
+                "jacobian": jacobian_path}
 
 
 def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
@@ -81,7 +90,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
              smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
-             progress: Optional[Callable[[dict], None]] = None,
+             progress: Optional[ProgressCallback] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> RegistrationOutput:
     """Register ``moving`` onto ``fixed`` with SSMSR (multi-scale test-time training).
 
@@ -161,7 +170,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     after = similarity(fixed_eval, moving_eval, displacement, result.window, mask_eval)
     metrics = {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
                "mse_before": before["mse"], "mse_after": after["mse"],
-               "final_loss": next(reversed(result.loss_history.values()))[-1] if steps else float("nan"),
+               "final_loss": (next(reversed(result.loss_history.values()))[-1] if settings.steps_per_scale
+                              else float("nan")),
                "seconds": result.seconds, "device": result.device,
                "model": os.path.abspath(model_path) if model is not None and model_path != "the model" else None,
                **folding_statistics(displacement.detach().cpu())}

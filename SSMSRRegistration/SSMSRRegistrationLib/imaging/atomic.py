@@ -6,7 +6,7 @@ import os
 import uuid
 from typing import Callable
 
-from .errors import InputError
+from ..common.errors import InputError
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> str:

@@ -8,16 +8,13 @@ at the top) with the pixel aspect ratio of their spacing.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from typing import TYPE_CHECKING, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 
-if TYPE_CHECKING:
-    from .tracking import TrackingResult
+from ..common.errors import InputError
 
 #: Number of arrows along the longer frame axis.
 ARROWS_ACROSS = 24
@@ -78,24 +75,32 @@ def _draw_motion(axes, frame: np.ndarray, displacement: np.ndarray, mask: np.nda
                 angles="xy", scale_units="xy", scale=1.0, color=ARROW_COLOUR, width=0.004, headwidth=4)
 
 
-def _aspect(result: "TrackingResult") -> float:
-    spacing_x, spacing_y = result.cine.frame_grid.GetSpacing()
-    return spacing_y / spacing_x
+def check_figure_support() -> None:
+    """Raise InputError when matplotlib, which draws the GIF and PNG, is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("The tracking GIF and PNG need matplotlib: pip install matplotlib (or ask for no "
+                         "figures: --no-figures, figures=False).")
 
 
-def write_animation(path: str, result: "TrackingResult") -> None:
-    """Animated GIF: for each pair t, frame t with the motion from frame t-1."""
-    frames, masks = result.cine.frames, result.masks
-    displacements = result.displacements.numpy()
+def write_animation(path: str, frames: np.ndarray, masks: np.ndarray, displacements: np.ndarray,
+                    aspect: float) -> None:
+    """Animated GIF: for each pair t, frame t with the motion from frame t-1.
+
+    frames: (T, H, W) in [0, 1]; masks: (T, H, W) bool; displacements: (T-1, 2, H, W) voxels, index t-1 warping
+    frame t-1 onto frame t; aspect: the frames' row spacing / column spacing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
     gain = arrow_gain(displacements, masks[1:])
-    aspect = _aspect(result)
     height, width = frames.shape[1:]
     zoom = max(1.0, MIN_ANIMATION_WIDTH / width)
     title_share = 0.93
     figure = Figure(figsize=(width * zoom / 100, height * aspect * zoom / 100 / title_share), dpi=100)
     canvas = FigureCanvasAgg(figure)
     pictures = []
-    for pair in result.pairs:
+    for pair in range(1, frames.shape[0]):
         figure.clear()
         axes = figure.add_axes((0.0, 0.0, 1.0, title_share))
         _draw_motion(axes, frames[pair], displacements[pair - 1], masks[pair], gain, aspect,
@@ -106,14 +111,19 @@ def write_animation(path: str, result: "TrackingResult") -> None:
                      duration=round(1000 / FRAMES_PER_SECOND), loop=0)
 
 
-def write_overview(path: str, result: "TrackingResult") -> None:
-    """PNG like the paper's Fig. 3: for a few pairs, the moving and fixed frames and the field after each scale."""
-    frames, masks = result.cine.frames, result.masks
-    pairs = sorted({int(p) for p in np.linspace(1, len(result.pairs), min(OVERVIEW_PAIRS, len(result.pairs)))
-                    .round()})
-    per_scale = [d.numpy() for d in result.displacements_per_scale]
-    gain = arrow_gain(result.displacements.numpy()[[p - 1 for p in pairs]], masks[pairs])
-    aspect = _aspect(result)
+def write_overview(path: str, frames: np.ndarray, masks: np.ndarray, per_scale: Sequence[np.ndarray],
+                   scale_names: Sequence[str], aspect: float) -> None:
+    """PNG like the paper's Fig. 3: for a few pairs, the moving and fixed frames and the field after each scale.
+
+    per_scale: the (T-1, 2, H, W) voxel fields after each scale, coarse to fine (the last one is the result);
+    scale_names: their scales ("1/2", "1"); other arguments as for ``write_animation``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    count = frames.shape[0] - 1
+    pairs = sorted({int(p) for p in np.linspace(1, count, min(OVERVIEW_PAIRS, count)).round()})
+    gain = arrow_gain(per_scale[-1][[p - 1 for p in pairs]], masks[pairs])
     height, width = frames.shape[1:]
     columns = 2 + len(per_scale)
     panel_width = 3.0
@@ -126,7 +136,7 @@ def write_overview(path: str, result: "TrackingResult") -> None:
                     f"frame {pair - 1} (moving)")
         _draw_frame(figure.add_subplot(len(pairs), columns, first + 1), frames[pair], aspect,
                     f"frame {pair} (fixed)")
-        for offset, (scale, displacements) in enumerate(zip(result.settings.scales, per_scale)):
+        for offset, (scale, displacements) in enumerate(zip(scale_names, per_scale)):
             _draw_motion(figure.add_subplot(len(pairs), columns, first + 2 + offset), frames[pair],
                          displacements[pair - 1], masks[pair], gain, aspect, f"SSMSR ({scale})")
     figure.suptitle(f"Motion from frame t-1 to frame t after each scale (arrows \u00d7{gain:g})", fontsize=11)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .engine.schedule import parse_scales
+from .schedule import parse_scales
 from .errors import InputError
 
 PRECISIONS = ("mixed", "float32")

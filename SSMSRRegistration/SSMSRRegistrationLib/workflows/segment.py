@@ -25,13 +25,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .api import register
-from .engine.losses import local_ncc
-from .errors import InputError
-from .imaging.fields import write_image
-from .imaging.images import ImageLike, check_image, normalised_on_grid, read_image
+from .register import register
+from ..engine.losses import local_ncc
+from ..common.errors import InputError
+from ..common.protocol import ATLAS, RANKING, ProgressCallback
+from ..imaging.fields import write_image
+from ..imaging.images import ImageLike, check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model
-from .presets import DEFAULT_PRESET
+from ..common.presets import DEFAULT_PRESET
 
 AtlasLike = Tuple[ImageLike, ImageLike]
 
@@ -123,7 +124,7 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             preset: str = DEFAULT_PRESET, scales=None, steps: Optional[int] = None, precision: Optional[str] = None,
             smoothness_weight: Optional[float] = None,
             ncc_window: Optional[int] = None, learning_rate: float = 1e-3, device: str = "auto", seed: int = 0,
-            progress: Optional[Callable[[dict], None]] = None,
+            progress: Optional[ProgressCallback] = None,
             should_stop: Optional[Callable[[], bool]] = None) -> SegmentationOutput:
     """Segment ``target`` by registering the most similar atlas(es) onto it (see the module docstring).
 
@@ -156,7 +157,7 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
                          else "the model")
     mask_array = None
     if fixed_mask is not None:
-        from .api import _prepare_mask
+        from .register import _prepare_mask
 
         mask_array = _prepare_mask(fixed_mask, target_image)
 
@@ -177,12 +178,12 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
     ranking = [{"rank": rank + 1, "atlas": names[index], "labels": label_names[index], "nlcc": score,
                 "registered": rank < top_k} for rank, (index, score) in enumerate(order)]
     if progress is not None:
-        progress({"event": "ranking", "ranking": ranking})
+        progress({"event": RANKING, "ranking": ranking})
 
     warped_maps, registrations = [], []
     for position, (index, score) in enumerate(order[:top_k]):
         if progress is not None:
-            progress({"event": "atlas", "rank": position + 1, "index": position, "count": top_k,
+            progress({"event": ATLAS, "rank": position + 1, "index": position, "count": top_k,
                       "atlas": names[index], "nlcc": score})
 
         def forward(event: dict, position: int = position) -> None:

@@ -16,10 +16,10 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from . import sample_data
-from .api import register
-from .imaging.fields import write_image
-from .progress import BarReporter
+from ..imaging import sample_data
+from ..workflows.register import register
+from ..imaging.fields import write_image
+from ..report.progress import BarReporter
 
 FIXED_FRAME, MOVING_FRAME = 10, 0
 

@@ -1,24 +1,5 @@
-"""Progress reporting for the command line: a terminal bar, JSON lines (the worker protocol), or nothing.
-
-JSON-lines protocol (stdout, one object per line, flushed):
-    {"event": "started", "device": "cpu", "scales": ["1/2", "1"], "steps_per_scale": N, "image_size": [x, y, z],
-     "pairs": 1}
-    {"event": "progress", "scale": "1/2", "scale_index": 0, "num_scales": 2, "step": k, "steps": N,
-     "loss": -0.41, "fraction": 0.25, "elapsed_s": 3.2, "eta_s": 9.6}
-    {"event": "finished", "outputs": {"field": ..., "warped": ... or null, ...}, "metrics": {...}}
-    {"event": "error", "message": "...", "kind": "input" | "cancelled" | "out_of_memory" | "internal"}
-
-``ssmsr train`` adds "validation_pairs", "batch_size" and "resumed_at" (steps already done) to "started", and
-    {"event": "validation", "scale": "1/2", "scale_index": 0, "step": k, "loss": -0.43}
-    {"event": "checkpoint", "path": ..., "complete": false, "scale_index": 0, "step": k}
-its "finished" event has outputs {"model": path} and the model's summary as metrics.
-
-``ssmsr segment`` first sends {"event": "ranking", "ranking": [{"rank", "atlas", "labels", "nlcc", "registered"},
-...]}, then for each registered atlas {"event": "atlas", "rank", "index", "count", "atlas", "nlcc"} followed by
-that registration's "started" and "progress" events (with "atlas_index", "atlas_count", and "fraction" over all
-registrations); its "finished" event has outputs {"labels": path} and metrics {"ranking", "selected",
-"registrations", "seconds"}.
-"""
+"""Progress reporting for the command line: a terminal bar, JSON lines (the worker protocol of
+``common.protocol``), or nothing."""
 
 from __future__ import annotations
 
@@ -26,6 +7,8 @@ import json
 import math
 import sys
 from typing import Optional, TextIO
+
+from ..common.protocol import ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event
 
 
 def _json_safe(value):
@@ -65,10 +48,10 @@ class JsonLinesReporter(Reporter):
         self._emit(event)
 
     def finished(self, outputs: dict, metrics: dict) -> None:
-        self._emit({"event": "finished", "outputs": outputs, "metrics": metrics})
+        self._emit(finished_event(outputs, metrics))
 
     def error(self, message: str, kind: str) -> None:
-        self._emit({"event": "error", "message": message, "kind": kind})
+        self._emit(error_event(message, kind))
         super().error(message, kind)
 
 
@@ -80,14 +63,14 @@ class BarReporter(Reporter):
         self.validation_loss = None
 
     def handle(self, event: dict) -> None:
-        if event["event"] == "started":
+        if event["event"] == STARTED:
             self._start(event)
-        elif event["event"] == "progress" and self.bar is not None:
+        elif event["event"] == PROGRESS and self.bar is not None:
             self._advance(event)
-        elif event["event"] == "validation":
+        elif event["event"] == VALIDATION:
             self.validation_loss = event["loss"]
             self._write(f"ssmsr: validation loss at scale {event['scale']}, step {event['step']}: {event['loss']:.4f}")
-        elif event["event"] == "atlas":
+        elif event["event"] == ATLAS:
             self._close()
             print(f"ssmsr: registering atlas {event['index'] + 1} of {event['count']} (rank {event['rank']}, "
                   f"NLCC {event['nlcc']:.4f}): {event['atlas']}", file=sys.stderr, flush=True)

@@ -12,9 +12,9 @@ import sys
 import traceback
 from typing import List, Optional
 
-from .errors import InputError, RegistrationCancelled, TrainingStopped
-from .presets import DEFAULT_PRESET, PRECISIONS, PRESETS
-from .progress import Reporter, make_reporter
+from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
+from ..common.presets import DEFAULT_PRESET, PRECISIONS, PRESETS
+from ..report.progress import Reporter, make_reporter
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANCELLED = 0, 1, 2, 3, 130
 
@@ -23,7 +23,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises InputError instead of exiting, so usage errors follow the progress protocol."""
 
     def error(self, message):
-        raise InputError(f"{message} (see `ssmsr {self.prog.split()[-1]} --help`)")
+        raise InputError(f"{message} (see `{self.prog} --help`)")
 
 
 def _add_training_options(parser: argparse.ArgumentParser, steps_help: str, window_help: str,
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-labels", metavar="L", help="label map of the moving image to warp")
     reg.add_argument("--warped-labels", metavar="OUT", help="write the warped label map (needs --moving-labels)")
     reg.add_argument("--fixed-mask", metavar="M", help="mask of the fixed image restricting the similarity")
+    reg.add_argument("--jacobian", metavar="OUT",
+                     help="write the Jacobian determinant of the field on the fixed grid (values <= 0: folding)")
     _add_training_options(reg, steps_help="training steps per scale",
                           window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
     _add_model_option(reg)
@@ -152,7 +154,7 @@ def _check_outputs(args) -> None:
         raise InputError("--warped-labels needs --moving-labels.")
     inputs = {os.path.abspath(p) for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask, args.model)
               if p}
-    for path in (args.output, args.warped, args.warped_labels):
+    for path in (args.output, args.warped, args.warped_labels, args.jacobian):
         if path and os.path.abspath(path) in inputs:
             raise InputError(f"The output {path!r} is also an input; choose another output path.")
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -160,7 +162,7 @@ def _check_outputs(args) -> None:
 
 
 def run_register(args, reporter: Reporter) -> None:
-    from .api import register
+    from ..workflows.register import register
 
     _check_outputs(args)
     result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, moving_labels=args.moving_labels,
@@ -168,13 +170,16 @@ def run_register(args, reporter: Reporter) -> None:
                       smoothness_weight=args.smoothness_weight,
                       ncc_window=args.window, learning_rate=args.lr, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
-    outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels)
+    outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
+                          jacobian_path=args.jacobian)
     reporter.finished({key: os.path.abspath(path) if path else None for key, path in outputs.items()},
                       result.metrics)
 
 
 def run_track(args, reporter: Reporter) -> None:
-    from .tracking import check_figure_support, check_output_folder, track
+    from ..report.figures import check_figure_support
+    from ..workflows.track import check_output_folder, track
+    from .api import save_tracking
 
     check_output_folder(args.output)
     if not args.no_figures:
@@ -183,12 +188,12 @@ def run_track(args, reporter: Reporter) -> None:
                    precision=args.precision, batch_size=args.batch,
                    smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
                    device=args.device, seed=args.seed, progress=reporter.handle)
-    outputs = result.save(args.output, accumulated=args.accumulate, figures=not args.no_figures)
+    outputs = save_tracking(result, args.output, accumulated=args.accumulate, draw_figures=not args.no_figures)
     reporter.finished(outputs, result.summary())
 
 
 def run_train(args, reporter: Reporter) -> None:
-    from .training import train
+    from ..workflows.train import train
 
     # Ctrl-C and SIGTERM stop the training between two steps, so that the checkpoint written then is consistent.
     stop_requested = []
@@ -208,7 +213,7 @@ def run_train(args, reporter: Reporter) -> None:
 
 
 def run_segment(args, reporter: Reporter) -> None:
-    from .segmentation import format_ranking, segment
+    from ..workflows.segment import format_ranking, segment
 
     inputs = {os.path.abspath(p) for p in [args.target, args.fixed_mask, args.model] + sum(args.atlas, []) if p}
     if os.path.abspath(args.output) in inputs:
@@ -278,7 +283,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         traceback.print_exc(file=sys.stderr)
         reporter.error(f"Internal error: {type(error).__name__}: {error}", "internal")
         return EXIT_INTERNAL
-
-
-if __name__ == "__main__":
-    sys.exit(main())

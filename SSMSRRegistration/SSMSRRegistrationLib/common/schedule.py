@@ -5,7 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Sequence, Tuple, Union
 
-from ..errors import InputError
+from .errors import InputError
 
 #: Smallest size of any axis at any scale; below this the U-Net and NCC window stop making sense.
 MIN_SCALED_SIZE = 8

@@ -1,0 +1,45 @@
+"""The Python API: ``register``, ``track``, ``train`` and ``segment`` (the workflows), and ``save_tracking``, which
+writes a tracking's files together with its figures.
+
+    >>> import SSMSRRegistrationLib as ssmsr
+    >>> output = ssmsr.register("fixed.nii.gz", "moving.nii.gz", preset="fast")
+    >>> output.save("field.nii.gz", warped_path="warped.nii.gz")
+    >>> tracking = ssmsr.track("echo.dcm", preset="fast")
+    >>> ssmsr.save_tracking(tracking, "echo_tracking")          # fields, metrics, tracking.gif and tracking.png
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from ..common.schedule import format_scale
+from ..report import figures
+from ..workflows.register import register
+from ..workflows.segment import segment
+from ..workflows.track import TrackingResult, track
+from ..workflows.train import train
+
+__all__ = ["register", "track", "train", "segment", "save_tracking"]
+
+
+def save_tracking(result: TrackingResult, folder: str, accumulated: bool = False,
+                  draw_figures: bool = True) -> Dict[str, Optional[str]]:
+    """``result.save(folder, accumulated)`` plus, with ``draw_figures``, tracking.gif (the motion of every pair) and
+    tracking.png (a few pairs after each scale), written before the folder is published."""
+    if not draw_figures:
+        return result.save(folder, accumulated)
+    figures.check_figure_support()
+    spacing_x, spacing_y = result.cine.frame_grid.GetSpacing()
+    aspect = spacing_y / spacing_x
+    per_scale = [field.numpy() for field in result.displacements_per_scale]
+    scale_names = [format_scale(scale) for scale in result.settings.scales]
+
+    def write_figures(staging: str) -> Dict[str, str]:
+        figures.write_animation(os.path.join(staging, "tracking.gif"), result.cine.frames, result.masks,
+                                per_scale[-1], aspect)
+        figures.write_overview(os.path.join(staging, "tracking.png"), result.cine.frames, result.masks, per_scale,
+                               scale_names, aspect)
+        return {"animation": "tracking.gif", "figure": "tracking.png"}
+
+    return result.save(folder, accumulated, extra_files=write_figures)

@@ -1,0 +1,184 @@
+"""The logic's parameters: their defaults, and the checks that say, in sentences for the user, what prevents a run.
+
+Used by the logic before it starts a worker and by the panel to explain a disabled Apply button.
+"""
+
+from __future__ import annotations
+
+import os
+
+import slicer
+
+from ..common.presets import DEFAULT_PRESET, PRECISIONS, PRESETS
+from ..common.protocol import check_device_name
+from ..common.schedule import parse_scales
+
+#: Schedules offered next to the free-text schedule.
+SCALE_PRESETS = ("1/2,1", "1/4,1/2,1", "1/8,1/4,1/2,1")
+#: The default preset's (``ssmsr register``'s and ``ssmsr track``'s defaults).
+DEFAULT_SCALES = PRESETS[DEFAULT_PRESET].pair_scales
+DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].pair_steps
+DEFAULT_TRACKING_SCALES = PRESETS[DEFAULT_PRESET].cine_scales
+DEFAULT_SMOOTHNESS_WEIGHT = 10.0
+DEFAULT_PRECISION = PRESETS[DEFAULT_PRESET].precision
+#: The smallest local NCC window the engine accepts (voxels); 0 or None means the engine's default.
+MINIMUM_NCC_WINDOW = 2
+
+
+def normalizeDevice(device: str) -> str:
+    """Return the worker's device string for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; raise ValueError otherwise."""
+    return check_device_name(device)
+
+
+def precisionProblems(precision: str) -> list[str]:
+    """A sentence for the user if ``precision`` is not one the worker accepts (empty when it is)."""
+    if precision in PRECISIONS:
+        return []
+    return [f"Unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}."]
+
+
+def nccWindowProblems(nccWindow: int | None) -> list[str]:
+    """A sentence for the user if the NCC window is one the worker refuses (None or 0: the default)."""
+    if nccWindow is None or int(nccWindow) == 0 or int(nccWindow) >= MINIMUM_NCC_WINDOW:
+        return []
+    return [f"The NCC window must be at least {MINIMUM_NCC_WINDOW} voxels (or 0 for the default)."]
+
+
+def scheduleAndDeviceProblems(scales: str, device: str) -> list[str]:
+    """What is wrong with a scale schedule and a device name, as sentences for the user (empty when fine)."""
+    problems = []
+    for check, value in ((parse_scales, scales), (normalizeDevice, device)):
+        try:
+            check(value)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
+def stepProblems(stepsPerScale: int | None, modelFile: str | None = None) -> list[str]:
+    """A sentence if the steps per scale are too few (0 is allowed with a model: inference only)."""
+    if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
+        return ["Steps per scale must be at least 1 (0 is allowed with a model: inference only)."]
+    return []
+
+
+def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segmentationNode=None, outputVolumeNode=None,
+                  outputTransformNode=None, scales: str = DEFAULT_SCALES, device: str = "auto",
+                  jacobianVolumeNode=None) -> list[str]:
+    """Everything that prevents a registration with these inputs, as sentences for the user (empty when ready)."""
+    problems = []
+    if fixedVolumeNode is None:
+        problems.append("Select a fixed volume.")
+    if movingVolumeNode is None:
+        problems.append("Select a moving volume.")
+    for role, node in (("fixed volume", fixedVolumeNode), ("moving volume", movingVolumeNode), ("fixed mask", fixedMaskNode)):
+        if node is not None and node.GetImageData() is None:
+            problems.append(f"The {role} '{node.GetName()}' has no image data.")
+        elif node is not None and node.GetImageData().GetNumberOfScalarComponents() != 1:
+            problems.append(f"The {role} '{node.GetName()}' is a colour or vector volume; convert it to a scalar "
+                            "volume first (Volumes module, Convert).")
+    if fixedVolumeNode is not None and fixedVolumeNode is movingVolumeNode:
+        problems.append("Fixed and moving volumes are the same node; select two different volumes.")
+    if outputVolumeNode is not None and outputVolumeNode in (fixedVolumeNode, movingVolumeNode, fixedMaskNode):
+        problems.append("The output volume must not be one of the inputs; create a new volume for it.")
+    if jacobianVolumeNode is not None and jacobianVolumeNode in (fixedVolumeNode, movingVolumeNode, fixedMaskNode,
+                                                                 outputVolumeNode):
+        problems.append("The Jacobian volume must be a volume of its own; create a new volume for it.")
+    for role, node in (("fixed volume", fixedVolumeNode), ("fixed mask", fixedMaskNode)):
+        if node is not None and node.GetParentTransformNode() is not None:
+            problems.append(f"The {role} '{node.GetName()}' is under a transform; harden or remove the transform first.")
+    for role, node in (("moving volume", movingVolumeNode), ("segmentation", segmentationNode)):
+        parent = node.GetParentTransformNode() if node is not None else None
+        if parent is not None and parent is not outputTransformNode:
+            problems.append(f"The {role} '{node.GetName()}' is under the transform '{parent.GetName()}'; harden or "
+                            "remove it first (a transform that is the output transform itself is fine).")
+    problems += scheduleAndDeviceProblems(scales, device)
+    return problems
+
+
+def modelFileProblems(modelFile: str | None) -> list[str]:
+    """Problems with an optional pretrained model file (checked for existence only: the GUI does not load PyTorch)."""
+    if not modelFile:
+        return []
+    if not os.path.isfile(modelFile):
+        return [f"The model file '{modelFile}' does not exist; choose a file written by `ssmsr train`, or none to "
+                "train from scratch."]
+    return []
+
+
+def atlasVolumeNode(segmentationNode):
+    """The volume an atlas segmentation was drawn on: its reference geometry ("source") volume, or None."""
+    if segmentationNode is None:
+        return None
+    node = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+    return node if isinstance(node, slicer.vtkMRMLScalarVolumeNode) else None
+
+
+def atlasInputProblems(targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
+                       device: str = "auto", modelFile: str | None = None) -> list[str]:
+    """Everything that prevents an atlas-based segmentation, as sentences for the user (empty when ready).
+
+    ``atlases`` is a list of (atlas volume node, atlas segmentation node) pairs; a None volume means the
+    segmentation has no source volume.
+    """
+    problems = []
+    if targetVolumeNode is None:
+        problems.append("Select the volume to segment (the fixed volume).")
+    if not atlases:
+        problems.append("Check one or more atlas segmentations.")
+    for volumeNode, segmentationNode in atlases:
+        if volumeNode is None:
+            problems.append(f"The atlas segmentation '{segmentationNode.GetName()}' has no source volume; select its "
+                            "volume as source geometry in the Segment Editor (or create it from the volume).")
+            continue
+        if volumeNode is targetVolumeNode:
+            problems.append(f"The atlas '{segmentationNode.GetName()}' is drawn on the volume to segment itself.")
+        if segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            problems.append(f"The atlas segmentation '{segmentationNode.GetName()}' has no segments.")
+        for role, node in (("atlas volume", volumeNode), ("atlas segmentation", segmentationNode)):
+            if node.GetParentTransformNode() is not None:
+                problems.append(f"The {role} '{node.GetName()}' is under a transform; harden or remove it first.")
+        if volumeNode.GetImageData() is None:
+            problems.append(f"The atlas volume '{volumeNode.GetName()}' has no image data.")
+    if atlases and not 1 <= int(topK) <= len(atlases):
+        problems.append(f"The number of atlases to register ({topK}) must be between 1 and the {len(atlases)} "
+                        "checked atlases.")
+    if targetVolumeNode is not None:
+        problems += [problem for problem in inputProblems(targetVolumeNode, None, fixedMaskNode, scales=scales,
+                                                          device=device) if problem != "Select a moving volume."]
+    return problems + modelFileProblems(modelFile)
+
+
+def isCineNode(node) -> bool:
+    return isinstance(node, (slicer.vtkMRMLSequenceNode, slicer.vtkMRMLScalarVolumeNode))
+
+
+def cineInputProblems(cineNode, maskNode=None, scales: str = DEFAULT_TRACKING_SCALES, device: str = "auto",
+                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, batchSize: int = 1) -> list[str]:
+    """Everything that prevents tracking with these inputs, as sentences for the user (empty when ready)."""
+    problems = []
+    if cineNode is None:
+        problems.append("Select a cine: a sequence of 2D images or a volume whose third axis is time.")
+    elif not isCineNode(cineNode):
+        problems.append(f"'{cineNode.GetName()}' is neither a sequence of 2D images nor a volume.")
+    elif isinstance(cineNode, slicer.vtkMRMLSequenceNode):
+        if cineNode.GetNumberOfDataNodes() < 2:
+            problems.append(f"The sequence '{cineNode.GetName()}' has {cineNode.GetNumberOfDataNodes()} frame(s); "
+                            "tracking needs at least two frames.")
+    elif cineNode.GetImageData() is None:
+        problems.append(f"The volume '{cineNode.GetName()}' has no image data.")
+    elif cineNode.GetImageData().GetDimensions()[2] < 2:
+        problems.append(f"The volume '{cineNode.GetName()}' has a single frame; tracking needs at least two frames.")
+    elif cineNode.GetParentTransformNode() is not None:
+        problems.append(f"The volume '{cineNode.GetName()}' is under a transform; harden or remove it first.")
+    if maskNode is not None:
+        if maskNode.GetImageData() is None:
+            problems.append(f"The mask '{maskNode.GetName()}' has no image data.")
+        elif maskNode.GetImageData().GetDimensions()[2] != 1:
+            problems.append(f"The mask '{maskNode.GetName()}' must be a single slice on the frames' grid.")
+    problems += scheduleAndDeviceProblems(scales, device)
+    if stepsPerScale is None or int(stepsPerScale) < 1:
+        problems.append("Steps per scale must be at least 1.")
+    if batchSize is None or int(batchSize) < 0:
+        problems.append("The batch size must be 0 (all pairs) or more.")
+    return problems

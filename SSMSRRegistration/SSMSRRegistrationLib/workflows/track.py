@@ -1,0 +1,272 @@
+"""Cine tracking (paper Sec. III-A/D): SSMSR on every consecutive frame pair of a 2D+t cine.
+
+The test-time training runs once for the whole sequence: pair t registers frame t-1 (moving) onto
+frame t (fixed), all pairs share one U-Net per scale, each step trains on a random mini-batch of pairs,
+and the steps per scale are counted for the sequence.
+
+    >>> from SSMSRRegistrationLib.workflows.track import track
+    >>> result = track("echo.dcm", scales="1/4,1/2,1", steps=500)
+    >>> result.save("echo_tracking")  # files only; interfaces.api.save_tracking adds the figures
+
+Conventions: frames are numbered from 0; the field of pair t (t >= 1) is an ITK displacement field on the
+frame grid (millimetres, LPS, resampling direction) that warps frame t-1 onto frame t:
+frame_t(p) ~ frame_{t-1}(p + u_t(p)). In memory, fields are engine voxel fields (see ``engine.spatial``)
+stacked as (T-1, 2, H, W), pair t at index t-1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..common.errors import InputError
+from ..common.presets import DEFAULT_PRESET, budget
+from ..common.protocol import PAIR_METRIC_NAMES, ProgressCallback
+from ..common.schedule import format_scale, parse_scales
+from ..engine.losses import local_ncc_map
+from ..engine.metrics import jacobian_determinant
+from ..engine.multiscale import RegistrationSettings, register_tensors, resolve_device
+from ..engine.spatial import compose, warp
+from ..imaging.cine import (MASK_DILATION_RADIUS, MASK_HIGH, MASK_LOW, Cine, CineSource, default_masks, read_cine,
+                            read_masks)
+from ..imaging.fields import voxel_field_to_image, write_field, write_image
+from ..imaging.images import ImageLike
+
+#: Writes extra files into a results folder before it is published; returns {output name: file name}.
+ExtraFiles = Callable[[str], Dict[str, str]]
+
+#: Radius in pixels of the local NCC window of the evaluation metric NLCC (Sec. III-B): window 2r+1.
+NLCC_RADIUS = 10
+
+#: Pairs evaluated at once when computing the metrics.
+METRIC_CHUNK = 8
+
+
+
+def _masked_means(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) values and masks -> (N,) means inside each mask (NaN where a mask is empty)."""
+    inside = masks.sum(dim=(1, 2, 3))
+    return (values * masks).sum(dim=(1, 2, 3)) / inside.where(inside > 0, torch.nan)
+
+
+def pair_metrics(fixed: torch.Tensor, moving: torch.Tensor, displacements: torch.Tensor,
+                 masks: torch.Tensor, radius: int = NLCC_RADIUS) -> Dict[str, np.ndarray]:
+    """MSE and NLCC inside the masks of each pair, for the identity and for the fields (paper Sec. III-B).
+
+    Args:
+        fixed, moving, masks: (N, 1, H, W) frames in [0, 1] and fixed-frame masks (non-zero inside).
+        displacements: (N, 2, H, W) voxel fields warping ``moving`` onto ``fixed``.
+        radius: NLCC window radius in pixels (window 2r+1); NLCC is the mean squared local NCC of Eq. 2.
+    Returns:
+        PAIR_METRIC_NAMES -> (N,) float64 arrays: MSE and NLCC (NaN for an empty mask), and the percentage of the
+        frame's pixels where the field folds (Jacobian determinant <= 0; over the whole frame).
+    """
+    window = 2 * radius + 1
+    device = displacements.device
+    results: Dict[str, List[torch.Tensor]] = {name: [] for name in PAIR_METRIC_NAMES}
+    with torch.no_grad():
+        for start in range(0, fixed.shape[0], METRIC_CHUNK):
+            chunk = slice(start, start + METRIC_CHUNK)
+            fixed_c, moving_c = fixed[chunk].to(device), moving[chunk].to(device)
+            masks_c = (masks[chunk].to(device) > 0).float()
+            for suffix, warped in (("_identity", moving_c), ("", warp(moving_c, displacements[chunk]))):
+                results["mse" + suffix].append(_masked_means((fixed_c - warped) ** 2, masks_c).cpu())
+                results["nlcc" + suffix].append(_masked_means(local_ncc_map(fixed_c, warped, window), masks_c).cpu())
+            folded = (jacobian_determinant(displacements[chunk]) <= 0).float()
+            results["folded_percent"].append(100.0 * folded.mean(dim=(1, 2)).cpu())
+    return {name: torch.cat(values).double().numpy() for name, values in results.items()}
+
+
+def accumulate(displacements: torch.Tensor) -> torch.Tensor:
+    """Fields from the first frame: (T-1, 2, H, W) pair fields -> (T-1, 2, H, W), index t-1 warping frame 0
+    onto frame t, i.e. frame_t(p) ~ frame_0(p + a_t(p)), with a_1 = u_1 and a_t = u_t + a_{t-1}(p + u_t(p))."""
+    accumulated = [displacements[:1]]
+    for index in range(1, displacements.shape[0]):
+        accumulated.append(compose(accumulated[-1], displacements[index:index + 1]))
+    return torch.cat(accumulated)
+
+
+def check_output_folder(folder: str) -> str:
+    """Absolute path of an output folder that does not exist yet, or is empty, in an existing folder."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent = os.path.dirname(folder)
+    if not os.path.isdir(parent):
+        raise InputError(f"The folder {parent!r} that should hold the output folder does not exist; create it "
+                         "first.")
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise InputError(f"The output folder {folder!r} already exists and is not an empty folder; choose a new "
+                         "folder (it is created) or remove the old results.")
+    return folder
+
+
+@dataclass
+class TrackingResult:
+    """What ``track`` returns.
+
+    cine: the cine as tracked. masks: (T, H, W) bool, mask t restricting pair t.
+    displacements: (T-1, 2, H, W) voxel fields on the CPU, index t-1 warping frame t-1 onto frame t.
+    displacements_per_scale: the same after each scale of the schedule, coarse to fine.
+    metrics: per-pair arrays (T-1,) named as in PAIR_METRIC_NAMES.
+    loss_history: per scale, the training loss of every step (one mini-batch each).
+    settings: the engine settings used. seconds: training time. device: where it ran. mask_source: "auto" or
+    the mask given.
+    """
+
+    cine: Cine
+    masks: np.ndarray
+    displacements: torch.Tensor
+    displacements_per_scale: List[torch.Tensor]
+    metrics: Dict[str, np.ndarray]
+    loss_history: Dict[str, List[float]]
+    settings: RegistrationSettings
+    seconds: float
+    device: str
+    mask_source: str
+
+    @property
+    def pairs(self) -> List[int]:
+        """The pair numbers: pair t warps frame t-1 onto frame t."""
+        return list(range(1, self.cine.frames.shape[0]))
+
+    def field(self, pair: int, displacements: Optional[torch.Tensor] = None) -> sitk.Image:
+        """The ITK displacement field (mm, LPS, on the frame grid) of ``pair`` (1..T-1)."""
+        chosen = self.displacements if displacements is None else displacements
+        return voxel_field_to_image(chosen[pair - 1].double().numpy(), self.cine.frame_grid)
+
+    def stacked_field(self, displacements: Optional[torch.Tensor] = None) -> sitk.Image:
+        """All pair fields as one 3D displacement field on the cine grid (x, y, t), mm, LPS.
+
+        Slice t holds the field of pair t with a zero time component; slice 0 is zero.
+        """
+        chosen = self.displacements if displacements is None else displacements
+        voxels = np.zeros((3, self.cine.frames.shape[0]) + tuple(chosen.shape[2:]))
+        voxels[1:, 1:] = chosen.double().numpy().transpose(1, 0, 2, 3)
+        return voxel_field_to_image(voxels, self.cine.cine_grid)
+
+    def summary(self) -> dict:
+        """Means over the pairs (ignoring pairs with an empty mask), named as the ``register`` metrics:
+        mse_before/mse_after (identity/SSMSR MSE), ncc_before/ncc_after (identity/SSMSR NLCC, radius
+        ``nlcc_radius``); the largest percentage of folded pixels of a pair (max_folded_percent); with the frame and
+        pair counts, the training time and the device."""
+        means = {name: float(np.nanmean(values)) for name, values in self.metrics.items()}
+        return {"frames": int(self.cine.frames.shape[0]), "pairs": len(self.pairs),
+                "mse_before": means["mse_identity"], "mse_after": means["mse"],
+                "ncc_before": means["nlcc_identity"], "ncc_after": means["nlcc"], "nlcc_radius": NLCC_RADIUS,
+                "max_folded_percent": float(np.max(self.metrics["folded_percent"])),
+                "seconds": self.seconds, "device": self.device}
+
+    def save(self, folder: str, accumulated: bool = False,
+             extra_files: Optional[ExtraFiles] = None) -> Dict[str, Optional[str]]:
+        """Write the results into ``folder`` (created; it must not exist or be empty).
+
+        Everything is written into a hidden sibling folder that is renamed onto ``folder`` at the end, so a
+        failure or cancel leaves no partial results. Writes field_NNNN.nii.gz (pair NNNN), fields.nii.gz (2D+t,
+        see ``stacked_field``), mask.nii.gz (2D+t), metrics.csv, summary.json and, optionally,
+        accumulated_NNNN.nii.gz + accumulated.nii.gz (from frame 0), and what ``extra_files`` writes (the
+        figures of ``interfaces.api.save_tracking``). Returns the paths of the written files (None for those not
+        asked for).
+        """
+        folder = check_output_folder(folder)
+        staging = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.partial-{uuid.uuid4().hex[:8]}")
+        os.mkdir(staging)
+        try:
+            self._write(staging, accumulated)
+            extra = extra_files(staging) if extra_files is not None else {}
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+            os.rename(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        outputs = {"fields": "fields.nii.gz", "mask": "mask.nii.gz", "metrics": "metrics.csv",
+                   "summary": "summary.json", "accumulated": "accumulated.nii.gz" if accumulated else None, **extra}
+        return {"folder": folder, **{key: os.path.join(folder, name) if name is not None else None
+                                     for key, name in outputs.items()}}
+
+    def _write(self, folder: str, accumulated: bool) -> None:
+        for pair in self.pairs:
+            write_field(self.field(pair), os.path.join(folder, f"field_{pair:04d}.nii.gz"))
+        write_field(self.stacked_field(), os.path.join(folder, "fields.nii.gz"))
+        mask = sitk.GetImageFromArray(self.masks.astype(np.uint8))
+        mask.CopyInformation(self.cine.cine_grid)
+        write_image(mask, os.path.join(folder, "mask.nii.gz"))
+        if accumulated:
+            from_first = accumulate(self.displacements)
+            for pair in self.pairs:
+                write_field(self.field(pair, from_first), os.path.join(folder, f"accumulated_{pair:04d}.nii.gz"))
+            write_field(self.stacked_field(from_first), os.path.join(folder, "accumulated.nii.gz"))
+        self._write_metrics(os.path.join(folder, "metrics.csv"))
+        with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as stream:
+            json.dump(self._provenance(), stream, indent=2, allow_nan=False)
+
+    def _write_metrics(self, path: str) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["pair", "moving_frame", "fixed_frame", *PAIR_METRIC_NAMES])
+            for index, pair in enumerate(self.pairs):
+                writer.writerow([pair, pair - 1, pair, *(f"{self.metrics[name][index]:.6g}" for name in PAIR_METRIC_NAMES)])
+
+    def _provenance(self) -> dict:
+        summary = {key: (None if isinstance(value, float) and not np.isfinite(value) else value)
+                   for key, value in self.summary().items()}
+        settings = self.settings
+        return {**summary, "cine": self.cine.name, "frame_size": list(self.cine.frame_grid.GetSize()),
+                "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
+                "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
+                "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,
+                "ncc_window": settings.window_for(2), "learning_rate": settings.learning_rate, "seed": settings.seed,
+                "mixed_precision_requested": settings.mixed_precision}
+
+
+def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", preset: str = DEFAULT_PRESET,
+          scales=None, steps: Optional[int] = None, precision: Optional[str] = None, batch_size: int = 1,
+          smoothness_weight: float = 10.0, ncc_window: Optional[int] = None,
+          learning_rate: float = 1e-3, device: str = "auto", seed: int = 0,
+          progress: Optional[ProgressCallback] = None,
+          should_stop: Optional[Callable[[], bool]] = None) -> TrackingResult:
+    """Track a 2D+t cine: SSMSR on all consecutive pairs with one test-time training for the sequence.
+
+    Args:
+        cine: see ``read_cine``, or a ``Cine`` already read.
+        mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
+        preset: "paper" or "fast" (``presets``): the schedule, steps and precision not given explicitly.
+        scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's.
+        steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
+        precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
+        batch_size: pairs per step, drawn at random with the seed; 0 uses all pairs every step.
+        smoothness_weight, ncc_window, learning_rate, device, seed: as for ``api.register``.
+        progress, should_stop: the engine's progress callback and cancel poll.
+    """
+    plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision)
+    settings = RegistrationSettings(scales=parse_scales(plan.scales), steps_per_scale=plan.steps,
+                                    mixed_precision=plan.mixed_precision,
+                                    smoothness_weight=float(smoothness_weight), ncc_window=ncc_window,
+                                    learning_rate=float(learning_rate), seed=int(seed), batch_size=int(batch_size))
+    settings.validate()
+    torch_device = resolve_device(device)
+    if not isinstance(cine, Cine):
+        cine = read_cine(cine)
+    automatic = mask is None or (isinstance(mask, str) and mask == "auto")
+    masks = default_masks(cine.frames) if automatic else read_masks(mask, cine)
+    mask_source = (f"auto: intensities in [{MASK_LOW}, {MASK_HIGH}] dilated by a {MASK_DILATION_RADIUS}-pixel disk"
+                   if automatic else (os.fspath(mask) if not isinstance(mask, sitk.Image) else "image"))
+
+    frames = torch.from_numpy(cine.frames)[:, None]
+    fixed, moving = frames[1:], frames[:-1]
+    fixed_masks = torch.from_numpy(masks[1:, None].astype(np.float32))
+    result = register_tensors(fixed, moving, settings, fixed_mask=fixed_masks, device=torch_device,
+                              progress=progress, should_stop=should_stop)
+    metrics = pair_metrics(fixed, moving, result.displacement, fixed_masks)
+    return TrackingResult(cine=cine, masks=masks, displacements=result.displacement.cpu(),
+                          displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
+                          metrics=metrics, loss_history=result.loss_history, settings=settings,
+                          seconds=result.seconds, device=result.device, mask_source=mask_source)
