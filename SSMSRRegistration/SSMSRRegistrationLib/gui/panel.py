@@ -1,0 +1,249 @@
+"""The module panel's state and rules, without Qt or torch: the parameters it saves with the scene, what keeps Apply
+disabled, the status line, presets, and the mapping from the parameters to the logic's keyword arguments.
+
+The widget (``gui.widget``) only wires Qt to this; the tests drive it on real MRML nodes (``slicer-core``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import field, make_dataclass
+from typing import Any, NamedTuple, Optional, Union
+
+from slicer import (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode,
+                    vtkMRMLTransformNode)
+
+from ..common.presets import PRESETS, budget, matching_preset
+from ..common.protocol import overall_fraction
+from ..mrml.jobs import JobState
+from ..mrml.parameters import (DEFAULT_SMOOTHNESS_WEIGHT, atlasInputProblems, cineInputProblems, inputProblems,
+                               modelFileProblems, nccWindowProblems)
+from ..mrml.progress_text import describeProgress
+
+#: The oldest Slicer whose parameter-node wrapper binds every widget of the panel (checked by the tests against
+#: Slicer's own source at this tag) and whose Python (3.9) runs the module.
+MINIMUM_SLICER_VERSION = (5, 6)
+
+#: The oldest torch the worker runs with (``torch.cuda.is_bf16_supported(including_emulation=...)``); PyTorch set-up
+#: asks the PyTorch extension for it.
+MINIMUM_TORCH = "2.4"
+
+#: The preset a new parameter node starts from (the command line's default is "paper").
+GUI_PRESET = PRESETS["fast"]
+
+#: Node reference role, on the module's parameter node, of each checked atlas segmentation.
+ATLAS_REFERENCE_ROLE = "SSMSR.AtlasSegmentation"
+
+
+class Parameter(NamedTuple):
+    """One parameter of the panel: its Python type (a node class, a Union of node classes, int, float, str or
+    bool), its default, and its inclusive range (numbers only)."""
+
+    type: Any
+    default: Any = None
+    range: Optional[tuple] = None
+
+
+#: The module state saved with the scene (the parameter node), in the order of the panel.
+#: fixedVolume, movingVolume - images to register (the moving one is aligned to the fixed one).
+#: fixedMask - optional volume on the fixed image (cine: on the frames); similarity only where it is non-zero.
+#: segmentation - optional segmentation of the moving image, propagated onto the fixed image.
+#: outputTransform - receives the displacement field (empty: a new node). outputVolume - the moving volume warped
+#: onto the fixed grid. jacobianVolume - the Jacobian determinant of the result on the fixed grid (QC).
+#: scales, stepsPerScale, mixedPrecision - the budget (the preset combo box fills them). smoothnessWeight - the
+#: weight of the displacement-gradient penalty. nccWindow - local NCC window in voxels (0: the default).
+#: device - "auto", "cpu", "cuda" or "cuda:N". modelFile - a model written by `ssmsr train` ("" : none).
+#: atlasSelection, topK - segment the fixed volume with the most similar checked atlases. cineTracking, cine,
+#: batchSize - track the motion through a sequence of 2D images or a volume whose third axis is time.
+PARAMETERS = {
+    "fixedVolume": Parameter(vtkMRMLScalarVolumeNode),
+    "movingVolume": Parameter(vtkMRMLScalarVolumeNode),
+    "fixedMask": Parameter(vtkMRMLScalarVolumeNode),
+    "segmentation": Parameter(vtkMRMLSegmentationNode),
+    "outputTransform": Parameter(vtkMRMLTransformNode),
+    "outputVolume": Parameter(vtkMRMLScalarVolumeNode),
+    "jacobianVolume": Parameter(vtkMRMLScalarVolumeNode),
+    "scales": Parameter(str, GUI_PRESET.pair_scales),
+    "stepsPerScale": Parameter(int, GUI_PRESET.pair_steps, (0, 100000)),
+    "mixedPrecision": Parameter(bool, GUI_PRESET.precision == "mixed"),
+    "smoothnessWeight": Parameter(float, DEFAULT_SMOOTHNESS_WEIGHT, (0.0, 10000.0)),
+    "nccWindow": Parameter(int, 0, (0, 99)),
+    "device": Parameter(str, "auto"),
+    "keepTemporaryFiles": Parameter(bool, False),
+    "modelFile": Parameter(str, ""),
+    "atlasSelection": Parameter(bool, False),
+    "topK": Parameter(int, 1, (1, 99)),
+    "cineTracking": Parameter(bool, False),
+    "cine": Parameter(Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]),
+    "batchSize": Parameter(int, 1, (0, 999)),
+}
+
+
+#: Plain values of every parameter (defaults as in PARAMETERS), for scripts and tests; the parameter node wrapper
+#: offers the same attributes in Slicer.
+PanelValues = make_dataclass("PanelValues", [(name, Any, field(default=parameter.default))
+                                             for name, parameter in PARAMETERS.items()])
+
+
+def versionProblem(major: int, minor: int) -> Optional[str]:
+    """A sentence for the user when the running Slicer is older than MINIMUM_SLICER_VERSION, else None."""
+    if (int(major), int(minor)) >= MINIMUM_SLICER_VERSION:
+        return None
+    wanted = ".".join(map(str, MINIMUM_SLICER_VERSION))
+    return (f"SSMSR Registration needs 3D Slicer {wanted} or newer; this is Slicer {major}.{minor}. Install a "
+            f"current Slicer from download.slicer.org.")
+
+
+def versionAtLeast(version: str, minimum: str) -> bool:
+    """Compare the numeric release parts of two versions ("2.13.0+cu121" >= "2.4")."""
+    def release(text):
+        parts = []
+        for piece in text.split("+")[0].split("."):
+            digits = "".join(character for character in piece if character.isdigit())
+            if not digits:
+                break
+            parts.append(int(digits))
+        return tuple(parts)
+
+    return release(version) >= release(minimum)
+
+
+def mode(values) -> str:
+    """"cine" (takes precedence), "atlas" or "pair"."""
+    return "cine" if values.cineTracking else "atlas" if values.atlasSelection else "pair"
+
+
+def precisionOf(values) -> str:
+    return "mixed" if values.mixedPrecision else "float32"
+
+
+def problems(values, atlases: list) -> list[str]:
+    """Everything that keeps Apply disabled, as sentences (empty when a run can start).
+
+    ``atlases``: (source volume or None, segmentation node) of each checked atlas (atlas mode)."""
+    if values is None:
+        return ["No parameter node."]
+    current = mode(values)
+    if current == "cine":
+        found = cineInputProblems(values.cine, values.fixedMask, values.scales, values.device, values.stepsPerScale,
+                                  values.batchSize)
+        if values.modelFile:
+            found.append("Cine tracking trains from scratch; clear the pretrained model.")
+    elif current == "atlas":
+        found = atlasInputProblems(values.fixedVolume, atlases, values.topK, values.fixedMask, values.scales,
+                                   values.device, values.modelFile)
+    else:
+        found = inputProblems(values.fixedVolume, values.movingVolume, values.fixedMask, values.segmentation,
+                              values.outputVolume, values.outputTransform, values.scales, values.device,
+                              values.jacobianVolume) + modelFileProblems(values.modelFile)
+    if current != "cine" and values.stepsPerScale == 0 and not values.modelFile:
+        found.append("0 steps per scale (no test-time training) needs a pretrained model.")
+    return found + nccWindowProblems(values.nccWindow)
+
+
+def applyButton(values, atlases: list, running: bool) -> tuple[str, bool, str]:
+    """(text, enabled, tooltip) of the Apply button."""
+    if running:
+        return "Cancel", True, "Stop the run; nothing is added to the scene."
+    found = problems(values, atlases)
+    if found:
+        return "Apply", False, "\n".join(found)
+    return "Apply", True, {"cine": "Track the motion through the cine in the background.",
+                           "atlas": "Segment the volume with the most similar atlases in the background.",
+                           "pair": "Register the moving volume to the fixed volume in the background."}[mode(values)]
+
+
+def matchingPresetName(values) -> str:
+    """The preset whose budget the parameters hold ("" : custom)."""
+    return matching_preset(values.scales, values.stepsPerScale, precisionOf(values),
+                           cine=values.cineTracking) or ""
+
+
+def presetValues(name: str, cineTracking: bool) -> dict:
+    """The parameters a preset sets: scales, stepsPerScale and mixedPrecision (of a pair, or of a cine)."""
+    plan = budget(name, cine=cineTracking)
+    return {"scales": plan.scales, "stepsPerScale": plan.steps, "mixedPrecision": plan.mixed_precision}
+
+
+def presetAfterModeChange(values, cineTracking: bool) -> Optional[dict]:
+    """When the mode changes, a preset chosen for the other mode follows (a cine has its own budget): its values
+    for the new mode, or None when the budget is custom."""
+    name = matching_preset(values.scales, values.stepsPerScale, precisionOf(values), cine=not cineTracking)
+    return presetValues(name, cineTracking) if name else None
+
+
+def logicCall(values, atlases: list) -> tuple[str, tuple, dict]:
+    """(``RegistrationLogic`` method name, positional arguments, keyword arguments) of the run the panel asks for,
+    with ``waitForCompletion`` left to the caller."""
+    common = dict(scales=values.scales, stepsPerScale=values.stepsPerScale, precision=precisionOf(values),
+                  smoothnessWeight=values.smoothnessWeight, nccWindow=values.nccWindow or None, device=values.device,
+                  keepTemporaryFiles=values.keepTemporaryFiles)
+    current = mode(values)
+    if current == "cine":
+        return "trackSequence", (values.cine,), dict(common, maskNode=values.fixedMask, batchSize=values.batchSize)
+    common["modelFile"] = values.modelFile or None
+    if current == "atlas":
+        return "segmentWithAtlases", (values.fixedVolume, atlases), dict(common, topK=values.topK,
+                                                                          fixedMaskNode=values.fixedMask)
+    return "registerVolumes", (values.fixedVolume, values.movingVolume), dict(
+        common, outputTransformNode=values.outputTransform, fixedMaskNode=values.fixedMask,
+        segmentationNode=values.segmentation, outputVolumeNode=values.outputVolume,
+        jacobianVolumeNode=values.jacobianVolume)
+
+
+def eventStatus(event: dict, currentMode: str) -> Optional[str]:
+    """The status line for a worker event of a run in ``currentMode`` (None: leave the line as it is)."""
+    kind = event.get("event")
+    if kind == "progress":
+        return describeProgress(event)
+    if kind == "started" and currentMode == "cine":
+        return f"Tracking {event.get('pairs', '?')} frame pairs on {event.get('device', '?')}..."
+    if kind == "started":
+        return f"Registering on {event.get('device', '?')}..."
+    if kind == "atlas":
+        return f"Registering atlas {int(event.get('index', 0)) + 1} of {event.get('count', '?')}: " \
+               f"{event.get('atlasName', '?')}..."
+    return None
+
+
+def progressPercent(event: dict) -> Optional[int]:
+    """The progress bar's value (0..100) for a "progress" event, else None."""
+    return int(round(100 * overall_fraction(event))) if event.get("event") == "progress" else None
+
+
+def foldingText(metrics: dict) -> str:
+    """``folded 0.12 % of voxels`` from the worker's metrics ("" when it reported none)."""
+    percent = metrics.get("percent_non_positive_jacobian")
+    if not isinstance(percent, (int, float)) or not math.isfinite(percent):
+        return ""
+    return f"{percent:.3g} % of voxels folded (Jacobian <= 0)"
+
+
+def completionStatus(job) -> str:
+    """The status line once a job has ended."""
+    if job.state is JobState.CANCELLED:
+        return "Cancelled; the scene was not changed."
+    if job.state is not JobState.SUCCEEDED:
+        return "Failed; see the log."
+    seconds = time.monotonic() - job.startTime
+    metrics = job.metrics
+    if getattr(job, "transformSequenceNode", None) is not None:
+        return (f"Done in {seconds:.0f} s: transforms '{job.transformSequenceNode.GetName()}' in the browser "
+                f"'{job.browserNode.GetName()}'; mean MSE {metrics.get('mse_before', math.nan):.4g} -> "
+                f"{metrics.get('mse_after', math.nan):.4g}, NLCC {metrics.get('ncc_before', math.nan):.3f} -> "
+                f"{metrics.get('ncc_after', math.nan):.3f}; at most "
+                f"{metrics.get('max_folded_percent', math.nan):.3g} % of pixels folded in a pair.")
+    if getattr(job, "outputSegmentationNode", None) is not None:
+        best = job.ranking[0] if job.ranking else {}
+        return (f"Done in {seconds:.0f} s: segmentation '{job.outputSegmentationNode.GetName()}' from "
+                f"{job.parameters['topK']} atlas(es); best atlas '{best.get('atlasName', '?')}' (NLCC "
+                f"{best.get('nlcc', math.nan):.3f}). The ranking is in the log.")
+    folding = foldingText(metrics)
+    return (f"Done in {seconds:.0f} s" + (f"; {folding}" if folding else "") + ". Put the moving volume under the "
+            f"transform '{job.outputTransformNode.GetName()}' to see it aligned.")
+
+
+def failedStartStatus(error: BaseException) -> str:
+    """The status line when a run could not start (the progress bar is hidden again)."""
+    return f"Not started: {error}"
