@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
 sitk = pytest.importorskip("SimpleITK")
 
 from SSMSRRegistrationLib.testing import scenarios, scene_helpers  # noqa: E402
@@ -389,3 +390,25 @@ def trainTinyModel(path: str, ndim: int, scales: str) -> None:
                           decoder_channels=settings.decoder_channels, smoothness_weight=settings.smoothness_weight,
                           ncc_window=settings.window_for(ndim), networks=state.networks,
                           training={"steps_per_scale": 2}), path)
+
+
+def test_an_initial_transform_node_is_the_pre_alignment_and_the_result_includes_it(scene, logic):
+    """The moving brain lies 12 mm to the right of the fixed one: a linear transform node that overlays it (as from
+    General Registration) is used by the worker, and the output transform alone maps fixed points onto moving ones."""
+    array, _ = icbmArrays()
+    fixed = scene_helpers.addVolumeFromArray(scene, array, "fixed", spacing=(2.0, 2.0, 2.0))
+    moving = scene_helpers.addVolumeFromArray(scene, array, "moving", spacing=(2.0, 2.0, 2.0), origin=(12.0, 0.0, 0.0))
+    initial = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "initial")
+    toParent = vtk.vtkMatrix4x4()
+    toParent.SetElement(0, 3, -12.0)  # moving volume under it: overlays the fixed one
+    initial.SetMatrixTransformToParent(toParent)
+    job = logic.registerVolumes(fixed, moving, initialTransformNode=initial, scales="1/2,1", stepsPerScale=5,
+                                device="cpu", waitForCompletion=False)
+    assert job.wait() is JobState.SUCCEEDED, job.errorMessage
+    assert job.command[job.command.index("--initial") + 1].endswith("initial.tfm")
+    fromParent = job.outputTransformNode.GetTransformFromParent()
+    centre = scene_helpers.ijkToRasArray(fixed) @ np.array([16.0, 20.0, 16.0, 1.0])
+    assert np.linalg.norm(np.array(fromParent.TransformPoint(centre[:3])) - (centre[:3] + (12.0, 0.0, 0.0))) < 1.0
+    assert initial.GetMatrixTransformToParent().GetElement(0, 3) == -12.0  # the input node is untouched
+    with pytest.raises(ValueError, match="Unknown pre-alignment 'similarity'"):
+        logic.registerVolumes(fixed, moving, alignFirst="similarity")

@@ -49,9 +49,10 @@ CONNECTORS_AT_MINIMUM = {
 #: The same file at v5.6.2: ``ctkSliderWidget`` and ``qMRMLSliderWidget`` raise "Cannot have a connection to
 #: ctkSliderWidget where the float types is unbounded" without a range.
 NEEDS_RANGE = {"ctkSliderWidget", "qMRMLSliderWidget", "QSlider"}
-#: device: GPU entries are added at run time; modelFile: a ctkPathLineEdit (the wrapper binds it to pathlib.Path
+#: device: GPU entries are added at run time; alignFirst: a combo box whose items are set in code (the wrapper
+#: binds a QComboBox only with a Choice annotation); modelFile: a ctkPathLineEdit (the wrapper binds it to pathlib.Path
 #: only, and "" must mean "no model").
-PARAMETERS_BOUND_IN_CODE = {"device", "modelFile"}
+PARAMETERS_BOUND_IN_CODE = {"device", "modelFile", "alignFirst"}
 
 
 def nodeClasses(parameterType) -> list:

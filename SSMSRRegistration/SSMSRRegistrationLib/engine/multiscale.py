@@ -105,7 +105,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                      initial_networks: Optional[Sequence[Dict[str, torch.Tensor]]] = None,
                      device: Union[str, torch.device] = "auto",
                      progress: Optional[ProgressCallback] = None,
-                     should_stop: Optional[Callable[[], bool]] = None) -> RegistrationResult:
+                     should_stop: Optional[Callable[[], bool]] = None,
+                     moving_mask: Optional[torch.Tensor] = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with multi-scale test-time training.
 
     Args:
@@ -113,6 +114,10 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         settings: schedule and hyper-parameters; with ``batch_size`` below N each step trains on a random
             mini-batch of pairs, and the fields of all pairs are evaluated in chunks of ``batch_size``.
         fixed_mask: optional (N, 1, *S) mask (non-zero = inside) restricting the similarity term.
+        moving_mask: optional (N, 1, *S) field of view of ``moving`` (1 where it has data, on the same grid): the
+            similarity ignores fixed voxels whose warped moving point falls outside it (no false edge at the border
+            of a smaller moving image), and each residual is multiplied by the field of view as warped so far (the
+            field does not move where nothing is known; the smoothness term then keeps the border still too).
         initial_networks: optional U-Net state dicts, one per scale (or one for all scales), to start
             from instead of a fresh network; with ``steps_per_scale == 0`` this is pure inference.
         device: 'auto', 'cpu', 'cuda[:N]' or a torch.device.
@@ -140,6 +145,9 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     window = settings.window_for(ndim)
+    if window > min(size):
+        raise InputError(f"The NCC window of {window} voxels is larger than the image ({'x'.join(map(str, size[::-1]))}"
+                         f" voxels); choose a window of at most {min(size)} voxels.")
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -149,6 +157,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     mask = (fixed_mask.to(device) > 0).float() if fixed_mask is not None else None
     if mask is not None and mask.sum() == 0:
         raise InputError("The fixed mask is empty (no voxel inside); give a mask that covers the region to align.")
+    view = (moving_mask.to(device) > 0).float() if moving_mask is not None else None
 
     pairs = int(fixed.shape[0])
     batch_size = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
@@ -175,6 +184,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         mask_s = (resize_image(mask, scale_size) > 0.5).float() if mask is not None else None
         if mask_s is not None and mask_s.sum() == 0:
             mask_s = (resize_image(mask, scale_size) > 0).float()
+        view_s = resize_image(warp(view, displacement), scale_size) if view is not None else None
         pair = torch.cat([moving_s, fixed_s], dim=1)
 
         losses = torch.zeros(settings.steps_per_scale, device=device)
@@ -186,9 +196,14 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                 chosen = torch.randperm(pairs, generator=batch_sampler)[:batch_size].to(device)
                 pair_b, fixed_b, moving_b = pair[chosen], fixed_s[chosen], moving_s[chosen]
                 mask_b = mask_s[chosen] if mask_s is not None else None
+                view_b = view_s[chosen] if view_s is not None else None
             else:
-                pair_b, fixed_b, moving_b, mask_b = pair, fixed_s, moving_s, mask_s
+                pair_b, fixed_b, moving_b, mask_b, view_b = pair, fixed_s, moving_s, mask_s, view_s
             residual = predict(network, pair_b, mixed)
+            if view_b is not None:  # where the warped moving image has data (not a path for the gradient)
+                residual = residual * view_b
+                inside = (warp(view_b, residual.detach()) > 0.5).float()
+                mask_b = inside if mask_b is None else mask_b * inside
             loss = registration_loss(fixed_b, warp(moving_b, residual), residual, window,
                                      settings.smoothness_weight, mask_b)
             loss.backward()
@@ -212,6 +227,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         network.eval()
         with torch.no_grad():
             residual = torch.cat([predict(network, chunk, mixed) for chunk in pair.split(batch_size)])
+            if view_s is not None:
+                residual = residual * view_s
         displacement = add_residual(displacement, residual)
         per_scale.append(displacement)
         # The next scale goes on training this network: it starts from these weights.

@@ -11,14 +11,14 @@ import time
 from dataclasses import field, make_dataclass
 from typing import Any, NamedTuple, Optional, Union
 
-from slicer import (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode,
-                    vtkMRMLTransformNode)
+from slicer import (vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
+                    vtkMRMLSequenceNode, vtkMRMLTransformNode)
 
 from ..common.presets import PRESETS, budget, matching_preset
 from ..common.protocol import overall_fraction
 from ..mrml.jobs import JobState
-from ..mrml.parameters import (DEFAULT_SMOOTHNESS_WEIGHT, atlasInputProblems, cineInputProblems, inputProblems,
-                               modelFileProblems, nccWindowProblems)
+from ..mrml.parameters import (DEFAULT_SMOOTHNESS_WEIGHT, alignmentProblems, atlasInputProblems, cineInputProblems,
+                               inputProblems, modelFileProblems, nccWindowProblems)
 from ..mrml.progress_text import describeProgress
 
 #: The oldest Slicer whose parameter-node wrapper binds every widget of the panel (checked by the tests against
@@ -49,6 +49,8 @@ class Parameter(NamedTuple):
 #: fixedVolume, movingVolume - images to register (the moving one is aligned to the fixed one).
 #: fixedMask - optional volume on the fixed image (cine: on the frames); similarity only where it is non-zero.
 #: segmentation - optional segmentation of the moving image, propagated onto the fixed image.
+#: initialTransform - optional linear transform overlaying the moving volume on the fixed one (pre-alignment);
+#: alignFirst - otherwise the pre-alignment the worker computes: "auto", "none", "rigid" or "affine".
 #: outputTransform - receives the displacement field (empty: a new node). outputVolume - the moving volume warped
 #: onto the fixed grid. jacobianVolume - the Jacobian determinant of the result on the fixed grid (QC).
 #: scales, stepsPerScale, mixedPrecision - the budget (the preset combo box fills them). smoothnessWeight - the
@@ -61,6 +63,8 @@ PARAMETERS = {
     "movingVolume": Parameter(vtkMRMLScalarVolumeNode),
     "fixedMask": Parameter(vtkMRMLScalarVolumeNode),
     "segmentation": Parameter(vtkMRMLSegmentationNode),
+    "initialTransform": Parameter(vtkMRMLLinearTransformNode),
+    "alignFirst": Parameter(str, "auto"),
     "outputTransform": Parameter(vtkMRMLTransformNode),
     "outputVolume": Parameter(vtkMRMLScalarVolumeNode),
     "jacobianVolume": Parameter(vtkMRMLScalarVolumeNode),
@@ -137,6 +141,7 @@ def problems(values, atlases: list) -> list[str]:
         found = inputProblems(values.fixedVolume, values.movingVolume, values.fixedMask, values.segmentation,
                               values.outputVolume, values.outputTransform, values.scales, values.device,
                               values.jacobianVolume) + modelFileProblems(values.modelFile)
+        found += alignmentProblems(values.alignFirst, values.initialTransform, values.outputTransform)
     if current != "cine" and values.stepsPerScale == 0 and not values.modelFile:
         found.append("0 steps per scale (no test-time training) needs a pretrained model.")
     return found + nccWindowProblems(values.nccWindow)
@@ -189,7 +194,8 @@ def logicCall(values, atlases: list) -> tuple[str, tuple, dict]:
     return "registerVolumes", (values.fixedVolume, values.movingVolume), dict(
         common, outputTransformNode=values.outputTransform, fixedMaskNode=values.fixedMask,
         segmentationNode=values.segmentation, outputVolumeNode=values.outputVolume,
-        jacobianVolumeNode=values.jacobianVolume)
+        jacobianVolumeNode=values.jacobianVolume, initialTransformNode=values.initialTransform,
+        alignFirst=values.alignFirst)
 
 
 def eventStatus(event: dict, currentMode: str) -> Optional[str]:

@@ -50,6 +50,9 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for schedule in SCALE_PRESETS:
             self.ui.scalePresetComboBox.addItem(schedule, schedule)
         self.ui.scalePresetComboBox.addItem(_("Custom"), "")
+        for label, alignment in ((_("Automatic (affine for 3D)"), "auto"), (_("None"), "none"), (_("Rigid"), "rigid"),
+                                 (_("Affine"), "affine")):
+            self.ui.alignFirstComboBox.addItem(label, alignment)
         self.ui.deviceComboBox.addItem(_("Automatic (GPU if available)"), "auto")
         self.ui.deviceComboBox.addItem(_("CPU"), "cpu")
         self.ui.progressBar.setVisible(False)
@@ -65,6 +68,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.scalePresetComboBox.connect("activated(int)", self.onScalePresetActivated)
         self.ui.scalesLineEdit.connect("textChanged(QString)", self.updateScalePresetFromText)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.alignFirstComboBox.connect("currentIndexChanged(int)", self.onAlignFirstChanged)
         self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.atlasSegmentationsComboBox.connect("checkedNodesChanged()", self.onAtlasesChanged)
@@ -111,6 +115,9 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode is None:
             return
         self._selectDevice(self._parameterNode.device)
+        wasBlocked = self.ui.alignFirstComboBox.blockSignals(True)
+        self.ui.alignFirstComboBox.currentIndex = max(self.ui.alignFirstComboBox.findData(self._parameterNode.alignFirst), 0)
+        self.ui.alignFirstComboBox.blockSignals(wasBlocked)
         self.updateScalePresetFromText(self._parameterNode.scales)
         self.ui.presetComboBox.currentIndex = self.ui.presetComboBox.findData(
             panel.matchingPresetName(self._parameterNode))
@@ -127,7 +134,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         an optional mask and the pairs per step."""
         for name in ("movingVolumeLabel", "movingVolumeSelector", "segmentationLabel", "segmentationSelector",
                      "outputTransformLabel", "outputTransformSelector", "outputVolumeLabel", "outputVolumeSelector",
-                     "jacobianVolumeLabel", "jacobianVolumeSelector"):
+                     "jacobianVolumeLabel", "jacobianVolumeSelector", "alignFirstLabel", "alignFirstComboBox",
+                     "initialTransformLabel", "initialTransformSelector"):
             getattr(self.ui, name).setVisible(currentMode == "pair")
         for name in ("atlasSegmentationsLabel", "atlasSegmentationsComboBox", "topKLabel", "topKSpinBox"):
             getattr(self.ui, name).setVisible(currentMode == "atlas")
@@ -234,6 +242,10 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wasBlocked = self.ui.deviceComboBox.blockSignals(True)
         self.ui.deviceComboBox.currentIndex = index
         self.ui.deviceComboBox.blockSignals(wasBlocked)
+
+    def onAlignFirstChanged(self, index: int) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.alignFirst = self.ui.alignFirstComboBox.itemData(index)
 
     def onDeviceChanged(self, index: int) -> None:
         if self._parameterNode is not None:

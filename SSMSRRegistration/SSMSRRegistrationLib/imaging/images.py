@@ -139,14 +139,14 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GRID_TOLERANCE) -
             and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance))
 
 
-def resample_onto(image: sitk.Image, reference: sitk.Image, labels: bool = False, outside: float = 0.0) -> sitk.Image:
+def resample_onto(image: sitk.Image, reference: sitk.Image, labels: bool = False) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid by world coordinates (identity transform).
 
-    Linear interpolation, or nearest neighbour for label maps; ``outside`` where the reference grid leaves the image.
+    Linear interpolation, or nearest neighbour for label maps; 0 outside the image.
     """
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     output_type = image.GetPixelID() if labels else sitk.sitkFloat32
-    return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(outside), output_type)
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0, output_type)
 
 
 def overlaps(a: sitk.Image, b: sitk.Image) -> bool:
@@ -163,20 +163,35 @@ def overlaps(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(np.all(a_low <= b_high) and np.all(b_low <= a_high))
 
 
-def normalised_on_grid(image: sitk.Image, reference: sitk.Image, role: str, reference_role: str) -> np.ndarray:
+def normalised_on_grid(image: sitk.Image, reference: sitk.Image, role: str, reference_role: str,
+                       transform: Optional[sitk.Transform] = None) -> np.ndarray:
     """``image``'s intensities scaled to [0, 1] on ``reference``'s grid, as a float32 array (array-axis order).
 
     The normalisation window comes from the image's own voxels (so pretraining and test-time registration give a
-    network the same input); an image on another grid is then resampled onto the reference by world coordinates,
-    and reference voxels outside the image get the bottom of the window (0), not a raw 0 that could be mid-grey
-    (0 HU in a CT). Raises InputError if the two do not overlap in physical space.
+    network the same input); an image on another grid, or seen through ``transform`` (reference point -> image
+    point, e.g. a pre-alignment), is then resampled onto the reference by world coordinates, and reference voxels
+    outside the image get the bottom of the window (0), not a raw 0 that could be mid-grey (0 HU in a CT).
+    Raises InputError if the two do not overlap in physical space.
     """
     array = sitk.GetArrayFromImage(image)
     window = intensity_window(array, role)
-    if not same_grid(image, reference):
-        if not overlaps(image, reference):
-            raise InputError(f"The {role} does not overlap the {reference_role} in physical space; align it first "
-                             "(rigid or affine registration) or check its origin and direction.")
-        array = sitk.GetArrayFromImage(resample_onto(image, reference, outside=window[0]))
-    return rescale(array, window)
+    if transform is None and same_grid(image, reference):
+        return rescale(array, window)
+    if transform is None and not overlaps(image, reference):
+        raise InputError(f"The {role} does not overlap the {reference_role} in physical space; align it first "
+                         "(--initial rigid or affine) or check its origin and direction.")
+    if transform is not None and not field_of_view(image, reference, transform).any():
+        raise InputError(f"The {role} does not overlap the {reference_role} after the initial transform; check "
+                         "the transform (it maps fixed points to moving points) or use --initial none.")
+    resampled = sitk.Resample(image, reference, transform or sitk.Transform(), sitk.sitkLinear, float(window[0]),
+                              sitk.sitkFloat32)
+    return rescale(sitk.GetArrayFromImage(resampled), window)
 
+
+def field_of_view(image: sitk.Image, reference: sitk.Image, transform: Optional[sitk.Transform] = None) -> np.ndarray:
+    """Bool array on ``reference``'s grid: True where the reference point (through ``transform``, if given) falls
+    inside ``image``'s grid, i.e. where a resampled ``image`` has data."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    inside = sitk.Resample(ones, reference, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(inside) > 0

@@ -15,6 +15,7 @@ from typing import List, Optional
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
 from ..common.presets import DEFAULT_PRESET, PRECISIONS, PRESETS
 from ..report.progress import Reporter, make_reporter
+from .threads import configure_threads
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANCELLED = 0, 1, 2, 3, 130
 
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed-mask", metavar="M", help="mask of the fixed image restricting the similarity")
     reg.add_argument("--jacobian", metavar="OUT",
                      help="write the Jacobian determinant of the field on the fixed grid (values <= 0: folding)")
+    reg.add_argument("--initial", default="auto", metavar="auto|none|rigid|affine|FILE",
+                     help="pre-alignment before the deformable stage: 'auto' (affine for 3D images, none for 2D), "
+                          "'none', 'rigid', 'affine', or an ITK transform file mapping fixed to moving points (e.g. "
+                          "from Slicer's General Registration); the written field includes it (default: auto)")
+    reg.add_argument("--affine-output", metavar="OUT", help="also write the pre-alignment alone as an ITK transform "
+                                                            "file (.tfm, .txt, .h5, .mat)")
+    reg.add_argument("--inverse", metavar="OUT", help="write the inverse displacement field on the moving image's grid "
+                                                      "(maps moving points to fixed points)")
     _add_training_options(reg, steps_help="training steps per scale",
                           window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
     _add_model_option(reg)
@@ -137,6 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
                           window_help="local NCC window in voxels, also used for the ranking (default: 5 in 3D, "
                                       "6 in 2D)")
     _add_model_option(seg)
+    for command in (reg, trk, trn, seg):
+        command.add_argument("--threads", type=int, metavar="N",
+                             help="CPU threads (default: the cores this process may use, within its CPU affinity and "
+                                  "container quota; waiting threads sleep instead of spinning, so a busy neighbour "
+                                  "does not slow the run down several fold)")
+
+    bat = commands.add_parser("batch", help="run a cohort of register/segment/track cases on Dask, resumably",
+                              description="Run every case of JOBS.csv (columns case, kind and that kind's inputs; "
+                                          "see the README) into OUTDIR/CASE on an embedded Dask cluster or on "
+                                          "--scheduler, skipping the cases already done, and write "
+                                          "OUTDIR/results.csv. Exit code 1 when a case failed.")
+    bat.add_argument("jobs", metavar="JOBS.csv", help="one line per case (relative paths: relative to the CSV)")
+    bat.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    bat.add_argument("--scheduler", metavar="ADDRESS",
+                     help="attach to a running Dask scheduler (tcp://host:8786 or a scheduler file) instead of "
+                          "starting an embedded cluster")
+    bat.add_argument("--workers", type=int, metavar="N",
+                     help="worker processes of the embedded cluster (default: one per visible GPU, else CPU cores "
+                          "divided by --threads-per-worker)")
+    bat.add_argument("--threads-per-worker", type=int, metavar="T",
+                     help="CPU threads of a case (default: 1 on CPU workers, else the cores shared out)")
+    bat.add_argument("--gpus-per-worker", type=int, metavar="G",
+                     help="GPUs of a worker, one case per GPU (the Dask resource GPU; default: 1 when GPUs are used)")
+    bat.add_argument("--retries", type=int, default=1, metavar="R",
+                     help="extra attempts of a case whose worker failed (bad input is not retried; default: 1)")
+    bat.add_argument("--top-k", type=int, default=1, metavar="K", help="segment cases: atlases to register and fuse")
+    bat.add_argument("--batch", type=int, default=1, metavar="N", help="track cases: frame pairs per training step")
+    _add_training_options(bat, steps_help="training steps per scale (track: for the whole sequence)",
+                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+    _add_model_option(bat)
     return parser
 
 
@@ -152,9 +191,9 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
 def _check_outputs(args) -> None:
     if args.warped_labels and not args.moving_labels:
         raise InputError("--warped-labels needs --moving-labels.")
-    inputs = {os.path.abspath(p) for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask, args.model)
-              if p}
-    for path in (args.output, args.warped, args.warped_labels, args.jacobian):
+    inputs = {os.path.abspath(p) for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask, args.model,
+                                           args.initial) if p}
+    for path in (args.output, args.warped, args.warped_labels, args.jacobian, args.affine_output, args.inverse):
         if path and os.path.abspath(path) in inputs:
             raise InputError(f"The output {path!r} is also an input; choose another output path.")
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -166,12 +205,13 @@ def run_register(args, reporter: Reporter) -> None:
 
     _check_outputs(args)
     result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, moving_labels=args.moving_labels,
+                      initial=args.initial,
                       preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
                       smoothness_weight=args.smoothness_weight,
                       ncc_window=args.window, learning_rate=args.lr, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
-                          jacobian_path=args.jacobian)
+                          jacobian_path=args.jacobian, affine_path=args.affine_output, inverse_path=args.inverse)
     reporter.finished({key: os.path.abspath(path) if path else None for key, path in outputs.items()},
                       result.metrics)
 
@@ -231,6 +271,24 @@ def run_segment(args, reporter: Reporter) -> None:
         print(format_ranking(result.ranking), flush=True)
 
 
+def run_batch_command(args, reporter: Reporter) -> int:
+    from .batch import BatchInterrupted, options_from_args, run_batch
+
+    try:
+        rows = run_batch(args.jobs, args.output, **options_from_args(args))
+    except BatchInterrupted as stopped:
+        reporter.error(str(stopped), "cancelled")
+        return EXIT_CANCELLED
+    return EXIT_INTERNAL if any(row["status"] == "failed" for row in rows) else EXIT_OK
+
+
+def use_threads(threads: int) -> None:
+    """Give torch the thread count (after ``configure_threads`` set the OpenMP environment it starts with)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _raise_cancelled(signum, frame):
     raise RegistrationCancelled(f"stopped by signal {signum}")
 
@@ -251,6 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         args = build_parser().parse_args(argv)
+        # In a new process torch is not imported yet, so its OpenMP runtime starts with these settings; a caller
+        # that already runs torch (main() called in-process) keeps its own unless --threads is given.
+        if hasattr(args, "threads") and ("torch" not in sys.modules or args.threads is not None):
+            use_threads(configure_threads(args.threads))
         if args.command == "register":
             run_register(args, reporter)
         elif args.command == "track":
@@ -259,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_train(args, reporter)
         elif args.command == "segment":
             run_segment(args, reporter)
+        elif args.command == "batch":
+            return run_batch_command(args, reporter)
         return EXIT_OK
     except InputError as error:
         reporter.error(str(error), "input")

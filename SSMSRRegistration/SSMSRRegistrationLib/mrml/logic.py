@@ -19,10 +19,11 @@ from .cine import CineTrackingJob, cineFrames, writeCine
 from .geometry import SlicePlane, isSingleSlice
 from .jobs import Job, JobState, RegistrationCancelledError, RegistrationError
 from .parameters import (DEFAULT_PRECISION, DEFAULT_SCALES, DEFAULT_SMOOTHNESS_WEIGHT, DEFAULT_STEPS_PER_SCALE,
-                         DEFAULT_TRACKING_SCALES, atlasInputProblems, atlasVolumeNode, cineInputProblems,
+                         DEFAULT_TRACKING_SCALES, alignmentProblems, atlasInputProblems, atlasVolumeNode,
+                         cineInputProblems,
                          inputProblems, modelFileProblems, nccWindowProblems, precisionProblems, stepProblems)
 from .registration_jobs import AtlasSegmentationJob, RegistrationJob
-from .storage import writeAtlasLabels, writeVolume
+from .storage import writeAtlasLabels, writeInitialTransform, writeVolume
 from .worker_command import defaultWorkerPrefix, workerCommand, workerEnvironment
 
 
@@ -52,7 +53,7 @@ class RegistrationLogic:
 
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                         segmentationNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
-                        scales: str = DEFAULT_SCALES,
+                        initialTransformNode=None, alignFirst: str = "auto", scales: str = DEFAULT_SCALES,
                         stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
                         smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                         nccWindow: int | None = None, device: str = "auto", waitForCompletion: bool = True,
@@ -70,6 +71,11 @@ class RegistrationLogic:
         :param outputVolumeNode: optional scalar volume that receives the moving volume warped onto the fixed grid.
         :param jacobianVolumeNode: optional scalar volume that receives the Jacobian determinant of the result on the
             fixed grid, shown with a colour table in which values <= 0 (folding) are red.
+        :param initialTransformNode: optional linear transform that overlays the moving volume on the fixed one
+            (e.g. from General Registration); used as the pre-alignment instead of ``alignFirst``.
+        :param alignFirst: "auto" (affine for 3D volumes, none for single slices), "none", "rigid" or "affine": the
+            pre-alignment the worker computes. The result includes it: the output transform alone overlays the moving
+            volume on the fixed one.
         :param scales: coarse-to-fine schedule, e.g. "1/4,1/2,1".
         :param stepsPerScale: test-time training steps at each scale.
         :param precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32" (reference).
@@ -89,7 +95,7 @@ class RegistrationLogic:
         job = self.startRegistration(fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
                                      fixedMaskNode=fixedMaskNode, segmentationNode=segmentationNode,
                                      outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode,
-                                     scales=scales, stepsPerScale=stepsPerScale,
+                                     initialTransformNode=initialTransformNode, alignFirst=alignFirst, scales=scales, stepsPerScale=stepsPerScale,
                                      precision=precision, smoothnessWeight=smoothnessWeight, nccWindow=nccWindow,
                                      device=device, progressCallback=progressCallback,
                                      keepTemporaryFiles=keepTemporaryFiles, seed=seed, modelFile=modelFile)
@@ -157,7 +163,7 @@ class RegistrationLogic:
 
     def startRegistration(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                           segmentationNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
-                          scales: str = DEFAULT_SCALES,
+                          initialTransformNode=None, alignFirst: str = "auto", scales: str = DEFAULT_SCALES,
                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
                           smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
                           device: str = "auto", progressCallback: ProgressCallback | None = None,
@@ -167,17 +173,21 @@ class RegistrationLogic:
         self._checkIdle()
         self._refuse(inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode, segmentationNode, outputVolumeNode,
                                    outputTransformNode, scales, device, jacobianVolumeNode) + modelFileProblems(modelFile)
+                     + alignmentProblems(alignFirst, initialTransformNode, outputTransformNode)
                      + stepProblems(stepsPerScale, modelFile) + precisionProblems(precision)
                      + nccWindowProblems(nccWindow))
         parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
                       "smoothnessWeight": float(smoothnessWeight), "nccWindow": nccWindow, "device": device,
-                      "seed": seed, "modelFile": modelFile or None}
+                      "seed": seed, "modelFile": modelFile or None, "alignFirst": alignFirst,
+                      "initialTransform": initialTransformNode.GetName() if initialTransformNode is not None else None}
 
         def prepare(folder: Path) -> dict:
             slicePlane = SlicePlane(fixedVolumeNode) if isSingleSlice(fixedVolumeNode) else None
             fixedPath = writeVolume(fixedVolumeNode, folder / "fixed.nrrd", slicePlane, "fixed volume")
             movingPath = writeVolume(movingVolumeNode, folder / "moving.nrrd", slicePlane, "moving volume")
             options = self._maskOption("--fixed-mask", fixedMaskNode, folder, slicePlane)
+            options += ["--initial", writeInitialTransform(initialTransformNode, folder / "initial.tfm", slicePlane)
+                        if initialTransformNode is not None else alignFirst]
             if outputVolumeNode is not None:
                 options += ["--warped", str(folder / "warped.nrrd")]
             if jacobianVolumeNode is not None:

@@ -21,6 +21,8 @@ DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].pair_steps
 DEFAULT_TRACKING_SCALES = PRESETS[DEFAULT_PRESET].cine_scales
 DEFAULT_SMOOTHNESS_WEIGHT = 10.0
 DEFAULT_PRECISION = PRESETS[DEFAULT_PRESET].precision
+#: Pre-alignments the worker runs before the deformable stage ("auto": affine for 3D volumes, none for 2D).
+ALIGNMENTS = ("auto", "none", "rigid", "affine")
 #: The smallest local NCC window the engine accepts (voxels); 0 or None means the engine's default.
 MINIMUM_NCC_WINDOW = 2
 
@@ -60,6 +62,20 @@ def stepProblems(stepsPerScale: int | None, modelFile: str | None = None) -> lis
     if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
         return ["Steps per scale must be at least 1 (0 is allowed with a model: inference only)."]
     return []
+
+
+def alignmentProblems(alignFirst: str, initialTransformNode=None, outputTransformNode=None) -> list[str]:
+    """What is wrong with the pre-alignment choice and the optional initial transform node."""
+    problems = []
+    if alignFirst not in ALIGNMENTS:
+        problems.append(f"Unknown pre-alignment {alignFirst!r}; choose one of: {', '.join(ALIGNMENTS)}.")
+    if initialTransformNode is not None:
+        if not initialTransformNode.IsLinear():
+            problems.append(f"The initial transform '{initialTransformNode.GetName()}' is not linear; give a rigid or "
+                            "affine transform (e.g. from General Registration).")
+        if initialTransformNode is outputTransformNode:
+            problems.append("The initial transform must not be the output transform; create a new output transform.")
+    return problems
 
 
 def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segmentationNode=None, outputVolumeNode=None,

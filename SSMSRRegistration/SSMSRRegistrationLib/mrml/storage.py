@@ -104,3 +104,20 @@ def writeAtlasLabels(scene, segmentationNode, volumeNode, segmentNames: list[str
     labelNode.SetIJKToRASMatrix(ijkToRas)
     labelNode.SetName(f"{segmentationNode.GetName()} labels")
     return writeVolume(labelNode, path, slicePlane, f"labels of the atlas '{segmentationNode.GetName()}'")
+
+
+def writeInitialTransform(transformNode, path: Path, slicePlane: SlicePlane | None) -> str:
+    """Write a linear transform node as an ITK transform file for the worker's ``--initial``; return the path.
+
+    Slicer's transform storage node writes the resampling transform (a fixed-image LPS point to the moving-image
+    point), which is what the worker expects. Single slices are registered in their plane frame, where a 3D
+    transform has no meaning, so a single-slice registration does not take one.
+    """
+    if slicePlane is not None:
+        raise RegistrationError("An initial transform is only supported for 3D volumes; harden it on the moving "
+                                "slice instead.")
+    storageNode = slicer.vtkMRMLTransformStorageNode()
+    storageNode.SetFileName(str(path))
+    if not storageNode.WriteData(transformNode):
+        raise RegistrationError(f"Could not write the initial transform '{transformNode.GetName()}' to {path}.")
+    return str(path)

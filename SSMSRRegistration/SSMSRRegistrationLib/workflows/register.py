@@ -15,23 +15,32 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..common.errors import InputError
+from ..common.presets import DEFAULT_PRESET, budget
+from ..common.protocol import ProgressCallback
+from ..common.schedule import parse_scales
 from ..engine.metrics import folding_statistics
 from ..engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
-from ..common.schedule import parse_scales
-from ..common.errors import InputError
-from ..common.protocol import ProgressCallback
-from .models import SavedModel, load_model
+from ..imaging.alignment import (INITIAL_CHOICES, align, as_affine, check_invertible, inverse_field, is_identity,
+                                 read_initial_transform, through_transform)
+from ..imaging.atomic import write_atomically
 from ..imaging.fields import (displacement_transform, jacobian_determinant_image, voxel_field_to_image, write_field,
                               write_image)
-from ..imaging.images import ImageLike, check_image, normalised_on_grid, read_image, resample_onto, same_grid
-from ..common.presets import DEFAULT_PRESET, budget
+from ..imaging.images import (ImageLike, check_image, field_of_view, normalised_on_grid, read_image, resample_onto,
+                              same_grid)
+from .models import SavedModel, load_model
+
+#: What ``register(initial=...)`` accepts: one of INITIAL_CHOICES, an ITK transform file, or a SimpleITK transform.
+InitialTransform = Union[str, os.PathLike, sitk.Transform]
 
 
 @dataclass
 class RegistrationOutput:
     """What ``register`` returns.
 
-    field: ITK displacement field on the fixed grid, millimetres, LPS, resampling convention.
+    field: ITK displacement field on the fixed grid, millimetres, LPS, resampling convention; it includes the
+        pre-alignment: p maps to affine(p + u(p)) = p + field(p).
+    affine: the pre-alignment (fixed point -> moving point; the identity with ``initial="none"``).
     warped: the moving image (its own intensities, float32) resampled through the field onto the fixed grid.
     warped_labels: the moving label map resampled (nearest neighbour) onto the fixed grid, if labels were given.
     loss_history: training loss per step, per scale.
@@ -40,6 +49,8 @@ class RegistrationOutput:
     """
 
     field: sitk.Image
+    affine: sitk.AffineTransform
+    moving_grid: sitk.Image
     warped: sitk.Image
     warped_labels: Optional[sitk.Image]
     loss_history: Dict[str, List[float]]
@@ -48,17 +59,27 @@ class RegistrationOutput:
     fixed_grid: sitk.Image
 
     def field_after_scale(self, index: int) -> sitk.Image:
-        """The composed physical field after scale ``index`` of the schedule (the paper's SSMSR(s) rows)."""
+        """The composed physical field after scale ``index`` of the schedule (the paper's SSMSR(s) rows), with the
+        pre-alignment."""
         displacement = self.engine_result.displacements_per_scale[index][0].cpu().numpy()
-        return voxel_field_to_image(displacement, self.fixed_grid)
+        return through_transform(self.affine, voxel_field_to_image(displacement, self.fixed_grid))
+
+    def inverse(self) -> sitk.Image:
+        """The inverse displacement field on the moving image's grid (mm, LPS): a moving point q maps to the fixed
+        point q + inverse(q). For labels drawn on the fixed image, brought back onto the moving one."""
+        deformable = voxel_field_to_image(self.engine_result.displacement[0].cpu().numpy().astype(np.float64),
+                                          self.fixed_grid)
+        return inverse_field(self.affine, deformable, self.moving_grid)
 
     def jacobian(self) -> sitk.Image:
         """The Jacobian determinant of ``field`` on the fixed grid (float32; <= 0 where the field folds)."""
         return jacobian_determinant_image(self.field)
 
     def save(self, field_path: str, warped_path: Optional[str] = None, warped_labels_path: Optional[str] = None,
-             jacobian_path: Optional[str] = None) -> Dict[str, Optional[str]]:
-        """Write the outputs (each atomically); returns the paths written."""
+             jacobian_path: Optional[str] = None, affine_path: Optional[str] = None,
+             inverse_path: Optional[str] = None) -> Dict[str, Optional[str]]:
+        """Write the outputs (each atomically); returns the paths written. ``affine_path``: the pre-alignment alone
+        as an ITK transform file (.tfm, .txt, .h5, .mat); ``inverse_path``: ``inverse()``."""
         if warped_labels_path and self.warped_labels is None:
             raise InputError("warped labels were asked for but no moving label map was registered.")
         write_field(self.field, field_path)
@@ -68,8 +89,12 @@ class RegistrationOutput:
             write_image(self.warped_labels, warped_labels_path)
         if jacobian_path:
             write_image(self.jacobian(), jacobian_path)
+        if affine_path:
+            write_atomically(affine_path, lambda temporary: sitk.WriteTransform(self.affine, temporary))
+        if inverse_path:
+            write_field(self.inverse(), inverse_path)
         return {"field": field_path, "warped": warped_path, "warped_labels": warped_labels_path,
-                "jacobian": jacobian_path}
+                "jacobian": jacobian_path, "affine": affine_path, "inverse": inverse_path}
 
 
 def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
@@ -84,8 +109,34 @@ def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
     return array
 
 
+def initial_kind(initial: InitialTransform, ndim: int) -> str:
+    """"none", "rigid" or "affine" for those choices ("auto": affine for 3D images, none for 2D, where frames of one
+    probe or slices of one scanner rarely need it), "file" for an ITK transform file, "given" for a transform."""
+    if isinstance(initial, sitk.Transform):
+        return "given"
+    choice = os.fspath(initial).lower()
+    if choice == "auto":
+        return "affine" if ndim == 3 else "none"
+    return choice if choice in INITIAL_CHOICES else "file"
+
+
+def initial_transform(initial: InitialTransform, fixed: sitk.Image, moving: sitk.Image, seed: int = 0,
+                      fixed_mask: Optional[sitk.Image] = None) -> sitk.AffineTransform:
+    """The pre-alignment T (fixed point -> moving point) asked for by ``initial`` (see ``initial_kind``)."""
+    ndim = fixed.GetDimension()
+    kind = initial_kind(initial, ndim)
+    if kind == "given":
+        transform = as_affine(initial, ndim, "initial transform")
+        check_invertible(transform, "initial transform")
+        return transform
+    if kind == "file":
+        return read_initial_transform(os.fspath(initial), ndim)
+    return align(fixed, moving, kind, seed, fixed_mask)
+
+
 def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageLike] = None,
-             moving_labels: Optional[ImageLike] = None, preset: str = DEFAULT_PRESET, scales=None,
+             moving_labels: Optional[ImageLike] = None, initial: InitialTransform = "auto",
+             preset: str = DEFAULT_PRESET, scales=None,
              steps: Optional[int] = None, precision: Optional[str] = None,
              smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
@@ -96,8 +147,11 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
 
     Args:
         fixed, moving: file paths (any SimpleITK format, or a DICOM series folder) or SimpleITK images,
-            2D or 3D, single channel. A moving image on another grid is resampled onto the fixed grid
-            by world coordinates first.
+            2D or 3D, single channel. The moving image is resampled onto the fixed grid through the
+            pre-alignment; where it has no data (outside its field of view) the similarity is not computed.
+        initial: the pre-alignment (see ``initial_transform``): "auto" (affine in 3D, none in 2D), "none",
+            "rigid", "affine", an ITK transform file (fixed point -> moving point, e.g. from Slicer's General
+            Registration) or a SimpleITK transform. The returned field includes it.
         fixed_mask: optional mask (non-zero inside) restricting the similarity term.
         moving_labels: optional label map on the moving image's physical space, warped with the result.
         preset: "paper" or "fast" (``presets``): the schedule, steps and precision not given explicitly.
@@ -144,18 +198,29 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         labels_image = read_image(moving_labels, "moving labels")
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
     mask_array = _prepare_mask(fixed_mask, fixed_image) if fixed_mask is not None else None
+    mask_image = None
+    if mask_array is not None:
+        mask_image = sitk.GetImageFromArray(mask_array.astype(np.uint8))
+        mask_image.CopyInformation(fixed_image)
+    affine = initial_transform(initial, fixed_image, moving_image, int(seed), mask_image)
 
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
     fixed_tensor = as_tensor(normalised_on_grid(fixed_image, fixed_image, "fixed image", "fixed image"))
-    moving_tensor = as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image"))
+    unaligned_tensor = as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image"))
+    aligned = not is_identity(affine)
+    moving_tensor = (as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image", affine))
+                     if aligned else unaligned_tensor)
     mask_tensor = as_tensor(mask_array.astype(np.float32)) if mask_array is not None else None
+    view = field_of_view(moving_image, fixed_image, affine if aligned else None)
+    view_tensor = None if view.all() else as_tensor(view.astype(np.float32))
 
     result = register_tensors(fixed_tensor, moving_tensor, settings, fixed_mask=mask_tensor,
                               initial_networks=initial_networks, device=torch_device, progress=progress,
-                              should_stop=should_stop)
+                              should_stop=should_stop, moving_mask=view_tensor)
 
     displacement = result.displacement
-    field = voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64), fixed_image)
+    deformable = voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64), fixed_image)
+    field = through_transform(affine, deformable)
     transform = displacement_transform(field)
     warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     warped_labels = None
@@ -163,18 +228,19 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         warped_labels = sitk.Resample(labels_image, fixed_image, transform, sitk.sitkNearestNeighbor, 0,
                                       labels_image.GetPixelID())
 
-    fixed_eval = fixed_tensor.to(displacement.device)
-    moving_eval = moving_tensor.to(displacement.device)
-    mask_eval = mask_tensor.to(displacement.device) if mask_tensor is not None else None
-    before = similarity(fixed_eval, moving_eval, None, result.window, mask_eval)
-    after = similarity(fixed_eval, moving_eval, displacement, result.window, mask_eval)
+    device_of = lambda tensor: tensor.to(displacement.device) if tensor is not None else None  # noqa: E731
+    fixed_eval, mask_eval = device_of(fixed_tensor), device_of(mask_tensor)
+    before = similarity(fixed_eval, device_of(unaligned_tensor), None, result.window, mask_eval)
+    after = similarity(fixed_eval, device_of(moving_tensor), displacement, result.window, mask_eval)
     metrics = {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
                "mse_before": before["mse"], "mse_after": after["mse"],
                "final_loss": (next(reversed(result.loss_history.values()))[-1] if settings.steps_per_scale
                               else float("nan")),
                "seconds": result.seconds, "device": result.device,
                "model": os.path.abspath(model_path) if model is not None and model_path != "the model" else None,
+               "pre_alignment": initial_kind(initial, fixed_image.GetDimension()),
                **folding_statistics(displacement.detach().cpu())}
-    return RegistrationOutput(field=field, warped=warped, warped_labels=warped_labels,
+    return RegistrationOutput(field=field, affine=affine, moving_grid=moving_image, warped=warped,
+                              warped_labels=warped_labels,
                               loss_history=result.loss_history, metrics=metrics, engine_result=result,
                               fixed_grid=fixed_image)

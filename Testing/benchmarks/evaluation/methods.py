@@ -102,8 +102,10 @@ def _register_each_pair(case: Case, config: Config, prefix: str, **options) -> L
     for pair in case.pairs:
         events: List[dict] = []
         mask = pair.mask if case.masked_registration else None
+        # The cases are pre-aligned (the paper's protocol, as for every baseline): no pre-alignment stage.
         output, pair_usage = measured(lambda: register(pair.fixed, pair.moving, fixed_mask=mask, device=config.device,
-                                                       seed=config.seed, progress=events.append, **options))
+                                                       seed=config.seed, progress=events.append, initial="none",
+                                                       **options))
         scales = output.engine_result.scales
         fields_per_scale.append([output.field_after_scale(i) for i in range(len(scales) - 1)] + [output.field])
         usage.append(pair_usage)
@@ -201,7 +203,8 @@ def _run_voxelmorph(case: Case, config: Config) -> List[MethodRun]:
     fields, usage = [], []
     for pair in case.pairs:
         output, pair_usage = measured(lambda: register(pair.fixed, pair.moving, scales=case.schedule, steps=0,
-                                                       initial_networks=trained.networks, device=config.device))
+                                                       initial_networks=trained.networks, device=config.device,
+                                                       initial="none"))
         fields.append(output.field)
         usage.append(pair_usage)
     note = (f"trained on {len(case.training)} pairs for {settings.steps_per_scale} steps per scale in "
