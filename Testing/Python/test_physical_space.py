@@ -123,6 +123,7 @@ def test_register_output_matches_the_engine_on_a_known_oblique_deformation(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nrrd", "l.nii.gz", "w.nii.gz"]
 
 
+@pytest.mark.slow
 def test_3d_brain_labels_propagate_through_a_known_deformation():
     """ICBM152 T1 crop (2 mm) and its grey/white matter labels: Dice against the fixed labels rises."""
     t1 = sample_data.crop_and_shrink(sample_data.brain_t1(), [58, 70, 66], [80, 96, 80], 2)  # 40x48x40

@@ -334,7 +334,8 @@ def test_model_file_reaches_the_worker_and_zero_steps_is_inference(scene, logic,
     trainTinyModel(modelPath, ndim=3, scales="1/2,1")
     with pytest.raises(RegistrationError, match="trained for the scales 1/2,1"):
         logic.registerVolumes(fixed, moving, scales="1/4,1/2,1", modelFile=modelPath, stepsPerScale=1, device="cpu")
-    transform = logic.registerVolumes(fixed, moving, scales="1/2,1", modelFile=modelPath, stepsPerScale=0, device="cpu")
+    transform = logic.registerVolumes(fixed, moving, scales="1/2,1", modelFile=modelPath, stepsPerScale=0, device="cpu",
+                                      alignFirst="none")
     assert gridMatchesVolume(transform.GetTransformFromParent(), fixed)
 
 
@@ -345,6 +346,7 @@ def test_precision_reaches_the_worker(scene, logic):
     for precision in ("float32", "mixed"):
         events = []
         job = logic.registerVolumes(fixed, moving, scales="1", stepsPerScale=2, precision=precision, device="cpu",
+                                    alignFirst="none",
                                     progressCallback=events.append, waitForCompletion=False)
         assert job.wait() is JobState.SUCCEEDED, job.errorMessage
         assert job.command[job.command.index("--precision") + 1] == precision
@@ -357,7 +359,8 @@ def test_the_result_records_its_inputs_as_registration_references_and_its_foldin
     transform's description and the optional Jacobian volume report the folding."""
     fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
     jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
-    transform = logic.registerVolumes(fixed, moving, jacobianVolumeNode=jacobian, scales="1/2,1", stepsPerScale=20,
+    transform = logic.registerVolumes(fixed, moving, jacobianVolumeNode=jacobian, alignFirst="none", scales="1/2,1",
+                                      stepsPerScale=20,
                                       device="cpu")
     assert transform.GetNodeReference(transform.GetFixedNodeReferenceRole()) is fixed
     assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is moving
