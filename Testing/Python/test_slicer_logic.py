@@ -196,6 +196,7 @@ def icbmArrays(shape=(32, 40, 32), start=(40, 50, 40)):
     return t1 / t1.max(), whiteMatter.astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_segmentation_propagation_on_a_deformed_3d_brain(scene, logic):
     t1, whiteMatter = icbmArrays()
     fixed = scene_helpers.addVolumeFromArray(scene, t1, "ICBM152 T1", (2.0, 2.0, 2.4), (-40.0, -60.0, -20.0),

@@ -49,6 +49,9 @@ CONNECTORS_AT_MINIMUM = {
 #: The same file at v5.6.2: ``ctkSliderWidget`` and ``qMRMLSliderWidget`` raise "Cannot have a connection to
 #: ctkSliderWidget where the float types is unbounded" without a range.
 NEEDS_RANGE = {"ctkSliderWidget", "qMRMLSliderWidget", "QSlider"}
+#: The same tag, ``serializers.py``: ``UnionSerializer`` writes a value through the first member serializer that
+#: ``canSerialize(type(value))``; for None only a ``NoneType`` member does, so a Union of node classes without None
+#: raises "Unable to write value 'None'" when the parameter is emptied (and when it is given its default, None).
 #: device: GPU entries are added at run time; alignFirst: a combo box whose items are set in code (the wrapper
 #: binds a QComboBox only with a Choice annotation); modelFile: a ctkPathLineEdit (the wrapper binds it to pathlib.Path
 #: only, and "" must mean "no model").
@@ -71,6 +74,8 @@ def bindingProblems(parameters: dict, widgetClasses: dict) -> list:
                 nodeClass().GetClassName()
             except TypeError as error:
                 problems.append(f"{name}: {nodeClass.__name__} cannot be instantiated ({error})")
+        if typing.get_origin(parameter.type) is typing.Union and type(None) not in typing.get_args(parameter.type):
+            problems.append(f"{name}: a Union of node classes must include None (Optional[...]) to be emptied")
         if name not in widgetClasses:
             continue
         kind = "node" if nodeClasses(parameter.type) else parameter.type
@@ -151,6 +156,9 @@ def test_the_binding_check_refuses_what_crashed_the_former_panel(widgets):
     problems = bindingProblems(former, formerWidgets)
     assert any(problem.startswith("cine: vtkMRMLNode cannot be instantiated") for problem in problems)
     assert any(problem.startswith("smoothnessWeight: no connector binds a ctkDoubleSpinBox") for problem in problems)
+    withoutNone = dict(PARAMETERS, cine=Parameter(typing.Union[slicer.vtkMRMLSequenceNode, slicer.vtkMRMLScalarVolumeNode]))
+    assert bindingProblems(withoutNone, boundWidgetClasses(widgets)) == [
+        "cine: a Union of node classes must include None (Optional[...]) to be emptied"]
 
 
 def test_advanced_settings_and_log_start_collapsed_and_apply_disabled(widgets):

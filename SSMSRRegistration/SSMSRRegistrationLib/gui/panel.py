@@ -79,7 +79,7 @@ PARAMETERS = {
     "atlasSelection": Parameter(bool, False),
     "topK": Parameter(int, 1, (1, 99)),
     "cineTracking": Parameter(bool, False),
-    "cine": Parameter(Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]),
+    "cine": Parameter(Optional[Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]]),
     "batchSize": Parameter(int, 1, (0, 999)),
 }
 
