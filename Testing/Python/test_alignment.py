@@ -187,3 +187,17 @@ def test_a_given_transform_is_used_as_the_pre_alignment():
     assert np.median(np.linalg.norm(vectors - (3.0, -2.0), axis=1)) < 0.3
     assert result.metrics["pre_alignment"] == "given"
     assert torch.isfinite(result.engine_result.displacement).all()
+
+
+def test_images_that_do_not_overlap_are_brought_together_by_the_pre_alignment():
+    """Scanner coordinates can place two scans far apart: the rigid pre-alignment (moments first) finds the other,
+    while without it the error says what to do."""
+    image = sitk.GetImageFromArray(brain_slice())
+    far = sitk.Image(image)
+    far.SetOrigin((500.0, -300.0))
+    result = register(image, far, initial="rigid", scales="1", steps=10, device="cpu")
+    vectors = sitk.GetArrayFromImage(result.field)[10:-10, 10:-10].reshape(-1, 2)
+    assert np.median(np.linalg.norm(vectors - (500.0, -300.0), axis=1)) < 1.0
+    assert np.isnan(result.metrics["ncc_before"]) and result.metrics["ncc_after"] > 0.5
+    with pytest.raises(InputError, match="does not overlap the fixed image in physical space"):
+        register(image, far, initial="none", scales="1", steps=1, device="cpu")

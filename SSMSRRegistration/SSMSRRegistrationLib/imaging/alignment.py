@@ -96,7 +96,7 @@ def _registration(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform
     voxels = int(np.prod(fixed.GetSize()))
     if voxels > SAMPLED_VOXELS:
         method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(SAMPLED_VOXELS / voxels, seed)
+        method.SetMetricSamplingPercentage(SAMPLED_VOXELS / voxels, seed + 1)  # SimpleITK reads 0 as "wall clock"
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)

@@ -26,8 +26,8 @@ from ..imaging.alignment import (INITIAL_CHOICES, align, as_affine, check_invert
 from ..imaging.atomic import write_atomically
 from ..imaging.fields import (displacement_transform, jacobian_determinant_image, voxel_field_to_image, write_field,
                               write_image)
-from ..imaging.images import (ImageLike, check_image, field_of_view, normalised_on_grid, read_image, resample_onto,
-                              same_grid)
+from ..imaging.images import (ImageLike, check_image, field_of_view, normalised_on_grid, overlaps, read_image,
+                              resample_onto, same_grid)
 from .models import SavedModel, load_model
 
 #: What ``register(initial=...)`` accepts: one of INITIAL_CHOICES, an ITK transform file, or a SimpleITK transform.
@@ -206,10 +206,13 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
 
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
     fixed_tensor = as_tensor(normalised_on_grid(fixed_image, fixed_image, "fixed image", "fixed image"))
-    unaligned_tensor = as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image"))
     aligned = not is_identity(affine)
-    moving_tensor = (as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image", affine))
-                     if aligned else unaligned_tensor)
+    moving_tensor = as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image",
+                                                 affine if aligned else None))
+    # The "before" measures: the images as given (none when they do not even overlap before the pre-alignment).
+    unaligned_tensor = moving_tensor if not aligned else (
+        as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image"))
+        if overlaps(moving_image, fixed_image) else None)
     mask_tensor = as_tensor(mask_array.astype(np.float32)) if mask_array is not None else None
     view = field_of_view(moving_image, fixed_image, affine if aligned else None)
     view_tensor = None if view.all() else as_tensor(view.astype(np.float32))
@@ -230,7 +233,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
 
     device_of = lambda tensor: tensor.to(displacement.device) if tensor is not None else None  # noqa: E731
     fixed_eval, mask_eval = device_of(fixed_tensor), device_of(mask_tensor)
-    before = similarity(fixed_eval, device_of(unaligned_tensor), None, result.window, mask_eval)
+    before = (similarity(fixed_eval, device_of(unaligned_tensor), None, result.window, mask_eval)
+              if unaligned_tensor is not None else {"ncc": float("nan"), "mse": float("nan")})
     after = similarity(fixed_eval, device_of(moving_tensor), displacement, result.window, mask_eval)
     metrics = {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
                "mse_before": before["mse"], "mse_after": after["mse"],
