@@ -175,7 +175,7 @@ def _batch_command(jobs: Path, output: Path, *extra: str) -> subprocess.Popen:
 
 def test_an_interrupted_command_runs_only_the_unfinished_cases_again(cohort, tmp_path):
     jobs, output = tmp_path / "jobs.csv", tmp_path / "out"
-    jobs.write_text(f"case,kind,fixed,moving\n"
+    jobs.write_text("case,kind,fixed,moving\n"
                     + "".join(f"c{index},register,{cohort}/s{fixed}.nii.gz,{cohort}/s{moving}.nii.gz\n"
                               for index, (fixed, moving) in enumerate(((95, 99), (99, 103), (103, 95)))))
     first = _batch_command(jobs, output, "--steps", "40")

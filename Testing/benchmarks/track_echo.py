@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
 from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET  # noqa: E402
-from SSMSRRegistrationLib.interfaces.api import save_tracking
+from SSMSRRegistrationLib.interfaces.api import save_tracking  # noqa: E402
 from SSMSRRegistrationLib.workflows.track import pair_metrics, track  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"time per sequence: {per_sequence:.1f} s (test-time training {result.seconds:.1f} s, "
           f"{per_sequence / (frames_count - 1):.2f} s per pair)")
     if args.output:
-        outputs = result.save(args.output)
+        outputs = save_tracking(result, args.output)
         print(f"outputs: {outputs['folder']}")
 
 

@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import numpy as np
-import slicer
 
 from ..mrml.jobs import JobState, RegistrationCancelledError, RegistrationError
 from ..mrml.logic import RegistrationLogic
