@@ -5,7 +5,11 @@ the workflows emit the same dicts to their ``progress`` callbacks. The Slicer lo
 
     started     {"device", "scales": ["1/2", "1"], "steps_per_scale", "image_size": [x, y(, z)], "pairs",
                  "batch_size", "precision"}; ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
+                ``register`` adds its working grid: "working_grid" {"size", "spacing_mm", "resampled"},
+                "ncc_window_voxels", "ncc_window_mm", "memory_estimate_bytes", "available_memory_bytes",
+                "estimated_seconds" (CPU, else null), "note" (why the grid was coarsened) and "plan" (one line)
     progress    {"scale", "scale_index", "num_scales", "step", "steps", "loss", "fraction", "elapsed_s", "eta_s"};
+                "converged": true on the last event of a scale that stopped before its budget;
                 inside ``segment`` also "atlas_index", "atlas_count" (and "fraction" over all registrations)
     validation  {"scale", "scale_index", "step", "loss"}                                   (``train``)
     checkpoint  {"path", "complete", "scale_index", "step"}                                (``train``)

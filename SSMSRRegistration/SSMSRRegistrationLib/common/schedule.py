@@ -10,6 +10,10 @@ from .errors import InputError
 #: Smallest size of any axis at any scale; below this the U-Net and NCC window stop making sense.
 MIN_SCALED_SIZE = 8
 
+#: Default voxel budget of an automatically chosen working grid (about 161^3: a 1 mm whole brain is registered at
+#: about 1.3 mm); ``max_voxels`` / ``--max-voxels`` raise it, ``spacing`` / ``--spacing`` set the grid outright.
+DEFAULT_MAX_VOXELS = 2 ** 22
+
 def parse_scales(schedule: Union[str, Sequence[Union[str, float, Fraction]]]) -> Tuple[Fraction, ...]:
     """Parse a schedule such as "1/8,1/4,1/2,1" into strictly increasing fractions in (0, 1]."""
     items = [item for item in schedule.split(",") if item.strip()] if isinstance(schedule, str) else list(schedule)

@@ -43,6 +43,8 @@ class RegistrationSettings:
     progress_every: int = 0  # report every N steps; 0: every REPORT_SECONDS of wall time
     batch_size: int = 0  # pairs per training step, drawn at random (seeded); 0 or >= N: all pairs every step
     mixed_precision: bool = False  # bfloat16 convolutions (unet.predict) where the device runs them natively
+    stop_window: int = 0  # convergence check every this many steps (0: always the full budget), see ``converged``
+    stop_tolerance: float = 1e-3  # ... stop when the mean loss improved by less than this over the last window
 
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
@@ -58,6 +60,22 @@ class RegistrationSettings:
             raise InputError("the learning rate must be > 0.")
         if self.batch_size < 0:
             raise InputError("the batch size must be 0 (all pairs) or more.")
+        if self.stop_window < 0 or 0 < self.stop_window < 5:
+            raise InputError("the convergence window must be 0 (train the full budget) or at least 5 steps.")
+        if not self.stop_tolerance >= 0:
+            raise InputError("the convergence tolerance must be >= 0.")
+
+
+def converged(losses: torch.Tensor, done: int, window: int, tolerance: float) -> bool:
+    """Convergence-based stopping: after a multiple of ``window`` steps (at least two windows), True when the mean
+    training loss of the last ``window`` steps is less than ``tolerance`` below the mean of the ``window`` before.
+
+    losses: (steps,) tensor of the scale's losses, the first ``done`` filled. ``window`` 0 never stops early.
+    """
+    if window <= 0 or done < 2 * window or done % window:
+        return False
+    previous, last = losses[done - 2 * window: done].view(2, window).mean(dim=1).tolist()
+    return previous - last < tolerance
 
 
 @dataclass
@@ -66,7 +84,7 @@ class RegistrationResult:
 
     displacement: (N, ndim, *S) full-resolution field in voxels (see ``spatial``).
     displacements_per_scale: the composed field after each scale (same shape), coarse to fine.
-    loss_history: per scale, the training loss at every step.
+    loss_history: per scale, the training loss at every step trained (fewer than the budget where it converged).
     networks: per scale, the trained U-Net weights (state dicts on the CPU).
     """
 
@@ -190,6 +208,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         losses = torch.zeros(settings.steps_per_scale, device=device)
         optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
         network.train()
+        done = 0
         for step in range(settings.steps_per_scale):
             optimizer.zero_grad(set_to_none=True)
             if batch_size < pairs:
@@ -215,14 +234,18 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                 due = done % settings.progress_every == 0
             else:
                 due = now - last_report >= REPORT_SECONDS
-            if due or done == settings.steps_per_scale:
+            stop = converged(losses, done, settings.stop_window, settings.stop_tolerance)
+            if due or stop or done == settings.steps_per_scale:
                 last_report = now
                 if should_stop is not None and should_stop():
                     raise RegistrationCancelled("registration cancelled")
                 if progress is not None:
-                    progress(progress_event(format_scale(scale), index, len(scales), done, settings.steps_per_scale,
-                                            float(losses[step]), 0, now - start))
-        histories[format_scale(scale)] = losses.tolist()
+                    event = progress_event(format_scale(scale), index, len(scales), done, settings.steps_per_scale,
+                                           float(losses[step]), 0, now - start)
+                    progress({**event, "converged": True} if stop else event)
+            if stop:
+                break
+        histories[format_scale(scale)] = losses[:done].tolist()
 
         network.eval()
         with torch.no_grad():

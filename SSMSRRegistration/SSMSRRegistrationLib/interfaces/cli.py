@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
 from ..common.presets import DEFAULT_PRESET, PRECISIONS, PRESETS
+from ..common.schedule import DEFAULT_MAX_VOXELS
 from ..report.progress import Reporter, make_reporter
 from .threads import configure_threads
 
@@ -79,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--inverse", metavar="OUT", help="write the inverse displacement field on the moving image's grid "
                                                       "(maps moving points to fixed points)")
     _add_training_options(reg, steps_help="training steps per scale",
-                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+                          window_help="local NCC window in voxels of the working grid (default: 5 in 3D, 6 in 2D)")
+    reg.add_argument("--window-mm", type=float, metavar="MM",
+                     help="local NCC window in millimetres (overrides --window)")
+    reg.add_argument("--spacing", type=float, metavar="MM",
+                     help="voxel side of the isotropic working grid the registration runs on (default: the fixed "
+                          "image's finest spacing within --max-voxels, coarser if the device's memory requires; "
+                          "the field is written on the fixed grid)")
+    reg.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                     help=f"voxel budget of the automatic working grid (default: {DEFAULT_MAX_VOXELS})")
     _add_model_option(reg)
 
     trk = commands.add_parser("track", help="track the motion through a 2D+t cine (e.g. an echocardiogram)",
@@ -208,7 +217,8 @@ def run_register(args, reporter: Reporter) -> None:
                       initial=args.initial,
                       preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
                       smoothness_weight=args.smoothness_weight,
-                      ncc_window=args.window, learning_rate=args.lr, device=args.device, seed=args.seed,
+                      ncc_window=args.window, ncc_window_mm=args.window_mm, spacing=args.spacing,
+                      max_voxels=args.max_voxels, learning_rate=args.lr, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
                           jacobian_path=args.jacobian, affine_path=args.affine_output, inverse_path=args.inverse)

@@ -96,6 +96,8 @@ class BarReporter(Reporter):
             print(f"ssmsr: registering on {info.get('device')} ({size} voxels), scales "
                   f"{','.join(info.get('scales', []))} x {info.get('steps_per_scale')} steps, "
                   f"{info.get('precision', 'float32')} precision", file=sys.stderr, flush=True)
+        if info.get("plan"):
+            print(f"ssmsr: {info['plan']}", file=sys.stderr, flush=True)
         self.bar = tqdm(total=total, initial=int(info.get("resumed_at") or 0), unit="step", file=sys.stderr,
                         dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                                        "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")

@@ -17,8 +17,8 @@ import torch
 
 from ..common.errors import InputError
 from ..common.presets import DEFAULT_PRESET, budget
-from ..common.protocol import ProgressCallback
-from ..common.schedule import parse_scales
+from ..common.protocol import STARTED, ProgressCallback
+from ..common.schedule import DEFAULT_MAX_VOXELS, parse_scales
 from ..engine.metrics import folding_statistics
 from ..engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
 from ..imaging.alignment import (INITIAL_CHOICES, align, as_affine, check_invertible, inverse_field, is_identity,
@@ -28,7 +28,9 @@ from ..imaging.fields import (displacement_transform, jacobian_determinant_image
                               write_image)
 from ..imaging.images import (ImageLike, check_image, field_of_view, normalised_on_grid, overlaps, read_image,
                               resample_onto, same_grid)
+from ..imaging.working_grid import field_onto
 from .models import SavedModel, load_model
+from .working_plan import WorkingPlan, plan_working_grid
 
 #: What ``register(initial=...)`` accepts: one of INITIAL_CHOICES, an ITK transform file, or a SimpleITK transform.
 InitialTransform = Union[str, os.PathLike, sitk.Transform]
@@ -45,7 +47,8 @@ class RegistrationOutput:
     warped_labels: the moving label map resampled (nearest neighbour) onto the fixed grid, if labels were given.
     loss_history: training loss per step, per scale.
     metrics: NCC/MSE before and after (normalised intensities, inside the mask), folding, time, device.
-    engine_result: the raw engine output (voxel fields per scale, trained network weights).
+    engine_result: the raw engine output (voxel fields per scale on the working grid, trained network weights).
+    plan: the working grid the engine ran on (``working_plan``).
     """
 
     field: sitk.Image
@@ -57,19 +60,22 @@ class RegistrationOutput:
     metrics: Dict[str, float]
     engine_result: RegistrationResult
     fixed_grid: sitk.Image
+    plan: WorkingPlan
+
+    def deformable_field(self, index: int = -1) -> sitk.Image:
+        """The deformable part alone (no pre-alignment) after scale ``index``, on the fixed grid (mm, LPS)."""
+        displacement = self.engine_result.displacements_per_scale[index][0].cpu().numpy().astype(np.float64)
+        return field_onto(voxel_field_to_image(displacement, self.plan.grid.reference), self.fixed_grid)
 
     def field_after_scale(self, index: int) -> sitk.Image:
         """The composed physical field after scale ``index`` of the schedule (the paper's SSMSR(s) rows), with the
         pre-alignment."""
-        displacement = self.engine_result.displacements_per_scale[index][0].cpu().numpy()
-        return through_transform(self.affine, voxel_field_to_image(displacement, self.fixed_grid))
+        return through_transform(self.affine, self.deformable_field(index))
 
     def inverse(self) -> sitk.Image:
         """The inverse displacement field on the moving image's grid (mm, LPS): a moving point q maps to the fixed
         point q + inverse(q). For labels drawn on the fixed image, brought back onto the moving one."""
-        deformable = voxel_field_to_image(self.engine_result.displacement[0].cpu().numpy().astype(np.float64),
-                                          self.fixed_grid)
-        return inverse_field(self.affine, deformable, self.moving_grid)
+        return inverse_field(self.affine, self.deformable_field(), self.moving_grid)
 
     def jacobian(self) -> sitk.Image:
         """The Jacobian determinant of ``field`` on the fixed grid (float32; <= 0 where the field folds)."""
@@ -138,7 +144,9 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
              moving_labels: Optional[ImageLike] = None, initial: InitialTransform = "auto",
              preset: str = DEFAULT_PRESET, scales=None,
              steps: Optional[int] = None, precision: Optional[str] = None,
-             smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None, learning_rate: float = 1e-3,
+             smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
+             ncc_window_mm: Optional[float] = None, spacing: Optional[float] = None,
+             max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: float = 1e-3,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
              progress: Optional[ProgressCallback] = None,
@@ -147,8 +155,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
 
     Args:
         fixed, moving: file paths (any SimpleITK format, or a DICOM series folder) or SimpleITK images,
-            2D or 3D, single channel. The moving image is resampled onto the fixed grid through the
-            pre-alignment; where it has no data (outside its field of view) the similarity is not computed.
+            2D or 3D, single channel. Both are resampled onto the working grid (below), the moving image through
+            the pre-alignment; where it has no data (outside its field of view) the similarity is not computed.
         initial: the pre-alignment (see ``initial_transform``): "auto" (affine in 3D, none in 2D), "none",
             "rigid", "affine", an ITK transform file (fixed point -> moving point, e.g. from Slicer's General
             Registration) or a SimpleITK transform. The returned field includes it.
@@ -159,8 +167,14 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         steps: test-time training steps per scale (0 with a model or ``initial_networks``: inference only,
             the VoxelMorph-equivalent baseline); default: the preset's.
         precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32"; default: the preset's.
-        smoothness_weight: lambda of Eq. 1 (default: the model's, or 10). ncc_window: local NCC box side in voxels
-            (default: the model's, or 5 in 3D and 6 in 2D).
+        smoothness_weight: lambda of Eq. 1 (default: the model's, or 10); the smoothness term is the squared
+            gradient of the field in mm per mm on the isotropic working grid. ncc_window: local NCC box side in
+            voxels of the working grid (default: the model's, or 5 in 3D and 6 in 2D: 5 mm on a 1 mm grid);
+            ncc_window_mm: the same in millimetres (overrides ``ncc_window``).
+        spacing: the working grid's voxel side in mm (default: the fixed image's finest spacing, coarsened to
+            ``max_voxels``; an isotropic fixed image that fits is registered on its own grid). The training's
+            memory is estimated first: an automatic grid is coarsened to fit the device, an explicit ``spacing``
+            that does not fit raises InputError. The field is written on the fixed grid either way.
         learning_rate: Adam's learning rate. device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
         initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
@@ -188,6 +202,9 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
 
     fixed_image = read_image(fixed, "fixed image")
     check_image(fixed_image, "fixed image")
+    plan = plan_working_grid(fixed_image, settings, torch_device, spacing, max_voxels, ncc_window_mm)
+    settings.ncc_window = plan.window
+    grid = plan.grid.reference
     if model is not None:
         model.check_fits(fixed_image.GetDimension(), requested_scales, model_path)
         initial_networks = model.networks
@@ -205,24 +222,29 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     affine = initial_transform(initial, fixed_image, moving_image, int(seed), mask_image)
 
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
-    fixed_tensor = as_tensor(normalised_on_grid(fixed_image, fixed_image, "fixed image", "fixed image"))
+    fixed_tensor = as_tensor(normalised_on_grid(fixed_image, grid, "fixed image", "fixed image"))
     aligned = not is_identity(affine)
-    moving_tensor = as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image",
+    moving_tensor = as_tensor(normalised_on_grid(moving_image, grid, "moving image", "fixed image",
                                                  affine if aligned else None))
     # The "before" measures: the images as given (none when they do not even overlap before the pre-alignment).
     unaligned_tensor = moving_tensor if not aligned else (
-        as_tensor(normalised_on_grid(moving_image, fixed_image, "moving image", "fixed image"))
+        as_tensor(normalised_on_grid(moving_image, grid, "moving image", "fixed image"))
         if overlaps(moving_image, fixed_image) else None)
-    mask_tensor = as_tensor(mask_array.astype(np.float32)) if mask_array is not None else None
-    view = field_of_view(moving_image, fixed_image, affine if aligned else None)
+    mask_tensor = as_tensor(_prepare_mask(mask_image, grid).astype(np.float32)) if mask_image is not None else None
+    view = field_of_view(moving_image, grid, affine if aligned else None)
     view_tensor = None if view.all() else as_tensor(view.astype(np.float32))
 
+    def report(event: dict) -> None:
+        progress({**event, **plan.started_fields()} if event.get("event") == STARTED else event)
+
     result = register_tensors(fixed_tensor, moving_tensor, settings, fixed_mask=mask_tensor,
-                              initial_networks=initial_networks, device=torch_device, progress=progress,
+                              initial_networks=initial_networks, device=torch_device,
+                              progress=report if progress is not None else None,
                               should_stop=should_stop, moving_mask=view_tensor)
 
     displacement = result.displacement
-    deformable = voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64), fixed_image)
+    deformable = field_onto(voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64), grid),
+                            fixed_image)
     field = through_transform(affine, deformable)
     transform = displacement_transform(field)
     warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -243,8 +265,10 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
                "seconds": result.seconds, "device": result.device,
                "model": os.path.abspath(model_path) if model is not None and model_path != "the model" else None,
                "pre_alignment": initial_kind(initial, fixed_image.GetDimension()),
+               "working_spacing_mm": plan.grid.spacing, "working_size": list(plan.grid.size),
+               "steps_trained": [len(losses) for losses in result.loss_history.values()],
                **folding_statistics(displacement.detach().cpu())}
     return RegistrationOutput(field=field, affine=affine, moving_grid=moving_image, warped=warped,
                               warped_labels=warped_labels,
                               loss_history=result.loss_history, metrics=metrics, engine_result=result,
-                              fixed_grid=fixed_image)
+                              fixed_grid=fixed_image, plan=plan)

@@ -1,0 +1,102 @@
+"""Choosing the working grid of a registration before it starts: millimetres, the voxel budget, the device's memory,
+and what the run will cost (reported in the ``started`` event and the log)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import SimpleITK as sitk
+import torch
+
+from ..common.errors import InputError
+from ..common.schedule import DEFAULT_MAX_VOXELS, scaled_size
+from ..engine.footprint import (OVERHEAD_BYTES, USABLE_FRACTION, available_memory_bytes,
+                                format_bytes, seconds_per_voxel_step, training_memory_bytes)
+from ..engine.multiscale import RegistrationSettings
+from ..imaging.working_grid import WorkingGrid, working_grid
+
+#: Below this many training steps per scale no time estimate is made (timing it would cost a noticeable share).
+ESTIMATE_MIN_STEPS = 50
+
+
+@dataclass
+class WorkingPlan:
+    """The grid a registration runs on and what it is expected to cost.
+
+    window: the NCC window in voxels of the grid. memory_bytes: estimated peak; available_bytes: free on the
+    device (None if unknown). estimated_seconds: on a CPU, all scales (None when not estimated). note: why the
+    grid is coarser than asked ("" if it is not).
+    """
+
+    grid: WorkingGrid
+    window: int
+    memory_bytes: int
+    available_bytes: Optional[int]
+    estimated_seconds: Optional[float]
+    note: str
+
+    def started_fields(self) -> dict:
+        """Fields added to the ``started`` event (sizes in x, y[, z] order)."""
+        return {"working_grid": {"size": list(self.grid.size), "spacing_mm": self.grid.spacing,
+                                 "resampled": self.grid.resampled},
+                "ncc_window_voxels": self.window, "ncc_window_mm": self.window * self.grid.spacing,
+                "memory_estimate_bytes": self.memory_bytes, "available_memory_bytes": self.available_bytes,
+                "estimated_seconds": self.estimated_seconds, "note": self.note, "plan": self.describe()}
+
+    def describe(self) -> str:
+        """One line for the log."""
+        size = "x".join(map(str, self.grid.size))
+        text = (f"working grid {size} at {self.grid.spacing:.3g} mm"
+                f"{'' if self.grid.resampled else ' (the fixed grid)'}, NCC window {self.window} voxels "
+                f"({self.window * self.grid.spacing:.3g} mm), memory about {format_bytes(self.memory_bytes)}")
+        if self.available_bytes is not None:
+            text += f" of {format_bytes(self.available_bytes)} free"
+        if self.estimated_seconds is not None:
+            text += f", about {self.estimated_seconds / 60:.1f} min on this CPU"
+        return text + (f"; {self.note}" if self.note else "")
+
+
+def _memory(grid: WorkingGrid, settings: RegistrationSettings, pairs: int) -> int:
+    per_step = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
+    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs, per_step, len(settings.scales))
+
+
+def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device: torch.device,
+                      spacing: Optional[float] = None, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS,
+                      ncc_window_mm: Optional[float] = None, pairs: int = 1) -> WorkingPlan:
+    """The working grid for ``fixed`` (see ``imaging.working_grid``), coarsened automatically when the training
+    would not fit the device's free memory; an explicit ``spacing`` that does not fit raises InputError with the
+    figures. ``ncc_window_mm`` sets the NCC window in millimetres (else ``settings``' window in voxels)."""
+    if ncc_window_mm is not None and not (math.isfinite(ncc_window_mm) and ncc_window_mm > 0):
+        raise InputError(f"The NCC window must be a positive number of millimetres, got {ncc_window_mm}.")
+    ndim = fixed.GetDimension()
+    grid = working_grid(fixed, spacing, None if spacing is not None else max_voxels)
+    memory, available, note = _memory(grid, settings, pairs), available_memory_bytes(device), ""
+    if available is not None and memory > USABLE_FRACTION * available:
+        asked = f"a {'x'.join(map(str, grid.size))} grid at {grid.spacing:.3g} mm needs about {format_bytes(memory)}"
+        per_voxel = memory - OVERHEAD_BYTES
+        fitting = int(grid.voxels * (USABLE_FRACTION * available - OVERHEAD_BYTES) / max(per_voxel, 1))
+        if fitting < 8 ** ndim:
+            raise InputError(f"Not enough memory on {device}: {asked} but only {format_bytes(available)} is free. "
+                             "Close other programs or use another device.")
+        if spacing is not None:
+            coarser = working_grid(fixed, None, fitting).spacing
+            raise InputError(f"Not enough memory on {device}: {asked} but only {format_bytes(available)} is free. "
+                             f"Choose a working spacing of at least {coarser:.3g} mm, or leave it automatic.")
+        grid = working_grid(fixed, None, fitting)
+        memory = _memory(grid, settings, pairs)
+        note = (f"coarsened automatically: {asked}, {format_bytes(available)} is free on {device}; set the "
+                "working spacing to override")
+    window = max(2, int(round(ncc_window_mm / grid.spacing))) if ncc_window_mm is not None \
+        else settings.window_for(ndim)
+    seconds = None
+    if device.type == "cpu" and settings.steps_per_scale >= ESTIMATE_MIN_STEPS:
+        size = tuple(reversed(grid.size))
+        per_voxel_step = seconds_per_voxel_step(ndim, grid.voxels, device, settings.encoder_channels,
+                                                settings.decoder_channels, window)
+        per_step_pairs = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
+        seconds = sum(settings.steps_per_scale * per_step_pairs * per_voxel_step
+                      * math.prod(scaled_size(size, scale)) for scale in settings.scales)
+    return WorkingPlan(grid, window, memory, available, seconds, note)
