@@ -54,16 +54,26 @@ def mean_dice(warped: sitk.Image, reference: sitk.Image) -> float:
                           for label in (sample_data.GREY_MATTER, sample_data.WHITE_MATTER)]))
 
 
-def test_a_pair_misaligned_by_a_known_affine_reaches_the_dice_of_the_aligned_pair(brain_pair):
+#: The schedule of this file's brain registrations.
+BRAIN_OPTIONS = dict(scales="1/2,1", steps=40, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def aligned_registration(brain_pair):
+    """The brain pair as given (already aligned), registered with the defaults."""
+    fixed, _, moving, moving_labels = brain_pair
+    return register(fixed, moving, moving_labels=moving_labels, **BRAIN_OPTIONS)
+
+
+def test_a_pair_misaligned_by_a_known_affine_reaches_the_dice_of_the_aligned_pair(brain_pair, aligned_registration):
     """12 degrees about an oblique axis, 17 mm, +7 % scale: with the defaults (affine pre-alignment in 3D) the
     result is as good as for the same pair already aligned. (Without pre-alignment, ``initial="none"``, the same
     schedule reached a mean Dice of 0.571 against 0.821 aligned, measured when this test was written.)"""
     fixed, fixed_labels, moving, moving_labels = brain_pair
     matrix, shift, scale = rotation((1, 2, 1), 12.0), (12.0, -8.0, 9.0), 1.07
     far, far_labels = misaligned(moving, matrix, shift, scale), misaligned(moving_labels, matrix, shift, scale)
-    options = dict(scales="1/2,1", steps=40, device="cpu")
-    aligned = register(fixed, moving, moving_labels=moving_labels, **options)
-    recovered = register(fixed, far, moving_labels=far_labels, **options)
+    aligned = aligned_registration
+    recovered = register(fixed, far, moving_labels=far_labels, **BRAIN_OPTIONS)
     dice_aligned = mean_dice(aligned.warped_labels, fixed_labels)
     dice_recovered = mean_dice(recovered.warped_labels, fixed_labels)
     print(f"Dice aligned {dice_aligned:.3f}, misaligned with defaults {dice_recovered:.3f}")
@@ -76,6 +86,35 @@ def test_a_pair_misaligned_by_a_known_affine_reaches_the_dice_of_the_aligned_pai
     # The recovered affine is the misalignment's: the moving image's centre maps where it was put.
     centre = np.array(moving.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in moving.GetSize()]))
     assert np.linalg.norm(map_points(recovered.affine, centre[None])[0] - (centre + shift)) < 2.0
+
+
+def thick_slices(image: sitk.Image, factor: int, labels: bool = False) -> sitk.Image:
+    """``image`` with ``factor`` times thicker slices along its third axis (a label map: every ``factor``-th slice;
+    an image: averaged over the slab first, as a scanner's thick slice is)."""
+    spacing, size = list(image.GetSpacing()), list(image.GetSize())
+    if not labels:
+        image = sitk.SmoothingRecursiveGaussian(image, [0.01, 0.01, spacing[2] * factor / 2.355])
+    spacing[2] *= factor
+    size[2] = (size[2] - 1) // factor + 1
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                         image.GetOrigin(), spacing, image.GetDirection(), 0, image.GetPixelID())
+
+
+def test_an_anisotropic_fixed_image_registers_as_well_as_the_isotropic_one(brain_pair, aligned_registration):
+    """The fixed image with 2 x 2 x 6 mm voxels: registered on an isotropic working grid (not in its anisotropic
+    voxels), the labels reach the Dice of the isotropic registration (on the same thick-slice labels) within 0.03.
+    (Measured when written, seeds 0 and 1: 0.790 and 0.786 against 0.795; the moving image made anisotropic
+    instead: 0.793 and 0.815 against 0.809 and 0.807.)"""
+    fixed, fixed_labels, moving, moving_labels = brain_pair
+    thick_fixed, thick_labels = thick_slices(fixed, 3), thick_slices(fixed_labels, 3, labels=True)
+    result = register(thick_fixed, moving, moving_labels=moving_labels, **BRAIN_OPTIONS)
+    assert result.plan.grid.resampled and result.plan.grid.spacing == pytest.approx(2.0)
+    assert result.field.GetSize() == thick_fixed.GetSize()
+    assert result.field.GetSpacing() == pytest.approx(thick_fixed.GetSpacing())
+    isotropic = mean_dice(thick_slices(aligned_registration.warped_labels, 3, labels=True), thick_labels)
+    anisotropic = mean_dice(result.warped_labels, thick_labels)
+    print(f"Dice isotropic {isotropic:.3f}, anisotropic fixed image {anisotropic:.3f}")
+    assert anisotropic >= isotropic - 0.03
 
 
 def far_labels_on_fixed(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:

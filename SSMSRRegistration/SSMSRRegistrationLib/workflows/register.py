@@ -214,12 +214,14 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     if moving_labels is not None:
         labels_image = read_image(moving_labels, "moving labels")
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
-    mask_array = _prepare_mask(fixed_mask, fixed_image) if fixed_mask is not None else None
-    mask_image = None
-    if mask_array is not None:
-        mask_image = sitk.GetImageFromArray(mask_array.astype(np.uint8))
+    mask_image = None  # on the working grid
+    if fixed_mask is not None:
+        mask_image = sitk.GetImageFromArray(_prepare_mask(fixed_mask, fixed_image).astype(np.uint8))
         mask_image.CopyInformation(fixed_image)
-    affine = initial_transform(initial, fixed_image, moving_image, int(seed), mask_image)
+        mask_image = resample_onto(mask_image, grid, labels=True) if plan.grid.resampled else mask_image
+    # The pre-alignment too runs on the isotropic grid (its pyramid shrinks every axis alike).
+    fixed_on_grid = resample_onto(fixed_image, grid) if plan.grid.resampled else fixed_image
+    affine = initial_transform(initial, fixed_on_grid, moving_image, int(seed), mask_image)
 
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
     fixed_tensor = as_tensor(normalised_on_grid(fixed_image, grid, "fixed image", "fixed image"))
@@ -230,7 +232,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     unaligned_tensor = moving_tensor if not aligned else (
         as_tensor(normalised_on_grid(moving_image, grid, "moving image", "fixed image"))
         if overlaps(moving_image, fixed_image) else None)
-    mask_tensor = as_tensor(_prepare_mask(mask_image, grid).astype(np.float32)) if mask_image is not None else None
+    mask_tensor = as_tensor(sitk.GetArrayFromImage(mask_image).astype(np.float32)) if mask_image is not None else None
     view = field_of_view(moving_image, grid, affine if aligned else None)
     view_tensor = None if view.all() else as_tensor(view.astype(np.float32))
 
