@@ -73,6 +73,9 @@ def test_the_status_line_of_a_registration_never_speaks_of_frame_pairs():
     """Every registration's "started" event carries "pairs" (1): the former panel showed "Tracking 1 frame pairs"."""
     started = {"event": "started", "device": "cpu", "scales": ["1/2", "1"], "steps_per_scale": 10, "pairs": 1}
     assert panel.eventStatus(started, "pair") == "Registering on cpu..."
+    planned = dict(started, plan="working grid 40x48x40 at 2 mm, NCC window 5 voxels (10 mm)")
+    assert panel.eventStatus(planned, "pair") == "Registering on cpu: working grid 40x48x40 at 2 mm, NCC window 5 " \
+                                                 "voxels (10 mm)..."
     assert panel.eventStatus(dict(started, pairs=29), "cine") == "Tracking 29 frame pairs on cpu..."
     progress = {"event": "progress", "scale": "1", "scale_index": 1, "num_scales": 2, "step": 5, "steps": 10,
                 "loss": -0.5, "eta_s": 3.0}

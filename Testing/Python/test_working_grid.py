@@ -12,7 +12,6 @@ import SimpleITK as sitk
 import torch
 
 from realimages import brain_slice
-from SSMSRRegistrationLib import register
 from SSMSRRegistrationLib.common.errors import InputError
 from SSMSRRegistrationLib.engine import footprint
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, converged, register_tensors

@@ -14,6 +14,12 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
   1/8,1/4,1/2,1 x 3500 steps, one pair per step. Meant for a GPU (hours on a CPU).
 * ``large``: 20 full-resolution steps on a 256x256x256 volume (the ICBM152 T1 resampled): peak memory, or the
   out-of-memory message the user would get. Meant for a GPU.
+* ``wholebrain``: a 1 mm whole-brain pair (the harness's simulated subject on the ICBM152 brain's bounding box at
+  1 mm, about 7 million voxels, and the template) through ``register`` with the ``fast`` preset and its automatic
+  working grid: the plan announced before training (grid, memory and time estimates), then the measured time, peak
+  memory and Dice. ``--whole-brain-steps N`` trains N steps per scale instead of the preset's and projects the
+  preset's time from the measured time per step of each scale (on a CPU the full run takes hours);
+  ``--whole-brain-ants`` also runs ANTs SyN with the paper's settings on the same pair.
 * ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
   ``paper`` and ``fast`` presets and ANTs SyN with the paper's settings (antspyx, ``pip install .[bench]``), each
   pair registered by each method in this run: Dice (grey and white matter, mean over labels then pairs), time and
@@ -41,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluation.baselines import ANTS  # noqa: E402
-from evaluation.cases import hippocampus_crop  # noqa: E402
+from evaluation.cases import hippocampus_crop, whole_brain  # noqa: E402
+from evaluation.metrics import evaluate_pair  # noqa: E402
 from evaluation.config import FULL  # noqa: E402
 from evaluation.measure import Usage, cpu_name, measured, torch_device_name  # noqa: E402
 from evaluation.methods import preset_method  # noqa: E402
@@ -53,8 +60,9 @@ from SSMSRRegistrationLib.common.schedule import parse_scales  # noqa: E402
 from SSMSRRegistrationLib.engine.spatial import resize_image  # noqa: E402
 from SSMSRRegistrationLib.engine.unet import bfloat16_supported  # noqa: E402
 from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
+from SSMSRRegistrationLib.workflows.register import register  # noqa: E402
 
-SECTIONS = ("steps", "schedules", "large", "presets")
+SECTIONS = ("steps", "schedules", "large", "wholebrain", "presets")
 
 
 def normalised(array: np.ndarray) -> torch.Tensor:
@@ -155,6 +163,48 @@ def section_large(device: torch.device, report: Dict) -> None:
                        "peak_rss_mib": usage.peak_rss_mib}
 
 
+def section_whole_brain(device: torch.device, steps: int, with_ants: bool, report: Dict) -> None:
+    fast = PRESETS["fast"]
+    print(f"\n## 1 mm whole brain, fast preset ({fast.pair_scales} x {steps or fast.pair_steps} steps per scale)")
+    config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
+                     training_pairs=0, device=str(device))
+    case = whole_brain(config)
+    pair = case.pairs[0]
+    print(f"pair: {'x'.join(map(str, pair.fixed.GetSize()))} voxels at 1 mm "
+          f"({np.prod(pair.fixed.GetSize()) / 1e6:.1f} million)")
+    events: List[dict] = []
+    output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset="fast",
+                                              steps=steps or None, device=str(device), progress=events.append))
+    started = next(event for event in events if event["event"] == "started")
+    print(f"announced before training: {started['plan']}")
+    metrics, labels, _ = evaluate_pair(pair, output.field, case.label_names, case.nlcc_radius)
+    dice = float(np.mean([values["dice"] for values in labels.values()]))
+    print(f"measured: {usage.seconds:.1f} s in all ({output.metrics['seconds']:.1f} s training), "
+          f"{memory_text(usage)}; Dice {dice * 100:.2f} %")
+    entry = {"plan": started["plan"], "seconds": usage.seconds, "training_seconds": output.metrics["seconds"],
+             "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
+             "steps_per_scale": steps or fast.pair_steps}
+    if steps and steps < fast.pair_steps:
+        # Time per step of each scale from the progress events (the scale's last event minus the previous one's).
+        ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
+                for index in range(len(parse_scales(fast.pair_scales)))]
+        per_step = np.diff([0.0] + ends) / steps
+        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * fast.pair_steps
+        print(f"seconds per step by scale: {', '.join(f'{value:.2f}' for value in per_step)}; projected fast "
+              f"preset ({fast.pair_steps} steps per scale): {projected / 60:.1f} min")
+        entry["projected_fast_seconds"] = projected
+    report["wholebrain"]["fast"] = entry
+    if with_ants and ANTS.missing:
+        print(f"ANTs SyN: skipped, {ANTS.missing}")
+    elif with_ants:
+        run = ANTS.run(case, config)[0]
+        ants_metrics, ants_labels, _ = evaluate_pair(pair, run.fields[0], case.label_names, case.nlcc_radius)
+        ants_dice = float(np.mean([values["dice"] for values in ants_labels.values()]))
+        print(f"ANTs SyN ({ANTS.parameters(case, config)}): {run.usage[0].seconds:.1f} s, "
+              f"{memory_text(run.usage[0])}; Dice {ants_dice * 100:.2f} %")
+        report["wholebrain"]["ants"] = {"seconds": run.usage[0].seconds, "dice_percent": ants_dice * 100}
+
+
 def section_presets(device: torch.device, pairs: int, report: Dict) -> None:
     print(f"\n## Presets vs ANTs SyN on the hippocampus crop ({pairs} simulated subject(s))")
     config = replace(FULL, cases=("hippocampus_crop",), synthetic_test_pairs=pairs, device=str(device))
@@ -189,10 +239,14 @@ def main() -> None:
     parser.add_argument("--sections", default=None, help=f"comma-separated, from {', '.join(SECTIONS)}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case in 'steps' (default: 10)")
     parser.add_argument("--pairs", type=int, default=3, help="simulated subjects in 'presets' (default: 3)")
+    parser.add_argument("--whole-brain-steps", type=int, default=0, metavar="N",
+                        help="'wholebrain': train N steps per scale and project the preset's time (default: the "
+                             "preset's steps)")
+    parser.add_argument("--whole-brain-ants", action="store_true", help="'wholebrain': also run ANTs SyN")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    default = "steps,schedules,large,presets" if device.type == "cuda" else "steps,presets"
+    default = "steps,schedules,large,wholebrain,presets" if device.type == "cuda" else "steps,presets"
     sections = [name.strip() for name in (args.sections or default).split(",")]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -200,13 +254,15 @@ def main() -> None:
 
     name = torch_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"# SSMSR speed, {time.strftime('%Y-%m-%d %H:%M')}\ndevice: {device} ({name}); torch {torch.__version__}; "
-          f"python {platform.python_version()}; native bfloat16: {bfloat16_supported(device)}")
+          f"python {platform.python_version()}; CPU instruction set used by torch: "
+          f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16 on {device.type}: {bfloat16_supported(device)}")
     report: Dict = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                     "command": " ".join(sys.argv), **{section: {} for section in sections}}
     runners: Dict[str, Callable[[], None]] = {
         "steps": lambda: section_steps(device, args.steps, report),
         "schedules": lambda: section_schedules(device, report),
         "large": lambda: section_large(device, report),
+        "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps, args.whole_brain_ants, report),
         "presets": lambda: section_presets(device, args.pairs, report),
     }
     for section in sections:

@@ -32,6 +32,8 @@ class Preset:
     cine_steps: int
     precision: str
     summary: str
+    pair_stop_window: int = 0  # convergence-based stopping of pairs (engine.multiscale.converged); 0: off
+    pair_stop_tolerance: float = 0.0
 
 
 PRESETS = {
@@ -51,6 +53,8 @@ class Budget:
     scales: str
     steps: int
     mixed_precision: bool
+    stop_window: int = 0
+    stop_tolerance: float = 0.0
 
 
 def preset_named(name: Optional[str]) -> Preset:
@@ -62,15 +66,20 @@ def preset_named(name: Optional[str]) -> Preset:
 
 
 def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = None, steps: Optional[int] = None,
-           precision: Optional[str] = None) -> Budget:
-    """The preset's schedule and steps (of a pair, or of a ``cine``) and precision, each overridden when given."""
+           precision: Optional[str] = None, stop_window: Optional[int] = None,
+           stop_tolerance: Optional[float] = None) -> Budget:
+    """The preset's schedule and steps (of a pair, or of a ``cine``), precision and convergence-based stopping
+    (pairs only), each overridden when given."""
     chosen = preset_named(preset)
     precision = (precision or chosen.precision).strip().lower()
     if precision not in PRECISIONS:
         raise InputError(f"Unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}.")
     return Budget(scales=scales if scales is not None else (chosen.cine_scales if cine else chosen.pair_scales),
                   steps=int(steps) if steps is not None else (chosen.cine_steps if cine else chosen.pair_steps),
-                  mixed_precision=precision == "mixed")
+                  mixed_precision=precision == "mixed",
+                  stop_window=int(stop_window if stop_window is not None else (0 if cine else chosen.pair_stop_window)),
+                  stop_tolerance=float(stop_tolerance if stop_tolerance is not None
+                                       else (0.0 if cine else chosen.pair_stop_tolerance)))
 
 
 def matching_preset(scales: str, steps: int, precision: str, cine: bool = False) -> Optional[str]:

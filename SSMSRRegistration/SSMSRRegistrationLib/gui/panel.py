@@ -205,6 +205,8 @@ def eventStatus(event: dict, currentMode: str) -> Optional[str]:
         return describeProgress(event)
     if kind == "started" and currentMode == "cine":
         return f"Tracking {event.get('pairs', '?')} frame pairs on {event.get('device', '?')}..."
+    if kind == "started" and event.get("plan"):
+        return f"Registering on {event.get('device', '?')}: {event['plan']}..."
     if kind == "started":
         return f"Registering on {event.get('device', '?')}..."
     if kind == "atlas":

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="voxel side of the isotropic working grid the registration runs on (default: the fixed "
                           "image's finest spacing within --max-voxels, coarser if the device's memory requires; "
                           "the field is written on the fixed grid)")
+    reg.add_argument("--stop-window", type=int, metavar="N",
+                     help="convergence-based stopping: each scale ends when its mean loss over the last N steps fell "
+                          "by less than --stop-tolerance; --steps is then a maximum (0: train every step; default: "
+                          "the preset's)")
+    reg.add_argument("--stop-tolerance", type=float, metavar="T", help="see --stop-window (default: the preset's)")
     reg.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
                      help=f"voxel budget of the automatic working grid (default: {DEFAULT_MAX_VOXELS})")
     _add_model_option(reg)
@@ -218,7 +223,8 @@ def run_register(args, reporter: Reporter) -> None:
                       preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
                       smoothness_weight=args.smoothness_weight,
                       ncc_window=args.window, ncc_window_mm=args.window_mm, spacing=args.spacing,
-                      max_voxels=args.max_voxels, learning_rate=args.lr, device=args.device, seed=args.seed,
+                      max_voxels=args.max_voxels, stop_window=args.stop_window, stop_tolerance=args.stop_tolerance,
+                      learning_rate=args.lr, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
                           jacobian_path=args.jacobian, affine_path=args.affine_output, inverse_path=args.inverse)

@@ -147,7 +147,8 @@ class Job:
 
     def _describeStarted(self, event: dict) -> str:
         return (f"Worker started on {event.get('device')}: scales {', '.join(map(str, event.get('scales', [])))}, "
-                f"{event.get('steps_per_scale')} steps per scale, {event.get('precision', 'float32')} precision.")
+                f"{event.get('steps_per_scale')} steps per scale, {event.get('precision', 'float32')} precision."
+                + (f" Plan: {event['plan']}." if event.get("plan") else ""))
 
     def _handleEvent(self, event: dict) -> None:
         kind = event.get("event")

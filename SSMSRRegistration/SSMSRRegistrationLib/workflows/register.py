@@ -146,6 +146,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
              steps: Optional[int] = None, precision: Optional[str] = None,
              smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
              ncc_window_mm: Optional[float] = None, spacing: Optional[float] = None,
+             stop_window: Optional[int] = None, stop_tolerance: Optional[float] = None,
              max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: float = 1e-3,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
@@ -175,6 +176,9 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
             ``max_voxels``; an isotropic fixed image that fits is registered on its own grid). The training's
             memory is estimated first: an automatic grid is coarsened to fit the device, an explicit ``spacing``
             that does not fit raises InputError. The field is written on the fixed grid either way.
+        stop_window, stop_tolerance: convergence-based stopping (``engine.multiscale.converged``): each scale ends
+            when the mean loss of the last ``stop_window`` steps fell by less than ``stop_tolerance``; the steps
+            are then a maximum (0: train every step; default: the preset's).
         learning_rate: Adam's learning rate. device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
         initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
@@ -187,10 +191,11 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     requested_scales = parse_scales(scales) if scales is not None else None
-    plan = budget(preset, steps=steps, precision=precision)
+    plan = budget(preset, steps=steps, precision=precision, stop_window=stop_window, stop_tolerance=stop_tolerance)
     settings = RegistrationSettings(
         scales=requested_scales or (model.scales if model is not None else parse_scales(plan.scales)),
         steps_per_scale=plan.steps, mixed_precision=plan.mixed_precision,
+        stop_window=plan.stop_window, stop_tolerance=plan.stop_tolerance,
         smoothness_weight=float(smoothness_weight if smoothness_weight is not None
                                 else model.smoothness_weight if model is not None else 10.0),
         ncc_window=ncc_window if ncc_window is not None else (model.ncc_window if model is not None else None),
