@@ -161,6 +161,8 @@ def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tm
         logic.registerVolumes(fixed, moving, stepsPerScale=0)
     with pytest.raises(ValueError, match="Unknown precision 'half'"):
         logic.registerVolumes(fixed, moving, precision="half")
+    with pytest.raises(ValueError, match="working spacing must be a positive number of millimetres"):
+        logic.registerVolumes(fixed, moving, workingSpacing=0.0)
     scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "Rejected parameters")
     assert list(tmp_path.iterdir()) == []
 
@@ -340,19 +342,24 @@ def test_model_file_reaches_the_worker_and_zero_steps_is_inference(scene, logic,
     assert gridMatchesVolume(transform.GetTransformFromParent(), fixed)
 
 
-def test_precision_reaches_the_worker(scene, logic):
+def test_precision_and_working_spacing_reach_the_worker(scene, logic):
     """On a CPU without native bfloat16 the worker reports float32 either way: the command line is what shows that
-    the choice reaches the worker."""
+    the choice reaches the worker. The volumes' 1 x 1.2 x 1.5 mm voxels are registered on an isotropic grid: 1 mm
+    by default, 1.5 mm when asked for; the worker's plan reaches the job's log."""
     fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
-    for precision in ("float32", "mixed"):
+    for precision, spacing in (("float32", None), ("mixed", 1.5)):
         events = []
         job = logic.registerVolumes(fixed, moving, scales="1", stepsPerScale=2, precision=precision, device="cpu",
-                                    alignFirst="none",
+                                    alignFirst="none", workingSpacing=spacing,
                                     progressCallback=events.append, waitForCompletion=False)
         assert job.wait() is JobState.SUCCEEDED, job.errorMessage
         assert job.command[job.command.index("--precision") + 1] == precision
-        started = [event["precision"] for event in events if event.get("event") == "started"]
-        assert started in (["float32"], ["bfloat16 mixed"]) and (precision == "mixed" or started == ["float32"])
+        assert ("--spacing" in job.command) == (spacing is not None)
+        started = [event for event in events if event.get("event") == "started"]
+        assert [event["precision"] for event in started] in (["float32"], ["bfloat16 mixed"])
+        assert precision == "mixed" or started[0]["precision"] == "float32"
+        assert started[0]["working_grid"]["spacing_mm"] == (spacing or 1.0)
+        assert any("Plan: working grid" in line for line in job.log)
 
 
 def test_the_result_records_its_inputs_as_registration_references_and_its_folding(scene, logic):

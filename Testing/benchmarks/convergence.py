@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -49,12 +50,13 @@ def main() -> None:
     parser.add_argument("--rules", default="50:0.0002", help="window:tolerance, comma-separated")
     parser.add_argument("--steps", type=int, default=600, help="step budget per scale (default: 600)")
     parser.add_argument("--cases", default="echo_cine,hippocampus_crop", help="comma-separated")
-    parser.add_argument("--echo-pairs", type=int, default=4, help="consecutive echo pairs (default: 4)")
+    parser.add_argument("--echo-pairs", type=int, default=3, help="consecutive echo pairs (default: 3)")
+    parser.add_argument("--brain-pairs", type=int, default=2, help="simulated subjects (default: 2)")
     parser.add_argument("--precision", default="float32", choices=("float32", "mixed"))
     args = parser.parse_args()
     rules = [(0, 0.0)] + [(int(w), float(t)) for w, t in (item.split(":") for item in args.rules.split(","))]
-    config = QUICK
-    library = {"hippocampus_crop": lambda: (case_library.hippocampus_crop(config), None),
+    config = replace(QUICK, training_pairs=0)
+    library = {"hippocampus_crop": lambda: (case_library.hippocampus_crop(config), args.brain_pairs),
                "echo_cine": lambda: (echo_cine(config), args.echo_pairs)}
     chosen = [library[name]() for name in args.cases.split(",")]
     os.makedirs(args.out, exist_ok=True)

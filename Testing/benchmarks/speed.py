@@ -205,17 +205,17 @@ def section_whole_brain(device: torch.device, steps: int, with_ants: bool, repor
         report["wholebrain"]["ants"] = {"seconds": run.usage[0].seconds, "dice_percent": ants_dice * 100}
 
 
-def section_presets(device: torch.device, pairs: int, report: Dict) -> None:
-    print(f"\n## Presets vs ANTs SyN on the hippocampus crop ({pairs} simulated subject(s))")
+def section_presets(device: torch.device, pairs: int, names: List[str], report: Dict) -> None:
+    print(f"\n## Presets {', '.join(names)} vs ANTs SyN on the hippocampus crop ({pairs} simulated subject(s))")
     config = replace(FULL, cases=("hippocampus_crop",), synthetic_test_pairs=pairs, device=str(device))
     configure_threads(config.threads)
     case = hippocampus_crop(config)
-    methods = [preset_method("fast"), preset_method("paper"), ANTS]
+    methods = [preset_method(name) for name in names] + [ANTS]
     result = run_case(case, config, methods, log=lambda line: print(line, flush=True))
     for name, why in result.skipped.items():
         print(f"{name}: skipped, {why}")
     summary = summarise(result)
-    final = {"SSMSR fast preset": "SSMSR fast preset (1)", "SSMSR paper preset": "SSMSR paper preset (1)",
+    final = {**{f"SSMSR {name} preset": f"SSMSR {name} preset (1)" for name in names},
              "ANTs SyN": "ANTs SyN"}  # the presets' rows after their last scale
     rows = {name: summary[row] for name, row in final.items() if row in summary}
     for name, stats in rows.items():
@@ -229,8 +229,12 @@ def section_presets(device: torch.device, pairs: int, report: Dict) -> None:
     if fast and paper:
         print(f"fast - paper: {100 * (fast['dice'][0] - paper['dice'][0]):+.2f} Dice points; "
               f"fast takes {fast['seconds'][0] / paper['seconds'][0]:.3f} of paper's time")
-    if fast and "ANTs SyN" in rows:
-        print(f"fast preset time / ANTs SyN time: {fast['seconds'][0] / rows['ANTs SyN']['seconds'][0]:.3f}")
+    ants = rows.get("ANTs SyN")
+    for name in names:
+        row = rows.get(f"SSMSR {name} preset")
+        if row and ants:
+            print(f"{name} preset time / ANTs SyN time: {row['seconds'][0] / ants['seconds'][0]:.3f}; Dice - ANTs "
+                  f"Dice: {100 * (row['dice'][0] - ants['dice'][0]):+.2f} points")
 
 
 def main() -> None:
@@ -239,6 +243,7 @@ def main() -> None:
     parser.add_argument("--sections", default=None, help=f"comma-separated, from {', '.join(SECTIONS)}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case in 'steps' (default: 10)")
     parser.add_argument("--pairs", type=int, default=3, help="simulated subjects in 'presets' (default: 3)")
+    parser.add_argument("--presets", default="fast,paper", help="the presets of 'presets' (default: fast,paper)")
     parser.add_argument("--whole-brain-steps", type=int, default=0, metavar="N",
                         help="'wholebrain': train N steps per scale and project the preset's time (default: the "
                              "preset's steps)")
@@ -263,7 +268,7 @@ def main() -> None:
         "schedules": lambda: section_schedules(device, report),
         "large": lambda: section_large(device, report),
         "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps, args.whole_brain_ants, report),
-        "presets": lambda: section_presets(device, args.pairs, report),
+        "presets": lambda: section_presets(device, args.pairs, args.presets.split(","), report),
     }
     for section in sections:
         runners[section]()

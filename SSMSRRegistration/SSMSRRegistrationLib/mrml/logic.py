@@ -21,7 +21,8 @@ from .jobs import Job, JobState, RegistrationCancelledError, RegistrationError
 from .parameters import (DEFAULT_PRECISION, DEFAULT_SCALES, DEFAULT_SMOOTHNESS_WEIGHT, DEFAULT_STEPS_PER_SCALE,
                          DEFAULT_TRACKING_SCALES, alignmentProblems, atlasInputProblems, atlasVolumeNode,
                          cineInputProblems,
-                         inputProblems, modelFileProblems, nccWindowProblems, precisionProblems, stepProblems)
+                         inputProblems, modelFileProblems, nccWindowProblems, precisionProblems, stepProblems,
+                         workingSpacingProblems)
 from .registration_jobs import AtlasSegmentationJob, RegistrationJob
 from .storage import writeAtlasLabels, writeInitialTransform, writeVolume
 from .worker_command import defaultWorkerPrefix, workerCommand, workerEnvironment
@@ -58,7 +59,7 @@ class RegistrationLogic:
                         smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
                         nccWindow: int | None = None, device: str = "auto", waitForCompletion: bool = True,
                         progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                        seed: int | None = None, modelFile: str | None = None):
+                        seed: int | None = None, modelFile: str | None = None, workingSpacing: float | None = None):
         """Deformably register ``movingVolumeNode`` onto ``fixedVolumeNode``.
 
         The result is a transform node holding a "from parent" displacement grid on the fixed volume's geometry
@@ -91,6 +92,8 @@ class RegistrationLogic:
         :param seed: random seed of the worker; None uses the engine's default.
         :param modelFile: a model written by ``ssmsr train``: test-time training starts from its weights (its schedule
             must be ``scales``); None or "" trains from scratch.
+        :param workingSpacing: voxel side (mm) of the isotropic grid the worker registers on; None chooses it from
+            the fixed volume's finest spacing, the voxel budget and the free memory (see the log's plan line).
         """
         job = self.startRegistration(fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
                                      fixedMaskNode=fixedMaskNode, segmentationNode=segmentationNode,
@@ -98,7 +101,8 @@ class RegistrationLogic:
                                      initialTransformNode=initialTransformNode, alignFirst=alignFirst, scales=scales, stepsPerScale=stepsPerScale,
                                      precision=precision, smoothnessWeight=smoothnessWeight, nccWindow=nccWindow,
                                      device=device, progressCallback=progressCallback,
-                                     keepTemporaryFiles=keepTemporaryFiles, seed=seed, modelFile=modelFile)
+                                     keepTemporaryFiles=keepTemporaryFiles, seed=seed, modelFile=modelFile,
+                                     workingSpacing=workingSpacing)
         return self._finish(job, waitForCompletion, lambda: job.outputTransformNode)
 
     def trackSequence(self, cineNode, maskNode=None, scales: str | None = None,
@@ -168,17 +172,18 @@ class RegistrationLogic:
                           smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
                           device: str = "auto", progressCallback: ProgressCallback | None = None,
                           keepTemporaryFiles: bool = False, seed: int | None = None,
-                          modelFile: str | None = None) -> RegistrationJob:
+                          modelFile: str | None = None, workingSpacing: float | None = None) -> RegistrationJob:
         """Write the inputs, start the worker and return the running job (see :meth:`registerVolumes`)."""
         self._checkIdle()
         self._refuse(inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode, segmentationNode, outputVolumeNode,
                                    outputTransformNode, scales, device, jacobianVolumeNode) + modelFileProblems(modelFile)
                      + alignmentProblems(alignFirst, initialTransformNode, outputTransformNode)
                      + stepProblems(stepsPerScale, modelFile) + precisionProblems(precision)
-                     + nccWindowProblems(nccWindow))
+                     + nccWindowProblems(nccWindow) + workingSpacingProblems(workingSpacing))
         parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
                       "smoothnessWeight": float(smoothnessWeight), "nccWindow": nccWindow, "device": device,
                       "seed": seed, "modelFile": modelFile or None, "alignFirst": alignFirst,
+                      "workingSpacing": workingSpacing,
                       "initialTransform": initialTransformNode.GetName() if initialTransformNode is not None else None}
 
         def prepare(folder: Path) -> dict:
@@ -192,6 +197,8 @@ class RegistrationLogic:
                 options += ["--warped", str(folder / "warped.nrrd")]
             if jacobianVolumeNode is not None:
                 options += ["--jacobian", str(folder / "jacobian.nrrd")]
+            if workingSpacing is not None:
+                options += ["--spacing", repr(float(workingSpacing))]
             command = self._command("register", [fixedPath, movingPath], folder / "field.nrrd", parameters, options)
             return dict(command=command, slicePlane=slicePlane)
 

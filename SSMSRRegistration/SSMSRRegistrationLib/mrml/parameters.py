@@ -5,6 +5,8 @@ Used by the logic before it starts a worker and by the panel to explain a disabl
 
 from __future__ import annotations
 
+import math
+
 import os
 
 import slicer
@@ -44,6 +46,13 @@ def nccWindowProblems(nccWindow: int | None) -> list[str]:
     if nccWindow is None or int(nccWindow) == 0 or int(nccWindow) >= MINIMUM_NCC_WINDOW:
         return []
     return [f"The NCC window must be at least {MINIMUM_NCC_WINDOW} voxels (or 0 for the default)."]
+
+
+def workingSpacingProblems(workingSpacing: float | None) -> list[str]:
+    """A sentence for the user if the working grid's spacing is one the worker refuses (None: automatic)."""
+    if workingSpacing is None or (math.isfinite(float(workingSpacing)) and float(workingSpacing) > 0):
+        return []
+    return ["The working spacing must be a positive number of millimetres (or automatic)."]
 
 
 def scheduleAndDeviceProblems(scales: str, device: str) -> list[str]:

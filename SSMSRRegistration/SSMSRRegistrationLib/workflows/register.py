@@ -207,9 +207,6 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
 
     fixed_image = read_image(fixed, "fixed image")
     check_image(fixed_image, "fixed image")
-    plan = plan_working_grid(fixed_image, settings, torch_device, spacing, max_voxels, ncc_window_mm)
-    settings.ncc_window = plan.window
-    grid = plan.grid.reference
     if model is not None:
         model.check_fits(fixed_image.GetDimension(), requested_scales, model_path)
         initial_networks = model.networks
@@ -219,13 +216,16 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     if moving_labels is not None:
         labels_image = read_image(moving_labels, "moving labels")
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
+    working = plan_working_grid(fixed_image, settings, torch_device, spacing, max_voxels, ncc_window_mm)
+    settings.ncc_window = working.window
+    grid = working.grid.reference
     mask_image = None  # on the working grid
     if fixed_mask is not None:
         mask_image = sitk.GetImageFromArray(_prepare_mask(fixed_mask, fixed_image).astype(np.uint8))
         mask_image.CopyInformation(fixed_image)
-        mask_image = resample_onto(mask_image, grid, labels=True) if plan.grid.resampled else mask_image
+        mask_image = resample_onto(mask_image, grid, labels=True) if working.grid.resampled else mask_image
     # The pre-alignment too runs on the isotropic grid (its pyramid shrinks every axis alike).
-    fixed_on_grid = resample_onto(fixed_image, grid) if plan.grid.resampled else fixed_image
+    fixed_on_grid = resample_onto(fixed_image, grid) if working.grid.resampled else fixed_image
     affine = initial_transform(initial, fixed_on_grid, moving_image, int(seed), mask_image)
 
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
@@ -242,7 +242,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     view_tensor = None if view.all() else as_tensor(view.astype(np.float32))
 
     def report(event: dict) -> None:
-        progress({**event, **plan.started_fields()} if event.get("event") == STARTED else event)
+        progress({**event, **working.started_fields()} if event.get("event") == STARTED else event)
 
     result = register_tensors(fixed_tensor, moving_tensor, settings, fixed_mask=mask_tensor,
                               initial_networks=initial_networks, device=torch_device,
@@ -272,10 +272,10 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
                "seconds": result.seconds, "device": result.device,
                "model": os.path.abspath(model_path) if model is not None and model_path != "the model" else None,
                "pre_alignment": initial_kind(initial, fixed_image.GetDimension()),
-               "working_spacing_mm": plan.grid.spacing, "working_size": list(plan.grid.size),
+               "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size),
                "steps_trained": [len(losses) for losses in result.loss_history.values()],
                **folding_statistics(displacement.detach().cpu())}
     return RegistrationOutput(field=field, affine=affine, moving_grid=moving_image, warped=warped,
                               warped_labels=warped_labels,
                               loss_history=result.loss_history, metrics=metrics, engine_result=result,
-                              fixed_grid=fixed_image, plan=plan)
+                              fixed_grid=fixed_image, plan=working)
