@@ -36,6 +36,7 @@ def _values(rows, case, method, column):
     return [float(row[column]) for row in rows if row["case"] == case and row["method"] == method]
 
 
+@pytest.mark.slow  # the whole harness end to end (about a minute on 2 cores): make test-all
 def test_tiny_run_writes_the_table_report_and_figures(tiny_run):
     out, rows = tiny_run
     assert tuple(rows[0]) == COLUMNS
@@ -54,6 +55,7 @@ def test_tiny_run_writes_the_table_report_and_figures(tiny_run):
     assert "| Method |" in report and "hippocampus_crop" in report and "echo_cine" in report
 
 
+@pytest.mark.slow  # the whole harness end to end (about a minute on 2 cores): make test-all
 def test_tiny_run_rows_are_sane(tiny_run):
     _, rows = tiny_run
     crop_labels = {row["label"] for row in rows if row["case"] == "hippocampus_crop"}

@@ -97,6 +97,7 @@ def test_the_logic_receives_the_panels_parameters(pair, scene):
     assert method == "registerVolumes" and args == (pair[0], pair[1])
     assert kwargs["outputTransformNode"] is transform and kwargs["jacobianVolumeNode"] is jacobian
     assert kwargs["precision"] == "float32" and kwargs["nccWindow"] is None and kwargs["modelFile"] is None
+    assert kwargs["workingSpacing"] is None  # 0 in the panel: automatic
     assert (kwargs["scales"], kwargs["stepsPerScale"]) == (panel.GUI_PRESET.pair_scales, panel.GUI_PRESET.pair_steps)
     # Every keyword is one the logic's method accepts (it raises TypeError otherwise).
     logic = RegistrationLogic(scene)

@@ -55,6 +55,7 @@ class Parameter(NamedTuple):
 #: onto the fixed grid. jacobianVolume - the Jacobian determinant of the result on the fixed grid (QC).
 #: scales, stepsPerScale, mixedPrecision - the budget (the preset combo box fills them). smoothnessWeight - the
 #: weight of the displacement-gradient penalty. nccWindow - local NCC window in voxels (0: the default).
+#: workingSpacing - voxel side (mm) of the isotropic grid the registration runs on (0: automatic).
 #: device - "auto", "cpu", "cuda" or "cuda:N". modelFile - a model written by `ssmsr train` ("" : none).
 #: atlasSelection, topK - segment the fixed volume with the most similar checked atlases. cineTracking, cine,
 #: batchSize - track the motion through a sequence of 2D images or a volume whose third axis is time.
@@ -73,6 +74,7 @@ PARAMETERS = {
     "mixedPrecision": Parameter(bool, GUI_PRESET.precision == "mixed"),
     "smoothnessWeight": Parameter(float, DEFAULT_SMOOTHNESS_WEIGHT, (0.0, 10000.0)),
     "nccWindow": Parameter(int, 0, (0, 99)),
+    "workingSpacing": Parameter(float, 0.0, (0.0, 100.0)),
     "device": Parameter(str, "auto"),
     "keepTemporaryFiles": Parameter(bool, False),
     "modelFile": Parameter(str, ""),
@@ -195,7 +197,7 @@ def logicCall(values, atlases: list) -> tuple[str, tuple, dict]:
         common, outputTransformNode=values.outputTransform, fixedMaskNode=values.fixedMask,
         segmentationNode=values.segmentation, outputVolumeNode=values.outputVolume,
         jacobianVolumeNode=values.jacobianVolume, initialTransformNode=values.initialTransform,
-        alignFirst=values.alignFirst)
+        alignFirst=values.alignFirst, workingSpacing=values.workingSpacing or None)
 
 
 def eventStatus(event: dict, currentMode: str) -> Optional[str]:
