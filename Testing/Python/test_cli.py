@@ -210,7 +210,8 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
 
 def test_a_cine_gets_the_preset_s_cine_budget():
     assert budget("fast", cine=True) == Budget("1/8,1/4,1/2,1", 600, True)
-    assert budget("fast") == Budget("1/4,1/2,1", 200, True)
+    assert budget("fast") == Budget("1/4,1/2,1", 200, True, stop_window=50, stop_tolerance=2e-4)
+    assert budget("fast", stop_window=0).stop_window == 0 and budget("paper").stop_window == 0
     assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False)
 
 
