@@ -215,7 +215,8 @@ def section_presets(device: torch.device, pairs: int, names: List[str], report: 
     for name, why in result.skipped.items():
         print(f"{name}: skipped, {why}")
     summary = summarise(result)
-    final = {**{f"SSMSR {name} preset": f"SSMSR {name} preset (1)" for name in names},
+    last_scale = {name: PRESETS[name].pair_scales.split(",")[-1] for name in names}
+    final = {**{f"SSMSR {name} preset": f"SSMSR {name} preset ({last_scale[name]})" for name in names},
              "ANTs SyN": "ANTs SyN"}  # the presets' rows after their last scale
     rows = {name: summary[row] for name, row in final.items() if row in summary}
     for name, stats in rows.items():
