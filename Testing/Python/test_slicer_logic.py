@@ -171,6 +171,7 @@ def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tm
 # Real registrations through the background worker
 
 
+@pytest.mark.slow  # the echo segmentation test below also registers a real frame on an oblique plane (make test-all)
 def test_real_echocardiogram_pair_on_an_oblique_plane(scene, logic, echoFrames):
     measures = scenarios.runRealPairScenario(logic, *addEchoPair(scene, echoFrames), stepsPerScale=STEPS_2D)
     print(measures)
@@ -298,6 +299,7 @@ def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
 # Atlas selection and pretrained models
 
 
+@pytest.mark.slow  # the segment command's tests rank and propagate; registerVolumes' Slicer path is tested above (make test-all)
 def test_atlas_segmentation_picks_the_matching_atlas_and_propagates_its_segments(scene, logic):
     pytest.importorskip("pydicom")
     frames, spacingMm = scene_helpers.echocardiogramFrames(frameIndices=(0, 10, 20))

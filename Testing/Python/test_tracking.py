@@ -77,7 +77,7 @@ def cine_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracked(cine_path, tmp_path_factory):
     """The test cine tracked with a short schedule and saved with every output."""
-    result = track(cine_path, scales="1/4,1/2,1", steps=200, batch_size=2, device="cpu")
+    result = track(cine_path, scales="1/4,1/2,1", steps=120, batch_size=2, device="cpu")
     folder = tmp_path_factory.mktemp("tracked") / "out"
     outputs = save_tracking(result, str(folder), accumulated=True)
     return result, outputs, folder
