@@ -46,6 +46,10 @@ class RegistrationSettings:
     stop_window: int = 0  # convergence check every this many steps (0: always the full budget), see ``converged``
     stop_tolerance: float = 1e-3  # ... stop when the mean loss improved by less than this over the last window
 
+    def pairs_per_step(self, pairs: int) -> int:
+        """Pairs trained together at each step when ``pairs`` are registered (``batch_size``, or all)."""
+        return min(self.batch_size, pairs) if self.batch_size > 0 else pairs
+
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
 
@@ -178,7 +182,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     view = (moving_mask.to(device) > 0).float() if moving_mask is not None else None
 
     pairs = int(fixed.shape[0])
-    batch_size = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
+    batch_size = settings.pairs_per_step(pairs)
     batch_sampler = torch.Generator().manual_seed(settings.seed)
     displacement = torch.zeros((pairs, ndim) + size, device=device)
     network = RegistrationUNet(ndim, settings.encoder_channels, settings.decoder_channels).to(device)

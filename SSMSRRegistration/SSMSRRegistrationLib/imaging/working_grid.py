@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..common.errors import InputError
+from .images import same_grid
 
 #: Voxels whose largest and smallest sides differ by at most this factor count as isotropic.
 ISOTROPY_TOLERANCE = 1.1
@@ -70,9 +71,10 @@ def working_grid(fixed: sitk.Image, spacing: Optional[float] = None,
     isotropic = max(spacings) <= ISOTROPY_TOLERANCE * min(spacings)
     chosen = float(spacing) if spacing is not None else float(min(spacings))
     if spacing is None and max_voxels is not None:
-        while int(np.prod(grid_size_at(fixed, chosen))) > max_voxels:
-            ratio = np.prod(grid_size_at(fixed, chosen)) / max_voxels
-            chosen *= max(float(ratio) ** (1.0 / fixed.GetDimension()), 1.001)
+        voxels = int(np.prod(grid_size_at(fixed, chosen)))
+        while voxels > max_voxels:
+            chosen *= max((voxels / max_voxels) ** (1.0 / fixed.GetDimension()), 1.001)
+            voxels = int(np.prod(grid_size_at(fixed, chosen)))
     if isotropic and math.isclose(chosen, min(spacings), rel_tol=1e-6):
         return WorkingGrid(fixed, chosen, resampled=False)
     size = grid_size_at(fixed, chosen)
@@ -93,8 +95,7 @@ def working_grid(fixed: sitk.Image, spacing: Optional[float] = None,
 def field_onto(field: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """A displacement field (mm, on the working grid) resampled linearly onto ``reference``'s grid (float64
     vectors); points of ``reference`` just outside the working grid take the nearest border vector."""
-    if field.GetSize() == reference.GetSize() and field.GetOrigin() == reference.GetOrigin() \
-            and field.GetSpacing() == reference.GetSpacing() and field.GetDirection() == reference.GetDirection():
+    if same_grid(field, reference):
         return field
     padded = sitk.ZeroFluxNeumannPad(field, [1] * field.GetDimension(), [1] * field.GetDimension())
     return sitk.Resample(padded, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)

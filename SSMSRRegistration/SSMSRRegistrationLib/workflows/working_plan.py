@@ -59,8 +59,8 @@ class WorkingPlan:
 
 
 def _memory(grid: WorkingGrid, settings: RegistrationSettings, pairs: int) -> int:
-    per_step = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
-    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs, per_step, len(settings.scales))
+    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs, settings.pairs_per_step(pairs),
+                                 len(settings.scales))
 
 
 def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device: torch.device,
@@ -96,7 +96,6 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
         size = tuple(reversed(grid.size))
         per_voxel_step = seconds_per_voxel_step(ndim, grid.voxels, device, settings.encoder_channels,
                                                 settings.decoder_channels, window)
-        per_step_pairs = min(settings.batch_size, pairs) if settings.batch_size > 0 else pairs
-        seconds = sum(settings.steps_per_scale * per_step_pairs * per_voxel_step
+        seconds = sum(settings.steps_per_scale * settings.pairs_per_step(pairs) * per_voxel_step
                       * math.prod(scaled_size(size, scale)) for scale in settings.scales)
     return WorkingPlan(grid, window, memory, available, seconds, note)
