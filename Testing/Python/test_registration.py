@@ -156,3 +156,42 @@ def test_the_mixed_precision_path_runs_on_any_cpu_on_a_tiny_input():
     gradients = [parameter.grad for parameter in mixed_network.parameters()]
     assert all(gradient is not None and torch.isfinite(gradient).all() for gradient in gradients)
     assert all(gradient.dtype == torch.float32 for gradient in gradients)
+
+
+def test_a_3d_training_step_through_convolve_matches_the_plain_convolution(monkeypatch):
+    """``unet.convolve`` sends a single CPU volume to oneDNN as two slabs in a batch: the loss and every gradient of
+    a 3D U-Net step agree with PyTorch's own convolution of the whole volume up to float rounding."""
+    from SSMSRRegistrationLib.engine import unet
+    from SSMSRRegistrationLib.engine.losses import registration_loss
+    from SSMSRRegistrationLib.engine.spatial import warp
+
+    torch.manual_seed(0)
+    network = unet.RegistrationUNet(3)
+    torch.nn.init.normal_(network.flow.weight, std=0.05)
+    fixed_volume, moving_volume = torch.rand(1, 1, 16, 20, 12), torch.rand(1, 1, 16, 20, 12)
+
+    def step():
+        network.zero_grad()
+        field = network(torch.cat([moving_volume, fixed_volume], dim=1))
+        loss = registration_loss(fixed_volume, warp(moving_volume, field), field, 5, 10.0)
+        loss.backward()
+        return loss.item(), field.detach(), [p.grad.clone() for p in network.parameters()]
+
+    slab_loss, slab_field, slab_gradients = step()
+    monkeypatch.setattr(unet, "convolve", lambda conv, x: conv(x))
+    plain_loss, plain_field, plain_gradients = step()
+    assert slab_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert torch.allclose(slab_field, plain_field, rtol=1e-4, atol=1e-5)
+    for slab, plain in zip(slab_gradients, plain_gradients):
+        assert (slab - plain).norm() <= 1e-4 * plain.norm()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 6, 5), (2, 3, 8, 6, 5), (1, 3, 2, 6, 5)])
+def test_convolve_keeps_inputs_it_cannot_split(shape):
+    """An odd or too thin first axis, or a batch already above one, goes to the convolution unchanged."""
+    from SSMSRRegistrationLib.engine.unet import convolve
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 4, kernel_size=3, padding=1)
+    x = torch.rand(shape)
+    assert torch.allclose(convolve(conv, x), conv(x), atol=1e-6)
