@@ -176,7 +176,7 @@ def test_default_progress_is_a_bar_and_outputs_get_normal_permissions(pair, caps
 
 @pytest.mark.parametrize("options, scales, steps, mixed", [
     ([], ["1/2", "1"], 3500, True),  # the default preset: the paper's
-    (["--preset", "fast"], ["1/4", "1/2", "1"], 200, True),
+    (["--preset", "fast"], ["1/4", "1/2", "1"], 80, True),
     (["--preset", "fast", "--scales", "1", "--steps", "7", "--precision", "float32"], ["1"], 7, False),
 ])
 def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, monkeypatch, options, scales, steps,
@@ -210,13 +210,13 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
 
 def test_a_cine_gets_the_preset_s_cine_budget():
     assert budget("fast", cine=True) == Budget("1/8,1/4,1/2,1", 600, True)
-    assert budget("fast") == Budget("1/4,1/2,1", 200, True, stop_window=50, stop_tolerance=2e-4)
-    assert budget("fast", stop_window=0).stop_window == 0 and budget("paper").stop_window == 0
+    assert budget("fast") == Budget("1/4,1/2,1", 80, True)
+    assert budget("fast", stop_window=50).stop_window == 50 and budget("paper").stop_window == 0
     assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False)
 
 
 def test_a_preset_is_recognised_from_its_values():
-    assert matching_preset("1/4, 1/2, 1", 200, "mixed") == "fast"
+    assert matching_preset("1/4, 1/2, 1", 80, "mixed") == "fast"
     assert matching_preset("1/8,1/4,1/2,1", 600, "mixed", cine=True) == "fast"
     assert matching_preset("1/8,1/4,1/2,1", 200, "mixed", cine=True) is None
     assert matching_preset("1/2,1", 3500, "mixed") == "paper"

@@ -425,3 +425,22 @@ def test_an_initial_transform_node_is_the_pre_alignment_and_the_result_includes_
     assert initial.GetMatrixTransformToParent().GetElement(0, 3) == -12.0  # the input node is untouched
     with pytest.raises(ValueError, match="Unknown pre-alignment 'similarity'"):
         logic.registerVolumes(fixed, moving, alignFirst="similarity")
+
+
+def test_a_preset_s_budget_names_the_preset_in_the_worker_command():
+    """The panel shows the scales, steps and precision; a preset's convergence-based stopping only reaches the
+    worker through ``--preset``, which the command line parses as ``ssmsr`` does."""
+    from SSMSRRegistrationLib.common.presets import PRESETS
+    from SSMSRRegistrationLib.interfaces.cli import build_parser
+    from SSMSRRegistrationLib.mrml.worker_command import workerCommand
+
+    def command(subcommand, scales, steps):
+        return workerCommand(["ssmsr"], subcommand, ["f.nrrd", "m.nrrd"], "out.h5", scales=scales,
+                             stepsPerScale=steps, precision="mixed", smoothnessWeight=10.0, device="cpu")
+
+    for name, preset in PRESETS.items():
+        pair = command("register", preset.pair_scales, preset.pair_steps)
+        assert build_parser().parse_args(pair[1:]).preset == name
+        cine = command("track", preset.cine_scales, preset.cine_steps)
+        assert cine[cine.index("--preset") + 1] == name
+    assert "--preset" not in command("register", "1/2,1", 7)

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..common.presets import matching_preset
 from ..common.schedule import format_scales, parse_scales
 from .parameters import normalizeDevice
 
@@ -37,12 +38,17 @@ def workerCommand(prefix: list[str], subcommand: str, arguments: list[str], outp
     """The full command of one ``register``, ``segment`` or ``track`` run with JSON-lines progress.
 
     ``arguments``: the subcommand's positional inputs; ``options``: its own further options (already spelled);
-    ``nccWindow`` 0 or None, ``seed`` None and ``modelFile`` empty leave the worker's defaults.
+    ``nccWindow`` 0 or None, ``seed`` None and ``modelFile`` empty leave the worker's defaults. When the budget is a
+    preset's, the command names that preset too, so that the worker also applies what the panel does not show (its
+    convergence-based stopping).
     """
     command = list(prefix) + [subcommand, *map(str, arguments), "-o", str(output), "--progress", "jsonl",
                               "--scales", format_scales(parse_scales(scales)), "--steps", str(int(stepsPerScale)),
                               "--precision", precision, "--lambda", repr(float(smoothnessWeight)),
                               "--device", normalizeDevice(device)]
+    preset = matching_preset(scales, stepsPerScale, precision, cine=subcommand == "track")
+    if preset:
+        command += ["--preset", preset]
     if nccWindow:
         command += ["--window", str(int(nccWindow))]
     if seed is not None:
