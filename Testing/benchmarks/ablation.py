@@ -1,8 +1,9 @@
 """Ablation of SSMSR's settings on the evaluation's real cases, with the classical baselines in the same run.
 
-Each variant is ``register`` with the `fast` preset's pair schedule and steps (float32) plus one change; every pair
-is registered by every variant and by ANTs SyN (paper settings), elastix and demons (the harness's baselines,
-where installed). Metrics as the evaluation harness computes them (MSE and NLCC inside the case's mask, Dice of the
+Each variant is ``register`` with a preset's pair schedule and steps (``--preset``, default fast; float32) plus
+the changes the variant names; every pair is registered by every variant and by the baselines (``--baselines``:
+ANTs SyN, elastix and demons with the full evaluation's settings, the paper's for ANTs and elastix, where
+installed). Metrics as the evaluation harness computes them (MSE and NLCC inside the case's mask, Dice of the
 labels, % folded).
 
     python Testing/benchmarks/ablation.py --cases echo_cine --pairs 3 --variants "lambda 10,lambda 3,lambda 1"
@@ -24,20 +25,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from evaluation import cases as case_library  # noqa: E402
 from evaluation.baselines import ANTS, DEMONS, ELASTIX  # noqa: E402
-from evaluation.config import QUICK  # noqa: E402
+from evaluation.config import FULL  # noqa: E402
 from evaluation.echo import echo_cine  # noqa: E402
 from evaluation.measure import cpu_name  # noqa: E402
 from evaluation.metrics import evaluate_pair  # noqa: E402
 from SSMSRRegistrationLib import register  # noqa: E402
 
-#: The variants: register() keyword arguments on top of the fast preset in float32.
-VARIANTS: Dict[str, dict] = {
+#: One change each: register() keyword arguments on top of the preset in float32; a variant joins them with "+"
+#: ("lambda 3+lr 3e-3").
+CHANGES: Dict[str, dict] = {
     "lambda 10": {"smoothness_weight": 10.0},
     "lambda 3": {"smoothness_weight": 3.0},
     "lambda 1": {"smoothness_weight": 1.0},
     "window x1.5": {"ncc_window_scale": 1.5},
+    "window x0.67": {"ncc_window_scale": 2 / 3},
     "lr 3e-3": {"learning_rate": 3e-3},
+    "steps 200": {"steps": 200},
+    "steps 300": {"steps": 300},
+    "stop 50": {"stop_window": 50, "stop_tolerance": 2e-4},
 }
+BASELINES = {"ants": ANTS, "elastix": ELASTIX, "demons": DEMONS}
+
+
+def variant_options(variant: str) -> dict:
+    """register() keyword arguments of a variant: its changes joined by "+"."""
+    options: dict = {}
+    for change in variant.split("+"):
+        if change.strip() not in CHANGES:
+            raise SystemExit(f"unknown change {change!r}; choose from: {', '.join(CHANGES)}")
+        options.update(CHANGES[change.strip()])
+    return options
 
 
 def pair_metrics(case, pair, field) -> dict:
@@ -47,38 +64,44 @@ def pair_metrics(case, pair, field) -> dict:
             "folded_percent": metrics["percent_non_positive_jacobian"]}
 
 
-def run_variant(case, pair, options: dict) -> dict:
+def run_variant(case, pair, preset: str, options: dict) -> dict:
     options = dict(options)
     scale = options.pop("ncc_window_scale", None)
     if scale is not None:
         options["ncc_window"] = int(round((5 if case.dimension == 3 else 6) * scale))
     start = time.perf_counter()
     output = register(pair.fixed, pair.moving, fixed_mask=pair.mask if case.masked_registration else None,
-                      initial="none", preset="fast", precision="float32", device="cpu", **options)
+                      initial="none", preset=preset, precision="float32", device="cpu", **options)
     return {"seconds": time.perf_counter() - start, **pair_metrics(case, pair, output.field)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="echo_cine", help="echo_cine, hippocampus_crop (comma-separated)")
+    parser.add_argument("--cases", default="echo_cine", help="echo_cine, hippocampus_crop, individual_vs_icbm (comma-separated)")
     parser.add_argument("--pairs", type=int, default=3, help="pairs per case (default: 3)")
-    parser.add_argument("--variants", default="lambda 10,lambda 3,lambda 1", help=f"from: {', '.join(VARIANTS)}")
+    parser.add_argument("--preset", default="fast", help="the preset the variants change (default: fast)")
+    parser.add_argument("--variants", default="lambda 10,lambda 3,lambda 1",
+                        help=f"comma-separated; each one change or several joined by '+', from: {', '.join(CHANGES)}")
+    parser.add_argument("--baselines", default=",".join(BASELINES), help=f"from: {', '.join(BASELINES)} (or none)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
-    config = replace(QUICK, training_pairs=0, synthetic_test_pairs=args.pairs, device="cpu")
-    builders = {"echo_cine": echo_cine, "hippocampus_crop": case_library.hippocampus_crop}
-    print(f"# Ablation, fast preset schedule in float32, {cpu_name()}, {os.cpu_count()} CPUs, "
+    config = replace(FULL, training_pairs=0, synthetic_test_pairs=args.pairs, device="cpu")
+    variants = {variant: variant_options(variant) for variant in args.variants.split(",")}
+    baselines = [BASELINES[name] for name in args.baselines.split(",") if name and name != "none"]
+    builders = {"echo_cine": echo_cine, "hippocampus_crop": case_library.hippocampus_crop,
+                "individual_vs_icbm": case_library.individual_vs_icbm}
+    print(f"# Ablation, {args.preset} preset in float32, {cpu_name()}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     rows: List[dict] = []
     for name in args.cases.split(","):
         case = builders[name](config)
         case = replace(case, pairs=case.pairs[:args.pairs])
-        for variant in args.variants.split(","):
+        for variant, options in variants.items():
             for pair in case.pairs:
                 rows.append({"case": name, "method": f"SSMSR {variant}", "pair": pair.name,
-                             **run_variant(case, pair, VARIANTS[variant])})
+                             **run_variant(case, pair, args.preset, options)})
                 print(json.dumps(rows[-1]), flush=True)
-        for baseline in (ANTS, ELASTIX, DEMONS):
+        for baseline in baselines:
             if baseline.missing:
                 print(f"{baseline.name}: skipped, {baseline.missing}")
                 continue
