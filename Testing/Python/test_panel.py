@@ -64,7 +64,10 @@ def test_presets_fill_the_budget_and_follow_the_mode():
     assert panel.matchingPresetName(values) == "paper"
     values.cineTracking = True
     assert panel.presetAfterModeChange(values, cineTracking=True) == {
-        "scales": "1/8,1/4,1/2,1", "stepsPerScale": 3500, "mixedPrecision": True}
+        "scales": "1/8,1/4,1/2,1", "stepsPerScale": 3500, "mixedPrecision": True, "smoothnessWeight": 10.0}
+    values.smoothnessWeight = 3.0  # a preset's smoothness weight is part of its budget
+    assert panel.matchingPresetName(values) == ""
+    values.smoothnessWeight = 10.0
     values.stepsPerScale = 123
     assert panel.matchingPresetName(values) == "" and panel.presetAfterModeChange(values, cineTracking=False) is None
 

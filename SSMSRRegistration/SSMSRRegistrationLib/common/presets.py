@@ -36,6 +36,8 @@ class Preset:
     summary: str
     pair_stop_window: int = 0  # convergence-based stopping of pairs (engine.multiscale.converged); 0: off
     pair_stop_tolerance: float = 0.0
+    pair_smoothness_weight: float = 10.0  # lambda of Eq. 1 for pairs (cines: the paper's 10)
+    pair_learning_rate: float = 1e-3  # Adam's for pairs (cines: the paper's 1e-3)
 
 
 PRESETS = {
@@ -57,6 +59,8 @@ class Budget:
     mixed_precision: bool
     stop_window: int = 0
     stop_tolerance: float = 0.0
+    smoothness_weight: float = 10.0
+    learning_rate: float = 1e-3
 
 
 def preset_named(name: Optional[str]) -> Preset:
@@ -69,9 +73,11 @@ def preset_named(name: Optional[str]) -> Preset:
 
 def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = None, steps: Optional[int] = None,
            precision: Optional[str] = None, stop_window: Optional[int] = None,
-           stop_tolerance: Optional[float] = None) -> Budget:
-    """The preset's schedule and steps (of a pair, or of a ``cine``), precision and convergence-based stopping
-    (pairs only), each overridden when given."""
+           stop_tolerance: Optional[float] = None, smoothness_weight: Optional[float] = None,
+           learning_rate: Optional[float] = None) -> Budget:
+    """The preset's schedule and steps (of a pair, or of a ``cine``), precision, and for pairs its convergence-based
+    stopping, smoothness weight and learning rate (cines: none, and the paper's 10 and 1e-3), each overridden when
+    given."""
     chosen = preset_named(preset)
     precision = (precision or chosen.precision).strip().lower()
     if precision not in PRECISIONS:
@@ -81,11 +87,17 @@ def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = No
                   mixed_precision=precision == "mixed",
                   stop_window=int(stop_window if stop_window is not None else (0 if cine else chosen.pair_stop_window)),
                   stop_tolerance=float(stop_tolerance if stop_tolerance is not None
-                                       else (0.0 if cine else chosen.pair_stop_tolerance)))
+                                       else (0.0 if cine else chosen.pair_stop_tolerance)),
+                  smoothness_weight=float(smoothness_weight if smoothness_weight is not None
+                                          else (10.0 if cine else chosen.pair_smoothness_weight)),
+                  learning_rate=float(learning_rate if learning_rate is not None
+                                      else (1e-3 if cine else chosen.pair_learning_rate)))
 
 
-def matching_preset(scales: str, steps: int, precision: str, cine: bool = False) -> Optional[str]:
-    """The name of the preset whose schedule and steps (of a pair, or of a ``cine``) and precision these are, or None."""
+def matching_preset(scales: str, steps: int, precision: str, cine: bool = False,
+                    smoothness_weight: Optional[float] = None) -> Optional[str]:
+    """The name of the preset whose schedule and steps (of a pair, or of a ``cine``), precision and (when given)
+    smoothness weight these are, or None."""
     try:
         schedule = parse_scales(scales)
     except InputError:
@@ -93,6 +105,7 @@ def matching_preset(scales: str, steps: int, precision: str, cine: bool = False)
     for name in PRESETS:
         plan = budget(name, cine=cine)
         if (schedule == parse_scales(plan.scales) and int(steps) == plan.steps
-                and (precision == "mixed") == plan.mixed_precision):
+                and (precision == "mixed") == plan.mixed_precision
+                and (smoothness_weight is None or float(smoothness_weight) == plan.smoothness_weight)):
             return name
     return None

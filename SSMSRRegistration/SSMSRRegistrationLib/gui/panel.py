@@ -17,7 +17,7 @@ from slicer import (vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRML
 from ..common.presets import PRESETS, budget, matching_preset
 from ..common.protocol import overall_fraction
 from ..mrml.jobs import JobState
-from ..mrml.parameters import (DEFAULT_SMOOTHNESS_WEIGHT, alignmentProblems, atlasInputProblems, cineInputProblems,
+from ..mrml.parameters import (alignmentProblems, atlasInputProblems, cineInputProblems,
                                inputProblems, modelFileProblems, nccWindowProblems)
 from ..mrml.progress_text import describeProgress
 
@@ -72,7 +72,7 @@ PARAMETERS = {
     "scales": Parameter(str, GUI_PRESET.pair_scales),
     "stepsPerScale": Parameter(int, GUI_PRESET.pair_steps, (0, 100000)),
     "mixedPrecision": Parameter(bool, GUI_PRESET.precision == "mixed"),
-    "smoothnessWeight": Parameter(float, DEFAULT_SMOOTHNESS_WEIGHT, (0.0, 10000.0)),
+    "smoothnessWeight": Parameter(float, GUI_PRESET.pair_smoothness_weight, (0.0, 10000.0)),
     "nccWindow": Parameter(int, 0, (0, 99)),
     "workingSpacing": Parameter(float, 0.0, (0.0, 100.0)),
     "device": Parameter(str, "auto"),
@@ -163,20 +163,23 @@ def applyButton(values, atlases: list, running: bool) -> tuple[str, bool, str]:
 
 def matchingPresetName(values) -> str:
     """The preset whose budget the parameters hold ("" : custom)."""
-    return matching_preset(values.scales, values.stepsPerScale, precisionOf(values),
-                           cine=values.cineTracking) or ""
+    return matching_preset(values.scales, values.stepsPerScale, precisionOf(values), cine=values.cineTracking,
+                           smoothness_weight=values.smoothnessWeight) or ""
 
 
 def presetValues(name: str, cineTracking: bool) -> dict:
-    """The parameters a preset sets: scales, stepsPerScale and mixedPrecision (of a pair, or of a cine)."""
+    """The parameters a preset sets: scales, stepsPerScale, mixedPrecision (of a pair, or of a cine) and
+    smoothnessWeight."""
     plan = budget(name, cine=cineTracking)
-    return {"scales": plan.scales, "stepsPerScale": plan.steps, "mixedPrecision": plan.mixed_precision}
+    return {"scales": plan.scales, "stepsPerScale": plan.steps, "mixedPrecision": plan.mixed_precision,
+            "smoothnessWeight": plan.smoothness_weight}
 
 
 def presetAfterModeChange(values, cineTracking: bool) -> Optional[dict]:
     """When the mode changes, a preset chosen for the other mode follows (a cine has its own budget): its values
     for the new mode, or None when the budget is custom."""
-    name = matching_preset(values.scales, values.stepsPerScale, precisionOf(values), cine=not cineTracking)
+    name = matching_preset(values.scales, values.stepsPerScale, precisionOf(values), cine=not cineTracking,
+                           smoothness_weight=values.smoothnessWeight)
     return presetValues(name, cineTracking) if name else None
 
 

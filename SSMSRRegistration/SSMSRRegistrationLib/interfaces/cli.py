@@ -44,10 +44,13 @@ def _add_training_options(parser: argparse.ArgumentParser, steps_help: str, wind
                         help=f"coarse-to-fine schedule (default: {scales_default}; '1' is single scale, SSR)")
     parser.add_argument("--steps", type=int, default=3500 if default_scales else None,
                         help=f"{steps_help} (default: {steps_default})")
-    parser.add_argument("--lambda", dest="smoothness_weight", type=float, default=10.0,
-                        help="smoothness weight (default: 10)")
+    parser.add_argument("--lambda", dest="smoothness_weight", type=float, default=None,
+                        help="smoothness weight (default: the preset's)" if default_scales is None
+                        else "smoothness weight (default: 10)")
     parser.add_argument("--window", type=int, default=None, help=window_help)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate (default: the preset's)" if default_scales is None
+                        else "Adam learning rate (default: 1e-3)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",

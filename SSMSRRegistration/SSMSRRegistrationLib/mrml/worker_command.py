@@ -46,7 +46,8 @@ def workerCommand(prefix: list[str], subcommand: str, arguments: list[str], outp
                               "--scales", format_scales(parse_scales(scales)), "--steps", str(int(stepsPerScale)),
                               "--precision", precision, "--lambda", repr(float(smoothnessWeight)),
                               "--device", normalizeDevice(device)]
-    preset = matching_preset(scales, stepsPerScale, precision, cine=subcommand == "track")
+    preset = matching_preset(scales, stepsPerScale, precision, cine=subcommand == "track",
+                             smoothness_weight=smoothnessWeight)
     if preset:
         command += ["--preset", preset]
     if nccWindow:

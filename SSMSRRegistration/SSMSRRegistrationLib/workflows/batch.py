@@ -78,7 +78,7 @@ class CaseOptions:
     precision: Optional[str] = None
     smoothness_weight: Optional[float] = None
     ncc_window: Optional[int] = None
-    learning_rate: float = 1e-3
+    learning_rate: Optional[float] = None
     device: str = "auto"
     seed: int = 0
     model: Optional[str] = None
@@ -240,7 +240,7 @@ def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Opti
 
 def _run_track(job: Job, staging: str, options: CaseOptions, should_stop: Optional[StopPoll]):
     result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), batch_size=options.batch_size,
-                   smoothness_weight=10.0 if options.smoothness_weight is None else options.smoothness_weight,
+                   smoothness_weight=options.smoothness_weight,
                    should_stop=should_stop, **_training(options))
     written = result.save(staging)
     files = {key: os.path.basename(path) for key, path in written.items() if path and key != "folder"}

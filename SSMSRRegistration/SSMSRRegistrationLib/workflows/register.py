@@ -147,7 +147,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
              smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
              ncc_window_mm: Optional[float] = None, spacing: Optional[float] = None,
              stop_window: Optional[int] = None, stop_tolerance: Optional[float] = None,
-             max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: float = 1e-3,
+             max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: Optional[float] = None,
              device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
              progress: Optional[ProgressCallback] = None,
@@ -168,7 +168,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         steps: test-time training steps per scale (0 with a model or ``initial_networks``: inference only,
             the VoxelMorph-equivalent baseline); default: the preset's.
         precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32"; default: the preset's.
-        smoothness_weight: lambda of Eq. 1 (default: the model's, or 10); the smoothness term is the squared
+        smoothness_weight: lambda of Eq. 1 (default: the model's, or the preset's); the smoothness term is the squared
             gradient of the field in mm per mm on the isotropic working grid. ncc_window: local NCC box side in
             voxels of the working grid (default: the model's, or 5 in 3D and 6 in 2D: 5 mm on a 1 mm grid);
             ncc_window_mm: the same in millimetres (overrides ``ncc_window``).
@@ -179,7 +179,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         stop_window, stop_tolerance: convergence-based stopping (``engine.multiscale.converged``): each scale ends
             when the mean loss of the last ``stop_window`` steps fell by less than ``stop_tolerance``; the steps
             are then a maximum (0: train every step; default: the preset's).
-        learning_rate: Adam's learning rate. device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
+        learning_rate: Adam's learning rate (default: the preset's). device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
         initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
             from its per-scale weights, with its channel widths; its dimension and schedule must fit.
@@ -191,15 +191,16 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     requested_scales = parse_scales(scales) if scales is not None else None
-    plan = budget(preset, steps=steps, precision=precision, stop_window=stop_window, stop_tolerance=stop_tolerance)
+    plan = budget(preset, steps=steps, precision=precision, stop_window=stop_window, stop_tolerance=stop_tolerance,
+                  learning_rate=learning_rate)
     settings = RegistrationSettings(
         scales=requested_scales or (model.scales if model is not None else parse_scales(plan.scales)),
         steps_per_scale=plan.steps, mixed_precision=plan.mixed_precision,
         stop_window=plan.stop_window, stop_tolerance=plan.stop_tolerance,
         smoothness_weight=float(smoothness_weight if smoothness_weight is not None
-                                else model.smoothness_weight if model is not None else 10.0),
+                                else model.smoothness_weight if model is not None else plan.smoothness_weight),
         ncc_window=ncc_window if ncc_window is not None else (model.ncc_window if model is not None else None),
-        learning_rate=float(learning_rate), seed=int(seed))
+        learning_rate=plan.learning_rate, seed=int(seed))
     if model is not None:
         settings.encoder_channels, settings.decoder_channels = model.encoder_channels, model.decoder_channels
     settings.validate()

@@ -123,7 +123,7 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             fixed_mask: Optional[ImageLike] = None, model: Optional[Union[str, os.PathLike, SavedModel]] = None,
             preset: str = DEFAULT_PRESET, scales=None, steps: Optional[int] = None, precision: Optional[str] = None,
             smoothness_weight: Optional[float] = None,
-            ncc_window: Optional[int] = None, learning_rate: float = 1e-3, device: str = "auto", seed: int = 0,
+            ncc_window: Optional[int] = None, learning_rate: Optional[float] = None, device: str = "auto", seed: int = 0,
             progress: Optional[ProgressCallback] = None,
             should_stop: Optional[Callable[[], bool]] = None) -> SegmentationOutput:
     """Segment ``target`` by registering the most similar atlas(es) onto it (see the module docstring).

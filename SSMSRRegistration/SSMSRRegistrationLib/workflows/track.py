@@ -229,8 +229,8 @@ class TrackingResult:
 
 def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", preset: str = DEFAULT_PRESET,
           scales=None, steps: Optional[int] = None, precision: Optional[str] = None, batch_size: int = 1,
-          smoothness_weight: float = 10.0, ncc_window: Optional[int] = None,
-          learning_rate: float = 1e-3, device: str = "auto", seed: int = 0,
+          smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
+          learning_rate: Optional[float] = None, device: str = "auto", seed: int = 0,
           progress: Optional[ProgressCallback] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> TrackingResult:
     """Track a 2D+t cine: SSMSR on all consecutive pairs with one test-time training for the sequence.
@@ -246,11 +246,12 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
         smoothness_weight, ncc_window, learning_rate, device, seed: as for ``api.register``.
         progress, should_stop: the engine's progress callback and cancel poll.
     """
-    plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision)
+    plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision,
+                  smoothness_weight=smoothness_weight, learning_rate=learning_rate)
     settings = RegistrationSettings(scales=parse_scales(plan.scales), steps_per_scale=plan.steps,
                                     mixed_precision=plan.mixed_precision,
-                                    smoothness_weight=float(smoothness_weight), ncc_window=ncc_window,
-                                    learning_rate=float(learning_rate), seed=int(seed), batch_size=int(batch_size))
+                                    smoothness_weight=plan.smoothness_weight, ncc_window=ncc_window,
+                                    learning_rate=plan.learning_rate, seed=int(seed), batch_size=int(batch_size))
     settings.validate()
     torch_device = resolve_device(device)
     if not isinstance(cine, Cine):
