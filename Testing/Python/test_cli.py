@@ -175,8 +175,9 @@ def test_default_progress_is_a_bar_and_outputs_get_normal_permissions(pair, caps
 
 
 @pytest.mark.parametrize("options, scales, steps, mixed", [
-    ([], ["1/2", "1"], 3500, True),  # the default preset: the paper's
+    ([], ["1/4", "1/2", "1"], 300, True),  # the default preset: balanced
     (["--preset", "fast"], ["1/4", "1/2", "1"], 80, True),
+    (["--preset", "paper"], ["1/2", "1"], 3500, True),
     (["--preset", "fast", "--scales", "1", "--steps", "7", "--precision", "float32"], ["1"], 7, False),
 ])
 def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, monkeypatch, options, scales, steps,
@@ -195,6 +196,8 @@ def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, 
     assert code == 0, capsys.readouterr().err
     assert [format_scale(s) for s in chosen[0].scales] == scales
     assert (chosen[0].steps_per_scale, chosen[0].mixed_precision) == (steps, mixed)
+    preset = budget(options[options.index("--preset") + 1] if "--preset" in options else None)
+    assert (chosen[0].smoothness_weight, chosen[0].learning_rate) == (preset.smoothness_weight, preset.learning_rate)
 
 
 def test_unknown_preset_or_precision_is_refused(pair, capsys):
@@ -203,7 +206,7 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
         code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--progress", "jsonl", *option])
         event = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert code == EXIT_INPUT and option[1] in event["message"]
-    with pytest.raises(InputError, match="Unknown preset 'slow'; choose one of: paper, fast"):
+    with pytest.raises(InputError, match="Unknown preset 'slow'; choose one of: balanced, paper, fast"):
         api.register(fixed, moving, preset="slow")
     assert fingerprint(out) == {}
 
@@ -215,9 +218,21 @@ def test_a_cine_gets_the_preset_s_cine_budget():
     assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False)
 
 
+def test_the_default_preset_trains_pairs_with_its_own_smoothness_and_learning_rate_and_cines_with_the_paper_s():
+    default = budget(None)
+    assert (default.scales, default.steps, default.smoothness_weight, default.learning_rate) == (
+        "1/4,1/2,1", 300, 3.0, 1e-3)
+    assert (budget(None, cine=True).smoothness_weight, budget(None, cine=True).learning_rate) == (10.0, 1e-3)
+    assert (budget("paper").smoothness_weight, budget("paper").learning_rate) == (10.0, 1e-3)
+    assert budget(None, smoothness_weight=5.0, learning_rate=1e-4).smoothness_weight == 5.0
+    assert budget(None, smoothness_weight=5.0, learning_rate=1e-4).learning_rate == 1e-4
+
+
 def test_a_preset_is_recognised_from_its_values():
     assert matching_preset("1/4, 1/2, 1", 80, "mixed") == "fast"
-    assert matching_preset("1/8,1/4,1/2,1", 600, "mixed", cine=True) == "fast"
+    assert matching_preset("1/8,1/4,1/2,1", 600, "mixed", cine=True) == "balanced"  # fast's cines too
+    assert matching_preset("1/4,1/2,1", 300, "mixed", smoothness_weight=3.0) == "balanced"
+    assert matching_preset("1/4,1/2,1", 300, "mixed", smoothness_weight=10.0) is None
     assert matching_preset("1/8,1/4,1/2,1", 200, "mixed", cine=True) is None
     assert matching_preset("1/2,1", 3500, "mixed") == "paper"
     assert matching_preset("1/2,1", 3500, "float32") is None

@@ -26,9 +26,9 @@ def pair(scene):
     return fixed, moving
 
 
-def test_a_new_panel_starts_from_the_fast_preset_and_says_what_is_missing():
+def test_a_new_panel_starts_from_the_default_preset_and_says_what_is_missing():
     values = panel.PanelValues()
-    assert panel.matchingPresetName(values) == "fast"
+    assert panel.matchingPresetName(values) == "balanced" and values.smoothnessWeight == 3.0
     text, enabled, toolTip = panel.applyButton(values, [], running=False)
     assert (text, enabled) == ("Apply", False)
     assert "Select a fixed volume." in toolTip and "Select a moving volume." in toolTip

@@ -42,6 +42,7 @@ CHANGES: Dict[str, dict] = {
     "lr 3e-3": {"learning_rate": 3e-3},
     "steps 200": {"steps": 200},
     "steps 300": {"steps": 300},
+    "steps 1000": {"steps": 1000},
     "stop 50": {"stop_window": 50, "stop_tolerance": 2e-4},
 }
 BASELINES = {"ants": ANTS, "elastix": ELASTIX, "demons": DEMONS}

@@ -1,15 +1,22 @@
 """Named test-time training budgets, shared by the command line, the Python API and the Slicer module.
 
-* ``paper``: the paper's schedules (1/2,1 for image pairs, 1/8,1/4,1/2,1 for echo cines) and 3500 steps per scale.
+* ``balanced`` (the default): pairs 1/4,1/2,1 x 300 steps with the smoothness weight 3, as measured by the
+  accuracy ablation (Testing/benchmarks/ablation.py, RESULTS.md); cines as ``fast``. About 6 min for a 48x64x48
+  volume and under 2 min for a 320x240 image on a 2-core CPU without bfloat16.
+* ``paper``: the paper's schedules (1/2,1 for image pairs, 1/8,1/4,1/2,1 for echo cines), 3500 steps per scale,
+  smoothness weight 10 and learning rate 1e-3: reproduces the paper.
 * ``fast``: a short budget for a laptop CPU or a quick look: pairs 1/4,1/2,1 x 80 steps (on the evaluation's
   hippocampus-sized 3D brain pairs, 48x64x48 at 2 mm, level with ANTs SyN's Dice at about a quarter of its time on
   a 2-core CPU without bfloat16, see Testing/benchmarks/speed.py and RESULTS.md); cines 1/8,1/4,1/2,1 x 600 steps
-  for the sequence. Convergence-based stopping (``converged``) is off: it saved steps only from about 300 steps per
-  scale on (Testing/benchmarks/convergence.py), and never ends a scale within 80.
+  for the sequence.
 
-Both train with mixed precision (bfloat16 convolutions, losses in float32) where the device runs bfloat16
+Convergence-based stopping (``engine.multiscale.converged``, ``--stop-window``) is in no preset: it saved steps
+from about 600 steps per scale on (Testing/benchmarks/convergence.py) and never ended a scale at 300 steps or
+fewer on the ablation's echo and brain pairs.
+
+All train with mixed precision (bfloat16 convolutions, losses in float32) where the device runs bfloat16
 natively, and in float32 elsewhere; ``precision="float32"`` forces the plain float32 reference. An explicit
-schedule, step count or precision overrides the preset's.
+schedule, step count, precision, smoothness weight or learning rate overrides the preset's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from .schedule import parse_scales
 from .errors import InputError
 
 PRECISIONS = ("mixed", "float32")
+#: Convergence-based stopping's tolerance when only its window is given (Testing/benchmarks/convergence.py).
+DEFAULT_STOP_TOLERANCE = 2e-4
 
 
 @dataclass(frozen=True)
@@ -34,20 +43,22 @@ class Preset:
     cine_steps: int
     precision: str
     summary: str
-    pair_stop_window: int = 0  # convergence-based stopping of pairs (engine.multiscale.converged); 0: off
-    pair_stop_tolerance: float = 0.0
     pair_smoothness_weight: float = 10.0  # lambda of Eq. 1 for pairs (cines: the paper's 10)
     pair_learning_rate: float = 1e-3  # Adam's for pairs (cines: the paper's 1e-3)
 
 
 PRESETS = {
+    "balanced": Preset("balanced", "1/4,1/2,1", 300, "1/8,1/4,1/2,1", 600, "mixed",
+                       "pairs 1/4,1/2,1 x 300 steps with lambda 3, as measured best (for 48x64x48 about 6 min on 2 "
+                       "CPU cores without bfloat16), cines 1/8,1/4,1/2,1 x 600 steps",
+                       pair_smoothness_weight=3.0),
     "paper": Preset("paper", "1/2,1", 3500, "1/8,1/4,1/2,1", 3500, "mixed",
                     "the paper's schedules and 3500 training steps per scale"),
     "fast": Preset("fast", "1/4,1/2,1", 80, "1/8,1/4,1/2,1", 600, "mixed",
                    "pairs 1/4,1/2,1 x 80 steps (for 48x64x48 about 100 s on 2 CPU cores without bfloat16), cines "
                    "1/8,1/4,1/2,1 x 600 steps"),
 }
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "balanced"
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ class Budget:
     steps: int
     mixed_precision: bool
     stop_window: int = 0
-    stop_tolerance: float = 0.0
+    stop_tolerance: float = DEFAULT_STOP_TOLERANCE
     smoothness_weight: float = 10.0
     learning_rate: float = 1e-3
 
@@ -75,9 +86,9 @@ def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = No
            precision: Optional[str] = None, stop_window: Optional[int] = None,
            stop_tolerance: Optional[float] = None, smoothness_weight: Optional[float] = None,
            learning_rate: Optional[float] = None) -> Budget:
-    """The preset's schedule and steps (of a pair, or of a ``cine``), precision, and for pairs its convergence-based
-    stopping, smoothness weight and learning rate (cines: none, and the paper's 10 and 1e-3), each overridden when
-    given."""
+    """The preset's schedule and steps (of a pair, or of a ``cine``), precision, and for pairs its smoothness weight
+    and learning rate (cines: the paper's 10 and 1e-3), each overridden when given; convergence-based stopping only
+    when given (``stop_window`` > 0)."""
     chosen = preset_named(preset)
     precision = (precision or chosen.precision).strip().lower()
     if precision not in PRECISIONS:
@@ -85,9 +96,7 @@ def budget(preset: Optional[str], cine: bool = False, scales: Optional[str] = No
     return Budget(scales=scales if scales is not None else (chosen.cine_scales if cine else chosen.pair_scales),
                   steps=int(steps) if steps is not None else (chosen.cine_steps if cine else chosen.pair_steps),
                   mixed_precision=precision == "mixed",
-                  stop_window=int(stop_window if stop_window is not None else (0 if cine else chosen.pair_stop_window)),
-                  stop_tolerance=float(stop_tolerance if stop_tolerance is not None
-                                       else (0.0 if cine else chosen.pair_stop_tolerance)),
+                  stop_window=int(stop_window or 0), stop_tolerance=float(DEFAULT_STOP_TOLERANCE if stop_tolerance is None else stop_tolerance),
                   smoothness_weight=float(smoothness_weight if smoothness_weight is not None
                                           else (10.0 if cine else chosen.pair_smoothness_weight)),
                   learning_rate=float(learning_rate if learning_rate is not None

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional, Union
 from slicer import (vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
                     vtkMRMLSequenceNode, vtkMRMLTransformNode)
 
-from ..common.presets import PRESETS, budget, matching_preset
+from ..common.presets import DEFAULT_PRESET, PRESETS, budget, matching_preset
 from ..common.protocol import overall_fraction
 from ..mrml.jobs import JobState
 from ..mrml.parameters import (alignmentProblems, atlasInputProblems, cineInputProblems,
@@ -29,8 +29,8 @@ MINIMUM_SLICER_VERSION = (5, 6)
 #: asks the PyTorch extension for it.
 MINIMUM_TORCH = "2.4"
 
-#: The preset a new parameter node starts from (the command line's default is "paper").
-GUI_PRESET = PRESETS["fast"]
+#: The preset a new parameter node starts from (the command line's and the API's default too).
+GUI_PRESET = PRESETS[DEFAULT_PRESET]
 
 #: Node reference role, on the module's parameter node, of each checked atlas segmentation.
 ATLAS_REFERENCE_ROLE = "SSMSR.AtlasSegmentation"

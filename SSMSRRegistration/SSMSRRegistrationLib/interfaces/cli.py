@@ -13,7 +13,7 @@ import traceback
 from typing import List, Optional
 
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
-from ..common.presets import DEFAULT_PRESET, PRECISIONS, PRESETS
+from ..common.presets import DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, PRECISIONS, PRESETS
 from ..common.schedule import DEFAULT_MAX_VOXELS
 from ..report.progress import Reporter, make_reporter
 from .threads import configure_threads
@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "the field is written on the fixed grid)")
     reg.add_argument("--stop-window", type=int, metavar="N",
                      help="convergence-based stopping: each scale ends when its mean loss over the last N steps fell "
-                          "by less than --stop-tolerance; --steps is then a maximum (0: train every step; default: "
-                          "the preset's)")
-    reg.add_argument("--stop-tolerance", type=float, metavar="T", help="see --stop-window (default: the preset's)")
+                          "by less than --stop-tolerance; --steps is then a maximum (default: 0, train every step)")
+    reg.add_argument("--stop-tolerance", type=float, metavar="T",
+                     help=f"see --stop-window (default: {DEFAULT_STOP_TOLERANCE:g})")
     reg.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
                      help=f"voxel budget of the automatic working grid (default: {DEFAULT_MAX_VOXELS})")
     _add_model_option(reg)

@@ -1,6 +1,6 @@
 """Demo: register two real echocardiogram frames and draw the result.
 
-    python -m SSMSRRegistrationLib.demo [--out demo_output] [--steps 300] [--device auto]
+    python -m SSMSRRegistrationLib.demo [--out demo_output] [--preset balanced] [--device auto]
 
 Frames 0 and 10 of the 30-frame ultrasound cine shipped with pydicom are the moving
 and fixed images. Writes to the output folder: the inputs (NIfTI), the displacement
@@ -16,6 +16,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
+from ..common.presets import DEFAULT_PRESET, PRESETS
 from ..imaging import sample_data
 from ..workflows.register import register
 from ..imaging.fields import write_image
@@ -69,8 +70,8 @@ def draw_figure(fixed: sitk.Image, moving: sitk.Image, warped: sitk.Image, field
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Register two real echocardiogram frames with SSMSR.")
     parser.add_argument("--out", default="demo_output", help="output folder (created)")
-    parser.add_argument("--scales", default="1/4,1/2,1")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per scale")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS),
+                        help=f"the training budget (default: {DEFAULT_PRESET}, as for `ssmsr register`)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -80,9 +81,9 @@ def main(argv=None) -> None:
     write_image(fixed, fixed_path)
     write_image(moving, moving_path)
     print(f"Registering frame {MOVING_FRAME} (moving) onto frame {FIXED_FRAME} (fixed) of pydicom's echo cine, "
-          f"{fixed.GetSize()[0]}x{fixed.GetSize()[1]} pixels, scales {args.scales}, {args.steps} steps per scale.")
+          f"{fixed.GetSize()[0]}x{fixed.GetSize()[1]} pixels, preset {args.preset}: {PRESETS[args.preset].summary}.")
     reporter = BarReporter()
-    result = register(fixed_path, moving_path, scales=args.scales, steps=args.steps, device=args.device,
+    result = register(fixed_path, moving_path, preset=args.preset, device=args.device,
                       progress=reporter.handle)
     outputs = result.save(os.path.join(args.out, "field.nii.gz"), os.path.join(args.out, "warped.nii.gz"))
     reporter.finished(outputs, result.metrics)

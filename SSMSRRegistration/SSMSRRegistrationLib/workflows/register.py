@@ -163,7 +163,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
             Registration) or a SimpleITK transform. The returned field includes it.
         fixed_mask: optional mask (non-zero inside) restricting the similarity term.
         moving_labels: optional label map on the moving image's physical space, warped with the result.
-        preset: "paper" or "fast" (``presets``): the schedule, steps and precision not given explicitly.
+        preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps, precision, smoothness
+            weight and learning rate not given explicitly.
         scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR); default: the model's, or the preset's.
         steps: test-time training steps per scale (0 with a model or ``initial_networks``: inference only,
             the VoxelMorph-equivalent baseline); default: the preset's.
@@ -178,8 +179,9 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
             that does not fit raises InputError. The field is written on the fixed grid either way.
         stop_window, stop_tolerance: convergence-based stopping (``engine.multiscale.converged``): each scale ends
             when the mean loss of the last ``stop_window`` steps fell by less than ``stop_tolerance``; the steps
-            are then a maximum (0: train every step; default: the preset's).
-        learning_rate: Adam's learning rate (default: the preset's). device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
+            are then a maximum (default: 0, train every step; tolerance ``presets.DEFAULT_STOP_TOLERANCE``).
+        learning_rate: Adam's learning rate (default: the preset's).
+        device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
         initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
             from its per-scale weights, with its channel widths; its dimension and schedule must fit.

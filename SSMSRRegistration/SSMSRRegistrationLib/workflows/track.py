@@ -238,7 +238,8 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     Args:
         cine: see ``read_cine``, or a ``Cine`` already read.
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
-        preset: "paper" or "fast" (``presets``): the schedule, steps and precision not given explicitly.
+        preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps and precision not
+            given explicitly (a cine trains with the paper's smoothness weight and learning rate unless given).
         scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's.
         steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
         precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
