@@ -141,3 +141,19 @@ def test_a_scale_whose_loss_stopped_improving_ends_before_its_budget():
     assert result.displacement.shape == (1, 2) + tuple(array.shape[2:])
     with pytest.raises(InputError, match="convergence window"):
         RegistrationSettings(stop_window=3).validate()
+
+
+def test_a_preset_s_schedule_drops_the_scales_too_coarse_for_a_small_image_and_an_explicit_one_is_refused():
+    """The default preset's 1/4,1/2,1 on a 24x40 image: 1/4 would leave 6 pixels, so the run trains 1/2,1 (the
+    started event says so); the same schedule asked for explicitly is an error that says what to do."""
+    from SSMSRRegistrationLib import register
+
+    slice_ = brain_slice()[::4, ::4][:24, :40]
+    fixed = image_with_spacing(slice_, (1.0, 1.0))
+    moving = image_with_spacing(np.roll(slice_, 1, axis=1), (1.0, 1.0))
+    events = []
+    output = register(fixed, moving, steps=2, device="cpu", progress=events.append)
+    assert output.engine_result.scales == (Fraction(1, 2), Fraction(1))
+    assert [e["scales"] for e in events if e.get("event") == "started"] == [["1/2", "1"]]
+    with pytest.raises(InputError, match="every axis needs at least 8"):
+        register(fixed, moving, scales="1/4,1/2,1", steps=2, device="cpu")

@@ -48,6 +48,13 @@ def scaled_size(size: Sequence[int], scale: Fraction) -> Tuple[int, ...]:
     return tuple(max(2, int(round(n * float(scale)))) for n in size)
 
 
+def fitting_schedule(size: Sequence[int], scales: Sequence[Fraction]) -> Tuple[Fraction, ...]:
+    """``scales`` without its leading scales that would shrink an axis of ``size`` below MIN_SCALED_SIZE voxels
+    (the finest scale is always kept; ``check_schedule`` then says whether even that fits)."""
+    kept = tuple(s for s in scales if min(scaled_size(size, s)) >= MIN_SCALED_SIZE)
+    return kept or tuple(scales[-1:])
+
+
 def check_schedule(size: Sequence[int], scales: Sequence[Fraction]) -> None:
     """Raise InputError if the coarsest scale would shrink an axis below MIN_SCALED_SIZE voxels."""
     coarse = scaled_size(size, scales[0])

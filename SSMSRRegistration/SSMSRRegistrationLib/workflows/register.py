@@ -18,7 +18,7 @@ import torch
 from ..common.errors import InputError
 from ..common.presets import DEFAULT_PRESET, budget
 from ..common.protocol import STARTED, ProgressCallback
-from ..common.schedule import DEFAULT_MAX_VOXELS, parse_scales
+from ..common.schedule import DEFAULT_MAX_VOXELS, fitting_schedule, parse_scales
 from ..engine.metrics import folding_statistics
 from ..engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
 from ..imaging.alignment import (INITIAL_CHOICES, align, as_affine, check_invertible, inverse_field, is_identity,
@@ -221,6 +221,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
     working = plan_working_grid(fixed_image, settings, torch_device, spacing, max_voxels, ncc_window_mm)
     settings.ncc_window = working.window
+    if requested_scales is None and model is None:  # a preset's schedule: scales too coarse for a small image go
+        settings.scales = fitting_schedule(working.grid.size, settings.scales)
     grid = working.grid.reference
     mask_image = None  # on the working grid
     if fixed_mask is not None:
