@@ -1,8 +1,8 @@
 """Named test-time training budgets, shared by the command line, the Python API and the Slicer module.
 
 * ``balanced`` (the default): pairs 1/4,1/2,1 x 300 steps with the smoothness weight 3, as measured by the
-  accuracy ablation (Testing/benchmarks/ablation.py, RESULTS.md); cines as ``fast``. About 6 min for a 48x64x48
-  volume and under 2 min for a 320x240 image on a 2-core CPU without bfloat16.
+  accuracy ablation (Testing/benchmarks/ablation.py, RESULTS.md); cines as ``fast``. About 7 min for a 48x64x48
+  volume and under 2 min for a 320x240 image on a 2-core CPU without bfloat16 (measured: 435 s and 109 s).
 * ``paper``: the paper's schedules (1/2,1 for image pairs, 1/8,1/4,1/2,1 for echo cines), 3500 steps per scale,
   smoothness weight 10 and learning rate 1e-3: reproduces the paper.
 * ``fast``: a short budget for a laptop CPU or a quick look: pairs 1/4,1/2,1 x 80 steps (on the evaluation's
@@ -49,7 +49,7 @@ class Preset:
 
 PRESETS = {
     "balanced": Preset("balanced", "1/4,1/2,1", 300, "1/8,1/4,1/2,1", 600, "mixed",
-                       "pairs 1/4,1/2,1 x 300 steps with lambda 3, as measured best (for 48x64x48 about 6 min on 2 "
+                       "pairs 1/4,1/2,1 x 300 steps with lambda 3, as measured best (for 48x64x48 about 7 min on 2 "
                        "CPU cores without bfloat16), cines 1/8,1/4,1/2,1 x 600 steps",
                        pair_smoothness_weight=3.0),
     "paper": Preset("paper", "1/2,1", 3500, "1/8,1/4,1/2,1", 3500, "mixed",
