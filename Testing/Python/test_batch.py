@@ -178,7 +178,7 @@ def test_an_interrupted_command_runs_only_the_unfinished_cases_again(cohort, tmp
     jobs.write_text("case,kind,fixed,moving\n"
                     + "".join(f"c{index},register,{cohort}/s{fixed}.nii.gz,{cohort}/s{moving}.nii.gz\n"
                               for index, (fixed, moving) in enumerate(((95, 99), (99, 103), (103, 95)))))
-    first = _batch_command(jobs, output, "--steps", "40")
+    first = _batch_command(jobs, output, "--steps", "200")  # cases long enough to interrupt after the first
     for line in first.stdout:
         if json.loads(line)["event"] == "case":
             break
@@ -192,7 +192,7 @@ def test_an_interrupted_command_runs_only_the_unfinished_cases_again(cohort, tmp
     assert {case: row["status"] for case, row in _read_results(output).items()} == {"c0": "ok"}
     assert sorted(path.name for path in output.iterdir()) == ["c0", "results.csv"]
 
-    second = _batch_command(jobs, output, "--steps", "40")
+    second = _batch_command(jobs, output, "--steps", "200")
     stdout, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr
     events = [json.loads(line) for line in stdout.splitlines()]
