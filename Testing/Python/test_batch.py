@@ -170,7 +170,14 @@ def _batch_command(jobs: Path, output: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "SSMSRRegistrationLib", "batch", str(jobs), "-o", str(output),
                              "--workers", "1", "--threads-per-worker", "1", "--device", "cpu", "--scales", "1/2,1",
                              "--precision", "float32", "--progress", "jsonl", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """In the child: SIGINT as in a terminal. A test run started in the background of a non-interactive shell
+    (``bash .ci/run &``) ignores SIGINT, and children inherit that: Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_an_interrupted_command_runs_only_the_unfinished_cases_again(cohort, tmp_path):
@@ -178,7 +185,7 @@ def test_an_interrupted_command_runs_only_the_unfinished_cases_again(cohort, tmp
     jobs.write_text("case,kind,fixed,moving\n"
                     + "".join(f"c{index},register,{cohort}/s{fixed}.nii.gz,{cohort}/s{moving}.nii.gz\n"
                               for index, (fixed, moving) in enumerate(((95, 99), (99, 103), (103, 95)))))
-    first = _batch_command(jobs, output, "--steps", "200")  # cases long enough to interrupt after the first
+    first = _batch_command(jobs, output, "--steps", "40")
     for line in first.stdout:
         if json.loads(line)["event"] == "case":
             break
@@ -192,7 +199,7 @@ def test_an_interrupted_command_runs_only_the_unfinished_cases_again(cohort, tmp
     assert {case: row["status"] for case, row in _read_results(output).items()} == {"c0": "ok"}
     assert sorted(path.name for path in output.iterdir()) == ["c0", "results.csv"]
 
-    second = _batch_command(jobs, output, "--steps", "200")
+    second = _batch_command(jobs, output, "--steps", "40")
     stdout, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr
     events = [json.loads(line) for line in stdout.splitlines()]
