@@ -179,6 +179,7 @@ def test_default_progress_is_a_bar_and_outputs_get_normal_permissions(pair, caps
     (["--preset", "fast"], ["1/4", "1/2", "1"], 80, True),
     (["--preset", "paper"], ["1/2", "1"], 3500, True),
     (["--preset", "fast", "--scales", "1", "--steps", "7", "--precision", "float32"], ["1"], 7, False),
+    (["--mse-weight", "50", "--lr", "2e-3", "--lambda", "4"], ["1/4", "1/2", "1"], 300, True),
 ])
 def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, monkeypatch, options, scales, steps,
                                                                   mixed):
@@ -196,8 +197,11 @@ def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, 
     assert code == 0, capsys.readouterr().err
     assert [format_scale(s) for s in chosen[0].scales] == scales
     assert (chosen[0].steps_per_scale, chosen[0].mixed_precision) == (steps, mixed)
-    preset = budget(options[options.index("--preset") + 1] if "--preset" in options else None)
-    assert (chosen[0].smoothness_weight, chosen[0].learning_rate) == (preset.smoothness_weight, preset.learning_rate)
+    given = dict(zip(options[::2], options[1::2]))
+    preset = budget(given.get("--preset"))
+    assert (chosen[0].smoothness_weight, chosen[0].learning_rate, chosen[0].mse_weight) == (
+        float(given.get("--lambda", preset.smoothness_weight)), float(given.get("--lr", preset.learning_rate)),
+        float(given.get("--mse-weight", preset.mse_weight)))
 
 
 def test_unknown_preset_or_precision_is_refused(pair, capsys):
@@ -212,20 +216,25 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
 
 
 def test_a_cine_gets_the_preset_s_cine_budget():
-    assert budget("fast", cine=True) == Budget("1/8,1/4,1/2,1", 600, True)
+    cine_loss = dict(smoothness_weight=2.0, mse_weight=1000.0)
+    assert budget("fast", cine=True) == Budget("1/8,1/4,1/2,1", 600, True, **cine_loss)
     assert budget("fast") == Budget("1/4,1/2,1", 80, True)
     assert budget("fast", stop_window=50).stop_window == 50 and budget("paper").stop_window == 0
-    assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False)
+    assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False, **cine_loss)
+    assert budget("paper", cine=True) == Budget("1/8,1/4,1/2,1", 3500, True)  # the paper's loss
 
 
-def test_the_default_preset_trains_pairs_with_its_own_smoothness_and_learning_rate_and_cines_with_the_paper_s():
+def test_the_default_preset_trains_pairs_and_cines_each_with_their_own_loss_and_the_paper_preset_with_the_paper_s():
     default = budget(None)
-    assert (default.scales, default.steps, default.smoothness_weight, default.learning_rate) == (
-        "1/4,1/2,1", 300, 3.0, 1e-3)
-    assert (budget(None, cine=True).smoothness_weight, budget(None, cine=True).learning_rate) == (10.0, 1e-3)
-    assert (budget("paper").smoothness_weight, budget("paper").learning_rate) == (10.0, 1e-3)
-    assert budget(None, smoothness_weight=5.0, learning_rate=1e-4).smoothness_weight == 5.0
-    assert budget(None, smoothness_weight=5.0, learning_rate=1e-4).learning_rate == 1e-4
+    assert (default.scales, default.steps, default.smoothness_weight, default.learning_rate, default.mse_weight) == (
+        "1/4,1/2,1", 300, 3.0, 1e-3, 0.0)
+    cine = budget(None, cine=True)
+    assert (cine.smoothness_weight, cine.learning_rate, cine.mse_weight) == (2.0, 1e-3, 1000.0)
+    for kind in (False, True):
+        paper = budget("paper", cine=kind)
+        assert (paper.smoothness_weight, paper.learning_rate, paper.mse_weight) == (10.0, 1e-3, 0.0)
+    given = budget(None, cine=True, smoothness_weight=5.0, learning_rate=1e-4, mse_weight=0.0)
+    assert (given.smoothness_weight, given.learning_rate, given.mse_weight) == (5.0, 1e-4, 0.0)
 
 
 def test_a_preset_is_recognised_from_its_values():

@@ -1,4 +1,4 @@
-"""Local NCC (paper Eq. 2) against a direct computation, gradients, and constant regions."""
+"""Local NCC (paper Eq. 2) against a direct computation, gradients, constant regions, and the loss (Eq. 1)."""
 
 import itertools
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from SSMSRRegistrationLib.engine.losses import NCC_EPSILON, gradient_smoothness, local_ncc, local_ncc_map
+from SSMSRRegistrationLib.engine.losses import (NCC_EPSILON, gradient_smoothness, local_ncc, local_ncc_map,
+                                                registration_loss)
 
 
 def direct_ncc_map(fixed: np.ndarray, warped: np.ndarray, window: int) -> np.ndarray:
@@ -71,3 +72,18 @@ def test_mask_restricts_the_similarity():
 def test_smoothness_is_zero_for_a_translation_and_positive_otherwise():
     assert gradient_smoothness(torch.ones(1, 3, 5, 6, 7) * 2.0).item() == 0.0
     assert gradient_smoothness(torch.rand(1, 3, 5, 6, 7)).item() > 0.0
+
+
+def test_the_mse_term_adds_its_weight_times_the_mean_squared_difference_inside_the_mask():
+    rng = np.random.default_rng(5)
+    fixed = rng.random((1, 1, 12, 14))
+    warped = rng.random((1, 1, 12, 14))
+    field = rng.normal(size=(1, 2, 12, 14))
+    mask = np.zeros((1, 1, 12, 14))
+    mask[..., 2:9, 3:11] = 1
+    as_tensors = [torch.tensor(array, dtype=torch.float32) for array in (fixed, warped, field, mask)]
+    paper = registration_loss(*as_tensors[:3], 5, 3.0, as_tensors[3]).item()
+    with_mse = registration_loss(*as_tensors[:3], 5, 3.0, as_tensors[3], mse_weight=300.0).item()
+    inside = ((fixed - warped) ** 2)[mask > 0].mean()
+    assert with_mse - paper == pytest.approx(300.0 * inside, rel=1e-4)
+    assert registration_loss(*as_tensors[:3], 5, 3.0, as_tensors[3], mse_weight=0.0).item() == paper

@@ -428,20 +428,22 @@ def test_an_initial_transform_node_is_the_pre_alignment_and_the_result_includes_
 
 
 def test_a_preset_s_budget_names_the_preset_in_the_worker_command():
-    """The panel shows the scales, steps and precision; a preset's convergence-based stopping only reaches the
-    worker through ``--preset``, which the command line parses as ``ssmsr`` does."""
+    """The panel shows the scales, steps, precision and smoothness weight; a preset's learning rate and MSE weight
+    only reach the worker through ``--preset``, which the command line parses as ``ssmsr`` does."""
     from SSMSRRegistrationLib.common.presets import PRESETS, budget
     from SSMSRRegistrationLib.interfaces.cli import build_parser
     from SSMSRRegistrationLib.mrml.worker_command import workerCommand
 
-    def command(subcommand, scales, steps):
-        return workerCommand(["ssmsr"], subcommand, ["f.nrrd", "m.nrrd"], "out.h5", scales=scales,
-                             stepsPerScale=steps, precision="mixed", smoothnessWeight=10.0, device="cpu")
+    def command(subcommand, scales, steps, smoothness_weight=10.0):
+        inputs = ["cine.nrrd"] if subcommand == "track" else ["f.nrrd", "m.nrrd"]
+        return workerCommand(["ssmsr"], subcommand, inputs, "out.h5", scales=scales,
+                             stepsPerScale=steps, precision="mixed", smoothnessWeight=smoothness_weight, device="cpu")
 
     for name, preset in PRESETS.items():
-        pair = command("register", preset.pair_scales, preset.pair_steps)
-        assert build_parser().parse_args(pair[1:]).preset == name
-        cine = command("track", preset.cine_scales, preset.cine_steps)
+        pair = command("register", preset.pair_scales, preset.pair_steps, budget(name).smoothness_weight)
+        assert pair[pair.index("--preset") + 1] == name
+        cine = command("track", preset.cine_scales, preset.cine_steps, budget(name, cine=True).smoothness_weight)
         named = cine[cine.index("--preset") + 1]  # presets may share a cine budget: the first of them
         assert budget(named, cine=True) == budget(name, cine=True)
+        assert build_parser().parse_args(cine[1:]).preset == named
     assert "--preset" not in command("register", "1/2,1", 7)

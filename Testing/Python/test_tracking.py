@@ -348,3 +348,27 @@ def test_metrics_report_the_folded_pixels_of_every_pair(tracked):
     expected = 100 * (jacobian_determinant(result.displacements) <= 0).float().mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(folded, expected, atol=1e-4)
     assert result.summary()["max_folded_percent"] == pytest.approx(folded.max(), abs=1e-4)
+
+
+def test_a_cine_trains_with_the_preset_s_cine_loss_and_learning_rate_unless_given(cine_path, tmp_path, monkeypatch):
+    from SSMSRRegistrationLib.common.presets import budget
+    from SSMSRRegistrationLib.workflows import track as track_module
+
+    chosen = []
+
+    def one_step(fixed, moving, settings, **kwargs):  # the real engine, one step per scale
+        chosen.append(settings)
+        return register_tensors(fixed, moving, RegistrationSettings(**{**vars(settings), "steps_per_scale": 1}),
+                                **kwargs)
+
+    monkeypatch.setattr(track_module, "register_tensors", one_step)
+    for index, options in enumerate(([], ["--preset", "paper"], ["--mse-weight", "7", "--lambda", "2", "--lr", "5e-4"])):
+        code, _ = run_cli("track", cine_path, "-o", tmp_path / f"out{index}", "--scales", "1/2,1", "--no-figures",
+                          *options)
+        assert code == EXIT_OK
+    default, paper = budget(None, cine=True), budget("paper", cine=True)
+    assert [(s.smoothness_weight, s.learning_rate, s.mse_weight) for s in chosen] == [
+        (default.smoothness_weight, default.learning_rate, default.mse_weight),
+        (10.0, 1e-3, 0.0),  # the paper's loss
+        (2.0, 5e-4, 7.0)]
+    assert (paper.smoothness_weight, paper.learning_rate, paper.mse_weight) == (10.0, 1e-3, 0.0)

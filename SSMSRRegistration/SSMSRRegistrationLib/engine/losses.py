@@ -90,6 +90,10 @@ def gradient_smoothness(displacement: torch.Tensor) -> torch.Tensor:
 
 def registration_loss(fixed: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
                       window: int, smoothness_weight: float,
-                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Paper Eq. 1: -local NCC + lambda * smoothness."""
-    return -local_ncc(fixed, warped, window, mask) + smoothness_weight * gradient_smoothness(displacement)
+                      mask: Optional[torch.Tensor] = None, mse_weight: float = 0.0) -> torch.Tensor:
+    """Paper Eq. 1, -local NCC + lambda * smoothness, plus ``mse_weight`` times the mean squared intensity difference
+    (intensities in [0, 1]; inside ``mask``). ``mse_weight`` 0 is the paper's loss."""
+    loss = -local_ncc(fixed, warped, window, mask) + smoothness_weight * gradient_smoothness(displacement)
+    if mse_weight:
+        loss = loss + mse_weight * masked_mean((fixed.float() - warped.float()) ** 2, mask)
+    return loss

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..common.errors import InputError, RegistrationCancelled
+from ..common.presets import DEFAULT_STOP_TOLERANCE, PAPER_LEARNING_RATE, PAPER_SMOOTHNESS_WEIGHT
 from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_name, progress_event, started_event
 from ..common.schedule import check_schedule, format_scale, scaled_size
 from .losses import local_ncc, registration_loss
@@ -34,9 +35,10 @@ class RegistrationSettings:
 
     scales: Tuple[Fraction, ...] = (Fraction(1, 2), Fraction(1))
     steps_per_scale: int = 3500
-    smoothness_weight: float = 10.0
+    smoothness_weight: float = PAPER_SMOOTHNESS_WEIGHT
+    mse_weight: float = 0.0  # weight of the mean squared intensity difference added to Eq. 1 (0: the paper's loss)
     ncc_window: Optional[int] = None  # None: 5 in 3D, 6 in 2D (the paper's windows)
-    learning_rate: float = 1e-3
+    learning_rate: float = PAPER_LEARNING_RATE
     seed: int = 0
     encoder_channels: Tuple[int, ...] = DEFAULT_ENCODER_CHANNELS
     decoder_channels: Tuple[int, ...] = DEFAULT_DECODER_CHANNELS
@@ -44,7 +46,7 @@ class RegistrationSettings:
     batch_size: int = 0  # pairs per training step, drawn at random (seeded); 0 or >= N: all pairs every step
     mixed_precision: bool = False  # bfloat16 convolutions (unet.predict) where the device runs them natively
     stop_window: int = 0  # convergence check every this many steps (0: always the full budget), see ``converged``
-    stop_tolerance: float = 1e-3  # ... stop when the mean loss improved by less than this over the last window
+    stop_tolerance: float = DEFAULT_STOP_TOLERANCE  # ... stop when the mean loss improved by less than this over the last window
 
     def pairs_per_step(self, pairs: int) -> int:
         """Pairs trained together at each step when ``pairs`` are registered (``batch_size``, or all)."""
@@ -58,6 +60,8 @@ class RegistrationSettings:
             raise InputError("steps per scale must be 0 (inference only) or more.")
         if self.smoothness_weight < 0:
             raise InputError("the smoothness weight (lambda) must be >= 0.")
+        if not self.mse_weight >= 0:
+            raise InputError("the MSE weight must be >= 0.")
         if self.ncc_window is not None and self.ncc_window < 2:
             raise InputError("the NCC window must be at least 2 voxels.")
         if not self.learning_rate > 0:
@@ -228,7 +232,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                 inside = (warp(view_b, residual.detach()) > 0.5).float()
                 mask_b = inside if mask_b is None else mask_b * inside
             loss = registration_loss(fixed_b, warp(moving_b, residual), residual, window,
-                                     settings.smoothness_weight, mask_b)
+                                     settings.smoothness_weight, mask_b, settings.mse_weight)
             loss.backward()
             optimizer.step()
             losses[step] = loss.detach()

@@ -72,7 +72,7 @@ PARAMETERS = {
     "scales": Parameter(str, GUI_PRESET.pair_scales),
     "stepsPerScale": Parameter(int, GUI_PRESET.pair_steps, (0, 100000)),
     "mixedPrecision": Parameter(bool, GUI_PRESET.precision == "mixed"),
-    "smoothnessWeight": Parameter(float, GUI_PRESET.pair_smoothness_weight, (0.0, 10000.0)),
+    "smoothnessWeight": Parameter(float, GUI_PRESET.pair_training.smoothness_weight, (0.0, 10000.0)),
     "nccWindow": Parameter(int, 0, (0, 99)),
     "workingSpacing": Parameter(float, 0.0, (0.0, 100.0)),
     "device": Parameter(str, "auto"),

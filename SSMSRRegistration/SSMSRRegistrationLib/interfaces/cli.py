@@ -51,6 +51,11 @@ def _add_training_options(parser: argparse.ArgumentParser, steps_help: str, wind
     parser.add_argument("--lr", type=float, default=None,
                         help="Adam learning rate (default: the preset's)" if default_scales is None
                         else "Adam learning rate (default: 1e-3)")
+    if default_scales is None:
+        parser.add_argument("--mse-weight", type=float, default=None,
+                            help="weight of the mean squared intensity difference (intensities in [0, 1]) added to the "
+                                 "paper's loss, for images whose intensities match (default: the preset's; 0 for "
+                                 "cines and the paper preset)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
@@ -227,7 +232,7 @@ def run_register(args, reporter: Reporter) -> None:
                       smoothness_weight=args.smoothness_weight,
                       ncc_window=args.window, ncc_window_mm=args.window_mm, spacing=args.spacing,
                       max_voxels=args.max_voxels, stop_window=args.stop_window, stop_tolerance=args.stop_tolerance,
-                      learning_rate=args.lr, device=args.device, seed=args.seed,
+                      learning_rate=args.lr, mse_weight=args.mse_weight, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
                           jacobian_path=args.jacobian, affine_path=args.affine_output, inverse_path=args.inverse)
@@ -246,7 +251,7 @@ def run_track(args, reporter: Reporter) -> None:
     result = track(args.cine, mask=args.mask, preset=args.preset, scales=args.scales, steps=args.steps,
                    precision=args.precision, batch_size=args.batch,
                    smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
-                   device=args.device, seed=args.seed, progress=reporter.handle)
+                   mse_weight=args.mse_weight, device=args.device, seed=args.seed, progress=reporter.handle)
     outputs = save_tracking(result, args.output, accumulated=args.accumulate, draw_figures=not args.no_figures)
     reporter.finished(outputs, result.summary())
 
@@ -283,7 +288,7 @@ def run_segment(args, reporter: Reporter) -> None:
                      fixed_mask=args.fixed_mask, model=args.model, preset=args.preset, scales=args.scales,
                      steps=args.steps, precision=args.precision,
                      smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
-                     device=args.device, seed=args.seed, progress=reporter.handle)
+                     mse_weight=args.mse_weight, device=args.device, seed=args.seed, progress=reporter.handle)
     outputs = result.save(args.output)
     reporter.finished(outputs, result.metrics)
     if args.progress != "jsonl":

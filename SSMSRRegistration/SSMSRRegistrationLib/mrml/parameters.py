@@ -21,7 +21,7 @@ SCALE_PRESETS = ("1/2,1", "1/4,1/2,1", "1/8,1/4,1/2,1")
 DEFAULT_SCALES = PRESETS[DEFAULT_PRESET].pair_scales
 DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].pair_steps
 DEFAULT_TRACKING_SCALES = PRESETS[DEFAULT_PRESET].cine_scales
-DEFAULT_SMOOTHNESS_WEIGHT = PRESETS[DEFAULT_PRESET].pair_smoothness_weight
+DEFAULT_SMOOTHNESS_WEIGHT = PRESETS[DEFAULT_PRESET].pair_training.smoothness_weight
 DEFAULT_PRECISION = PRESETS[DEFAULT_PRESET].precision
 #: Pre-alignments the worker runs before the deformable stage ("auto": affine for 3D volumes, none for 2D).
 ALIGNMENTS = ("auto", "none", "rigid", "affine")

@@ -40,7 +40,7 @@ def workerCommand(prefix: list[str], subcommand: str, arguments: list[str], outp
     ``arguments``: the subcommand's positional inputs; ``options``: its own further options (already spelled);
     ``nccWindow`` 0 or None, ``seed`` None and ``modelFile`` empty leave the worker's defaults. When the budget is a
     preset's, the command names that preset too, so that the worker also applies what the panel does not show (its
-    convergence-based stopping).
+    learning rate and MSE weight); any other budget takes those from the default preset.
     """
     command = list(prefix) + [subcommand, *map(str, arguments), "-o", str(output), "--progress", "jsonl",
                               "--scales", format_scales(parse_scales(scales)), "--steps", str(int(stepsPerScale)),

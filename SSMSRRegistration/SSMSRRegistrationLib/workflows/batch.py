@@ -79,6 +79,7 @@ class CaseOptions:
     smoothness_weight: Optional[float] = None
     ncc_window: Optional[int] = None
     learning_rate: Optional[float] = None
+    mse_weight: Optional[float] = None
     device: str = "auto"
     seed: int = 0
     model: Optional[str] = None
@@ -196,7 +197,8 @@ def _dice_against(path: str, labels: sitk.Image) -> Dict[str, float]:
 
 def _training(options: CaseOptions) -> Dict[str, Any]:
     return dict(preset=options.preset, scales=options.scales, steps=options.steps, precision=options.precision,
-                ncc_window=options.ncc_window, learning_rate=options.learning_rate, device=options.device,
+                ncc_window=options.ncc_window, learning_rate=options.learning_rate, mse_weight=options.mse_weight,
+                device=options.device,
                 seed=options.seed)
 
 

@@ -148,7 +148,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
              ncc_window_mm: Optional[float] = None, spacing: Optional[float] = None,
              stop_window: Optional[int] = None, stop_tolerance: Optional[float] = None,
              max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: Optional[float] = None,
-             device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
+             mse_weight: Optional[float] = None, device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
              progress: Optional[ProgressCallback] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> RegistrationOutput:
@@ -181,6 +181,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
             when the mean loss of the last ``stop_window`` steps fell by less than ``stop_tolerance``; the steps
             are then a maximum (default: 0, train every step; tolerance ``presets.DEFAULT_STOP_TOLERANCE``).
         learning_rate: Adam's learning rate (default: the preset's).
+        mse_weight: weight of the mean squared intensity difference (intensities normalised to [0, 1]) added to
+            Eq. 1's similarity inside the mask (default: the preset's; 0 is the paper's loss).
         device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
         initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
@@ -194,7 +196,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         model = load_model(model)
     requested_scales = parse_scales(scales) if scales is not None else None
     plan = budget(preset, steps=steps, precision=precision, stop_window=stop_window, stop_tolerance=stop_tolerance,
-                  learning_rate=learning_rate)
+                  learning_rate=learning_rate, mse_weight=mse_weight)
     settings = RegistrationSettings(
         scales=requested_scales or (model.scales if model is not None else parse_scales(plan.scales)),
         steps_per_scale=plan.steps, mixed_precision=plan.mixed_precision,
@@ -202,7 +204,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         smoothness_weight=float(smoothness_weight if smoothness_weight is not None
                                 else model.smoothness_weight if model is not None else plan.smoothness_weight),
         ncc_window=ncc_window if ncc_window is not None else (model.ncc_window if model is not None else None),
-        learning_rate=plan.learning_rate, seed=int(seed))
+        mse_weight=plan.mse_weight, learning_rate=plan.learning_rate, seed=int(seed))
     if model is not None:
         settings.encoder_channels, settings.decoder_channels = model.encoder_channels, model.decoder_channels
     settings.validate()

@@ -123,7 +123,8 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             fixed_mask: Optional[ImageLike] = None, model: Optional[Union[str, os.PathLike, SavedModel]] = None,
             preset: str = DEFAULT_PRESET, scales=None, steps: Optional[int] = None, precision: Optional[str] = None,
             smoothness_weight: Optional[float] = None,
-            ncc_window: Optional[int] = None, learning_rate: Optional[float] = None, device: str = "auto", seed: int = 0,
+            ncc_window: Optional[int] = None, learning_rate: Optional[float] = None,
+            mse_weight: Optional[float] = None, device: str = "auto", seed: int = 0,
             progress: Optional[ProgressCallback] = None,
             should_stop: Optional[Callable[[], bool]] = None) -> SegmentationOutput:
     """Segment ``target`` by registering the most similar atlas(es) onto it (see the module docstring).
@@ -133,7 +134,8 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
         atlases: (image, label map) pairs; each label map lies in its atlas image's physical space.
         top_k: how many of the best-ranked atlases to register and fuse (1 <= top_k <= len(atlases)).
         fixed_mask: optional target mask for the ranking and the registrations' similarity term.
-        model, preset, scales, steps, precision, smoothness_weight, ncc_window, learning_rate, device, seed: as for
+        model, preset, scales, steps, precision, smoothness_weight, ncc_window, learning_rate, mse_weight, device,
+            seed: as for
             ``api.register``.
         progress: receives {"event": "ranking", "ranking": [...]}, then for each registered atlas
             {"event": "atlas", "rank", "index" (0-based among those registered), "count", "atlas", "nlcc"}
@@ -195,7 +197,7 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
         result = register(target_image, atlas_images[index], fixed_mask=fixed_mask, moving_labels=atlas_labels[index],
                           preset=preset, scales=scales, steps=steps, precision=precision,
                           smoothness_weight=smoothness_weight, ncc_window=ncc_window,
-                          learning_rate=learning_rate, device=device, seed=seed, model=model,
+                          learning_rate=learning_rate, mse_weight=mse_weight, device=device, seed=seed, model=model,
                           progress=forward if progress is not None else None, should_stop=should_stop)
         warped_maps.append(sitk.GetArrayFromImage(result.warped_labels))
         registrations.append({"atlas": names[index], **result.metrics})

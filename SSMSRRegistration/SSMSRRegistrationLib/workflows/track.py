@@ -223,15 +223,15 @@ class TrackingResult:
                 "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
                 "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
                 "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,
-                "ncc_window": settings.window_for(2), "learning_rate": settings.learning_rate, "seed": settings.seed,
+                "mse_weight": settings.mse_weight, "ncc_window": settings.window_for(2), "learning_rate": settings.learning_rate, "seed": settings.seed,
                 "mixed_precision_requested": settings.mixed_precision}
 
 
 def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", preset: str = DEFAULT_PRESET,
           scales=None, steps: Optional[int] = None, precision: Optional[str] = None, batch_size: int = 1,
           smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
-          learning_rate: Optional[float] = None, device: str = "auto", seed: int = 0,
-          progress: Optional[ProgressCallback] = None,
+          learning_rate: Optional[float] = None, mse_weight: Optional[float] = None, device: str = "auto",
+          seed: int = 0, progress: Optional[ProgressCallback] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> TrackingResult:
     """Track a 2D+t cine: SSMSR on all consecutive pairs with one test-time training for the sequence.
 
@@ -239,19 +239,21 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
         cine: see ``read_cine``, or a ``Cine`` already read.
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
         preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps and precision not
-            given explicitly (a cine trains with the paper's smoothness weight and learning rate unless given).
+            given explicitly (a cine trains with the paper's loss, smoothness weight and learning rate unless given).
         scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's.
         steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
         precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
         batch_size: pairs per step, drawn at random with the seed; 0 uses all pairs every step.
-        smoothness_weight, ncc_window, learning_rate, device, seed: as for ``api.register``.
+        smoothness_weight, ncc_window, learning_rate, mse_weight, device, seed: as for ``api.register`` (the MSE
+            weight defaults to 0 for cines).
         progress, should_stop: the engine's progress callback and cancel poll.
     """
     plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision,
-                  smoothness_weight=smoothness_weight, learning_rate=learning_rate)
+                  smoothness_weight=smoothness_weight, learning_rate=learning_rate, mse_weight=mse_weight)
     settings = RegistrationSettings(scales=parse_scales(plan.scales), steps_per_scale=plan.steps,
                                     mixed_precision=plan.mixed_precision,
-                                    smoothness_weight=plan.smoothness_weight, ncc_window=ncc_window,
+                                    smoothness_weight=plan.smoothness_weight, mse_weight=plan.mse_weight,
+                                    ncc_window=ncc_window,
                                     learning_rate=plan.learning_rate, seed=int(seed), batch_size=int(batch_size))
     settings.validate()
     torch_device = resolve_device(device)
