@@ -1,12 +1,14 @@
 """Ablation of SSMSR's settings on the evaluation's real cases, with the classical baselines in the same run.
 
 Each variant is ``register`` with a preset's pair schedule and steps (``--preset``, default fast; float32) plus
-the changes the variant names; every pair is registered by every variant and by the baselines (``--baselines``:
+the changes the variant names, or for a cine (the echo case) ``track`` on the evaluated frames with the preset's cine
+budget plus those changes, as the product tracks an echocardiogram (``--cine-as pairs``: ``register`` on each pair
+instead); every pair is registered by every variant and by the baselines (``--baselines``:
 ANTs SyN, elastix and demons with the full evaluation's settings, the paper's for ANTs and elastix, where
 installed). Metrics as the evaluation harness computes them (MSE and NLCC inside the case's mask, Dice of the
 labels, % folded).
 
-    python Testing/benchmarks/ablation.py --cases echo_cine --pairs 3 --variants "lambda 10,lambda 3,lambda 1"
+    python Testing/benchmarks/ablation.py --cases echo_cine --pairs 14 --variants "mse 0,mse 300,mse 1000"
 """
 
 from __future__ import annotations
@@ -28,18 +30,24 @@ from evaluation.baselines import ANTS, DEMONS, ELASTIX  # noqa: E402
 from evaluation.config import FULL  # noqa: E402
 from evaluation.echo import echo_cine  # noqa: E402
 from evaluation.measure import cpu_name  # noqa: E402
+from evaluation.methods import cine_of, mask_stack  # noqa: E402
 from evaluation.metrics import evaluate_pair  # noqa: E402
-from SSMSRRegistrationLib import register  # noqa: E402
+from SSMSRRegistrationLib import register, track  # noqa: E402
 
 #: One change each: register() keyword arguments on top of the preset in float32; a variant joins them with "+"
 #: ("lambda 3+lr 3e-3").
 CHANGES: Dict[str, dict] = {
+    "preset": {},  # the preset as it is
     "lambda 10": {"smoothness_weight": 10.0},
     "lambda 3": {"smoothness_weight": 3.0},
     "lambda 1": {"smoothness_weight": 1.0},
     "window x1.5": {"ncc_window_scale": 1.5},
     "window x0.67": {"ncc_window_scale": 2 / 3},
     "lr 3e-3": {"learning_rate": 3e-3},
+    "lr 1e-3": {"learning_rate": 1e-3},
+    "mse 0": {"mse_weight": 0.0},
+    "mse 300": {"mse_weight": 300.0},
+    "mse 1000": {"mse_weight": 1000.0},
     "steps 200": {"steps": 200},
     "steps 300": {"steps": 300},
     "steps 1000": {"steps": 1000},
@@ -65,42 +73,76 @@ def pair_metrics(case, pair, field) -> dict:
             "folded_percent": metrics["percent_non_positive_jacobian"]}
 
 
-def run_variant(case, pair, preset: str, options: dict) -> dict:
+def with_window(case, options: dict) -> dict:
+    """``options`` with a window scale turned into the NCC window in voxels."""
     options = dict(options)
     scale = options.pop("ncc_window_scale", None)
     if scale is not None:
         options["ncc_window"] = int(round((5 if case.dimension == 3 else 6) * scale))
+    return options
+
+
+def run_variant(case, pair, preset: str, options: dict) -> dict:
+    options = with_window(case, options)
     start = time.perf_counter()
     output = register(pair.fixed, pair.moving, fixed_mask=pair.mask if case.masked_registration else None,
                       initial="none", preset=preset, precision="float32", device="cpu", **options)
     return {"seconds": time.perf_counter() - start, **pair_metrics(case, pair, output.field)}
 
 
+def track_variant(case, preset: str, options: dict) -> List[dict]:
+    """One ``track`` of the case's evaluated frames; per pair its metrics and the sequence's seconds per pair."""
+    options = with_window(case, options)
+    if "stop_window" in options:
+        raise SystemExit("convergence-based stopping is for pairs only; use --cine-as pairs")
+    start = time.perf_counter()
+    result = track(cine_of(case), mask=mask_stack(case), preset=preset, precision="float32", device="cpu",
+                   **options)
+    seconds = (time.perf_counter() - start) / len(case.pairs)
+    return [{"seconds": seconds, **pair_metrics(case, pair, result.field(number))}
+            for number, pair in enumerate(case.pairs, start=1)]
+
+
+def echo_cine_held_out(config):
+    """The echo cine's other pairs (frames 15..29 in the full configuration: the pairs the evaluation keeps for
+    training VoxelMorph), a second echo case that the cine settings were not chosen on."""
+    case = echo_cine(config)
+    return replace(case, name="echo_cine_held_out", pairs=case.training, training=[])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="echo_cine", help="echo_cine, hippocampus_crop, individual_vs_icbm (comma-separated)")
-    parser.add_argument("--pairs", type=int, default=3, help="pairs per case (default: 3)")
+    parser.add_argument("--cases", default="echo_cine",
+                        help="echo_cine, echo_cine_held_out, hippocampus_crop, individual_vs_icbm (comma-separated)")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs per case (default: 3; 0: all)")
     parser.add_argument("--preset", default="fast", help="the preset the variants change (default: fast)")
     parser.add_argument("--variants", default="lambda 10,lambda 3,lambda 1",
                         help=f"comma-separated; each one change or several joined by '+', from: {', '.join(CHANGES)}")
+    parser.add_argument("--cine-as", choices=("track", "pairs"), default="track",
+                        help="a cine's variants: track the evaluated frames (default) or register each pair")
     parser.add_argument("--baselines", default=",".join(BASELINES), help=f"from: {', '.join(BASELINES)} (or none)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
-    config = replace(FULL, training_pairs=0, synthetic_test_pairs=args.pairs, device="cpu")
+    config = replace(FULL, training_pairs=0, synthetic_test_pairs=args.pairs or FULL.synthetic_test_pairs,
+                     device="cpu")
     variants = {variant: variant_options(variant) for variant in args.variants.split(",")}
     baselines = [BASELINES[name] for name in args.baselines.split(",") if name and name != "none"]
-    builders = {"echo_cine": echo_cine, "hippocampus_crop": case_library.hippocampus_crop,
+    builders = {"echo_cine": echo_cine, "echo_cine_held_out": echo_cine_held_out,
+                "hippocampus_crop": case_library.hippocampus_crop,
                 "individual_vs_icbm": case_library.individual_vs_icbm}
     print(f"# Ablation, {args.preset} preset in float32, {cpu_name()}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     rows: List[dict] = []
     for name in args.cases.split(","):
         case = builders[name](config)
-        case = replace(case, pairs=case.pairs[:args.pairs])
+        case = replace(case, pairs=case.pairs[:args.pairs or None])
+        tracked = case.sequence and args.cine_as == "track"
         for variant, options in variants.items():
-            for pair in case.pairs:
-                rows.append({"case": name, "method": f"SSMSR {variant}", "pair": pair.name,
-                             **run_variant(case, pair, args.preset, options)})
+            method = f"SSMSR {'track ' if tracked else ''}{variant}"
+            results = (track_variant(case, args.preset, options) if tracked
+                       else [run_variant(case, pair, args.preset, options) for pair in case.pairs])
+            for pair, result in zip(case.pairs, results):
+                rows.append({"case": name, "method": method, "pair": pair.name, **result})
                 print(json.dumps(rows[-1]), flush=True)
         for baseline in baselines:
             if baseline.missing:

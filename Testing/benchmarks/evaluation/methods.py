@@ -23,7 +23,7 @@ from SSMSRRegistrationLib.workflows.register import register
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device
 from SSMSRRegistrationLib.common.schedule import format_scale, format_scales, parse_scales
 from SSMSRRegistrationLib.imaging.fields import voxel_field_to_image
-from SSMSRRegistrationLib.common.presets import preset_named
+from SSMSRRegistrationLib.common.presets import budget, preset_named
 from SSMSRRegistrationLib.imaging.cine import Cine
 from SSMSRRegistrationLib.workflows.track import track
 
@@ -114,7 +114,7 @@ def _register_each_pair(case: Case, config: Config, prefix: str, **options) -> L
     return _rows_per_scale(prefix, format_scales(scales), fields_per_scale, usage, scale_ends, device)
 
 
-def _cine_of(case: Case) -> Cine:
+def cine_of(case: Case) -> Cine:
     """The evaluated frames of a cine case as a ``tracking.Cine`` (frame 0 = the first pair's moving frame)."""
     frames = [case.pairs[0].moving] + [pair.fixed for pair in case.pairs]
     stack = np.stack([sitk.GetArrayFromImage(frame) for frame in frames]).astype(np.float32)
@@ -122,7 +122,7 @@ def _cine_of(case: Case) -> Cine:
     return Cine(frames=stack, frame_grid=frames[0], cine_grid=grid, name=case.name)
 
 
-def _mask_stack(case: Case) -> sitk.Image:
+def mask_stack(case: Case) -> sitk.Image:
     """Per-frame masks (W x H x T) for ``track``; frame 0 (never a fixed frame) gets the first pair's mask."""
     masks = [case.pairs[0].mask] + [pair.mask for pair in case.pairs]
     return sitk.JoinSeries(masks)
@@ -130,7 +130,7 @@ def _mask_stack(case: Case) -> sitk.Image:
 
 def _track_sequence(case: Case, config: Config, prefix: str, schedule: str) -> List[MethodRun]:
     events: List[dict] = []
-    result, usage = measured(lambda: track(_cine_of(case), mask=_mask_stack(case), scales=schedule,
+    result, usage = measured(lambda: track(cine_of(case), mask=mask_stack(case), scales=schedule,
                                            steps=config.cine_steps, precision=config.precision,
                                            batch_size=config.cine_batch,
                                            device=config.device, seed=config.seed, progress=events.append))
@@ -159,6 +159,14 @@ def _run_ssr(case: Case, config: Config) -> List[MethodRun]:
     return _test_time_run(case, config, "SSR", "1")
 
 
+def _training_text(name: Optional[str], case: Case) -> str:
+    """The loss weights and learning rate that preset ``name`` (None: the default) trains ``case`` with."""
+    plan = budget(name, cine=case.sequence)
+    mse = f", MSE weight {plan.mse_weight:g}" if plan.mse_weight else ""
+    return (f"Adam lr {plan.learning_rate:g}, lambda {plan.smoothness_weight:g}{mse}, local NCC window "
+            f"{RegistrationSettings().window_for(case.dimension)}")
+
+
 def preset_method(name: str) -> Method:
     """SSMSR with a preset of ``presets`` (its pair schedule, steps and precision) on each pair (not a cine)."""
     preset = preset_named(name)
@@ -168,8 +176,7 @@ def preset_method(name: str) -> Method:
 
     def parameters(case: Case, config: Config) -> str:
         return (f"api.register(..., preset={name!r}) per pair: schedule {preset.pair_scales}, {preset.pair_steps} steps "
-                f"per scale, {preset.precision} precision; Adam lr 1e-3, lambda 10, local NCC window "
-                f"{RegistrationSettings().window_for(case.dimension)}, seed {config.seed}")
+                f"per scale, {preset.precision} precision; {_training_text(name, case)}, seed {config.seed}")
 
     return Method(f"SSMSR {name} preset", run, parameters)
 
@@ -220,8 +227,8 @@ def _test_time_parameters(case: Case, config: Config, schedule: str) -> str:
     precision = ("mixed precision (bfloat16 convolutions where the device supports them)"
                  if config.precision == "mixed" else "float32")
     chained = "; each scale's U-Net starts from the previous scale's weights" if "," in schedule else ""
-    return (f"schedule {schedule}; {how}; {precision}; Adam lr 1e-3, lambda 10, local NCC window "
-            f"{RegistrationSettings().window_for(case.dimension)}, seed {config.seed}{chained}")
+    return (f"schedule {schedule}; {how}; {precision}; the default preset's training: {_training_text(None, case)}, "
+            f"seed {config.seed}{chained}")
 
 
 def _voxelmorph_parameters(case: Case, config: Config) -> str:
