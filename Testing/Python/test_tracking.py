@@ -372,3 +372,14 @@ def test_a_cine_trains_with_the_preset_s_cine_loss_and_learning_rate_unless_give
         (10.0, 1e-3, 0.0),  # the paper's loss
         (2.0, 5e-4, 7.0)]
     assert (paper.smoothness_weight, paper.learning_rate, paper.mse_weight) == (10.0, 1e-3, 0.0)
+
+
+def test_a_preset_s_cine_schedule_drops_the_scales_too_coarse_for_small_frames_and_an_explicit_one_is_refused():
+    """48x40 frames: the preset's 1/8 would leave 5 pixels, so the tracking trains 1/4,1/2,1; asked for explicitly,
+    the same schedule is an error that says what to do."""
+    frames = heart(echo_pixels()[:3])[:, ::3, ::3][:, :40, :48]
+    cine = sitk.GetImageFromArray(frames)
+    result = track(cine, steps=1, device="cpu")
+    assert result.settings.scales == tuple(parse_scales("1/4,1/2,1"))
+    with pytest.raises(InputError, match="every axis needs at least 8"):
+        track(cine, scales="1/8,1/4,1/2,1", steps=1, device="cpu")

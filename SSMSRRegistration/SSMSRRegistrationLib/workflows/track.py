@@ -31,7 +31,7 @@ import torch
 from ..common.errors import InputError
 from ..common.presets import DEFAULT_PRESET, budget
 from ..common.protocol import PAIR_METRIC_NAMES, ProgressCallback
-from ..common.schedule import format_scale, parse_scales
+from ..common.schedule import fitting_schedule, format_scale, parse_scales
 from ..engine.losses import local_ncc_map
 from ..engine.metrics import jacobian_determinant
 from ..engine.multiscale import RegistrationSettings, register_tensors, resolve_device
@@ -238,9 +238,10 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     Args:
         cine: see ``read_cine``, or a ``Cine`` already read.
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
-        preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps and precision not
-            given explicitly (a cine trains with the paper's loss, smoothness weight and learning rate unless given).
-        scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's.
+        preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps, precision, loss
+            weights and learning rate not given explicitly (the preset's cine values, not its pairs').
+        scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's, without
+            the scales that would leave a frame axis under 8 pixels.
         steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
         precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
         batch_size: pairs per step, drawn at random with the seed; 0 uses all pairs every step.
@@ -259,6 +260,8 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     torch_device = resolve_device(device)
     if not isinstance(cine, Cine):
         cine = read_cine(cine)
+    if scales is None:  # a preset's schedule: scales too coarse for small frames go
+        settings.scales = fitting_schedule(cine.frames.shape[1:], settings.scales)
     automatic = mask is None or (isinstance(mask, str) and mask == "auto")
     masks = default_masks(cine.frames) if automatic else read_masks(mask, cine)
     mask_source = (f"auto: intensities in [{MASK_LOW}, {MASK_HIGH}] dilated by a {MASK_DILATION_RADIUS}-pixel disk"
