@@ -170,16 +170,18 @@ def textured(frame: np.ndarray, mask: np.ndarray) -> torch.Tensor:
 
 def test_identical_consecutive_frames_give_a_near_zero_field(tracked):
     """Where the frames have texture the field of the duplicate pair is near zero; in flat regions no field
-    changes the image, and there the networks shared by all pairs extrapolate smoothly."""
+    changes the image, and there the networks shared by all pairs extrapolate smoothly. (With the default cine
+    loss, lambda 2 and the MSE term, the other pairs move 1.7-3.8 px on average and the duplicate 0.36 px; with
+    the paper's loss 0.9-1.6 px and 0.17 px.)"""
     result, _, _ = tracked
     lengths = result.displacements.norm(dim=1)
     motion = {pair: float(lengths[pair - 1][textured(result.cine.frames[pair], result.masks[pair])].mean())
               for pair in result.pairs}
     duplicate = motion.pop(DUPLICATE_PAIR)
     assert result.metrics["mse_identity"][DUPLICATE_PAIR - 1] == 0
-    assert duplicate < 0.3 and duplicate < 0.2 * np.mean(list(motion.values()))
+    assert duplicate < 0.5 and duplicate < 0.2 * np.mean(list(motion.values()))
     others_mse = np.delete(result.metrics["mse_identity"], DUPLICATE_PAIR - 1)
-    assert result.metrics["mse"][DUPLICATE_PAIR - 1] < 0.02 * others_mse.mean()
+    assert result.metrics["mse"][DUPLICATE_PAIR - 1] < 0.03 * others_mse.mean()  # default loss 2.1 %, paper's 0.7 %
 
 
 def test_figures_show_every_pair(tracked):
@@ -188,7 +190,15 @@ def test_figures_show_every_pair(tracked):
         assert animation.n_frames == len(result.pairs)
     with Image.open(outputs["figure"]) as figure:
         assert figure.width > figure.height > 300
-    assert tracking_figures.arrow_gain(result.displacements.numpy(), result.masks[1:]) >= 1
+    # The arrows' magnification: the 99th percentile of the drawn lengths becomes at most 0.9 grid step, and more
+    # than 0.9 / 2.5 of it (the gain is rounded down to 1, 2 or 5 times a power of ten).
+    displacements, masks = result.displacements.numpy(), result.masks[1:]
+    gain = tracking_figures.arrow_gain(displacements, masks)
+    rows, columns = tracking_figures._arrow_grid(displacements.shape[2:])
+    drawn = np.hypot(displacements[:, 0, rows, columns], displacements[:, 1, rows, columns])[masks[:, rows, columns]]
+    longest = gain * float(np.percentile(drawn, 99))
+    step = tracking_figures._arrow_step(displacements.shape[2:])
+    assert 0.9 * step / 2.5 < longest <= 0.9 * step
 
 
 def test_a_failure_while_saving_leaves_no_output_folder(tracked, tmp_path, monkeypatch):
@@ -362,7 +372,8 @@ def test_a_cine_trains_with_the_preset_s_cine_loss_and_learning_rate_unless_give
                                 **kwargs)
 
     monkeypatch.setattr(track_module, "register_tensors", one_step)
-    for index, options in enumerate(([], ["--preset", "paper"], ["--mse-weight", "7", "--lambda", "2", "--lr", "5e-4"])):
+    given = ["--mse-weight", "7", "--lambda", "2", "--lr", "5e-4"]
+    for index, options in enumerate(([], ["--preset", "paper"], given)):
         code, _ = run_cli("track", cine_path, "-o", tmp_path / f"out{index}", "--scales", "1/2,1", "--no-figures",
                           *options)
         assert code == EXIT_OK

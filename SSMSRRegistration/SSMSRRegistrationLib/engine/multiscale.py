@@ -46,7 +46,7 @@ class RegistrationSettings:
     batch_size: int = 0  # pairs per training step, drawn at random (seeded); 0 or >= N: all pairs every step
     mixed_precision: bool = False  # bfloat16 convolutions (unet.predict) where the device runs them natively
     stop_window: int = 0  # convergence check every this many steps (0: always the full budget), see ``converged``
-    stop_tolerance: float = DEFAULT_STOP_TOLERANCE  # ... stop when the mean loss improved by less than this over the last window
+    stop_tolerance: float = DEFAULT_STOP_TOLERANCE  # ... stop when the window's mean loss improved by less than this
 
     def pairs_per_step(self, pairs: int) -> int:
         """Pairs trained together at each step when ``pairs`` are registered (``batch_size``, or all)."""

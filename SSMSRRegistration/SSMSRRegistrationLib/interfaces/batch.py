@@ -236,9 +236,9 @@ def run_batch(jobs_csv: str, output: str, *, workers: Optional[int] = None, sche
     """Run every case of ``jobs_csv`` into ``output``/CASE on Dask and write ``output``/results.csv.
 
     ``options``: the fields of ``workflows.batch.CaseOptions`` (preset, scales, steps, precision, smoothness_weight,
-    ncc_window, learning_rate, mse_weight, device, seed, model, top_k, batch_size). ``retries``: extra attempts of a case whose
-    worker raised an error. ``progress``: 'bar', 'jsonl' or 'none'. Returns the results rows in the jobs file's
-    order. Raises InputError for a bad jobs file or options, BatchInterrupted when interrupted (results.csv then
+    ncc_window, learning_rate, mse_weight, device, seed, model, top_k, batch_size). ``retries``: extra attempts of a
+    case whose worker raised an error. ``progress``: 'bar', 'jsonl' or 'none'. Returns the results rows in the jobs
+    file's order. Raises InputError for a bad jobs file or options, BatchInterrupted when interrupted (results.csv then
     lists the cases done).
     """
     jobs = read_jobs(jobs_csv)
@@ -304,4 +304,5 @@ def options_from_args(args) -> Dict[str, Any]:
                 gpus_per_worker=args.gpus_per_worker, retries=args.retries, progress=args.progress,
                 preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
                 smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
-                mse_weight=args.mse_weight, device=args.device, seed=args.seed, model=args.model, top_k=args.top_k, batch_size=args.batch)
+                mse_weight=args.mse_weight, device=args.device, seed=args.seed, model=args.model, top_k=args.top_k,
+                batch_size=args.batch)

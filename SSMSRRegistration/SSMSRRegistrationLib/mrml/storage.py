@@ -20,7 +20,9 @@ def readDisplacementFieldTransform(path: str):
     """Read an ITK displacement field file with Slicer's transform storage node.
 
     Returns the ``vtkOrientedGridTransform`` that maps a RAS point p (mm) to p + u(p): the "from parent"
-    (resampling) transform. The storage node converts LPS vectors and geometry to RAS.
+    (resampling) transform. The storage node converts LPS vectors and geometry to RAS. Slicer's reader interpolates
+    the grid cubically (as the slicer-core wheel reports); it is set to linear here, as ITK, SimpleITK and ANTs
+    apply a displacement field, so that the node maps points exactly as the field file does.
     """
     loadedNode = slicer.vtkMRMLTransformNode()
     storageNode = slicer.vtkMRMLTransformStorageNode()
@@ -30,6 +32,7 @@ def readDisplacementFieldTransform(path: str):
     gridTransform = loadedNode.GetTransformFromParent()
     if not isinstance(gridTransform, vtk.vtkGridTransform) or gridTransform.GetDisplacementGrid() is None:
         raise RegistrationError(f"'{path}' did not load as a displacement field.")
+    gridTransform.SetInterpolationModeToLinear()
     return gridTransform
 
 

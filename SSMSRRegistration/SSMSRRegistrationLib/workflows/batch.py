@@ -198,8 +198,7 @@ def _dice_against(path: str, labels: sitk.Image) -> Dict[str, float]:
 def _training(options: CaseOptions) -> Dict[str, Any]:
     return dict(preset=options.preset, scales=options.scales, steps=options.steps, precision=options.precision,
                 ncc_window=options.ncc_window, learning_rate=options.learning_rate, mse_weight=options.mse_weight,
-                device=options.device,
-                seed=options.seed)
+                device=options.device, seed=options.seed)
 
 
 def _registration_values(metrics: Dict[str, Any]) -> Dict[str, Any]:

@@ -148,7 +148,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
              ncc_window_mm: Optional[float] = None, spacing: Optional[float] = None,
              stop_window: Optional[int] = None, stop_tolerance: Optional[float] = None,
              max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: Optional[float] = None,
-             mse_weight: Optional[float] = None, device: str = "auto", seed: int = 0, initial_networks: Optional[Sequence[dict]] = None,
+             mse_weight: Optional[float] = None, device: str = "auto", seed: int = 0,
+             initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
              progress: Optional[ProgressCallback] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> RegistrationOutput:

@@ -223,7 +223,8 @@ class TrackingResult:
                 "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
                 "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
                 "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,
-                "mse_weight": settings.mse_weight, "ncc_window": settings.window_for(2), "learning_rate": settings.learning_rate, "seed": settings.seed,
+                "mse_weight": settings.mse_weight, "ncc_window": settings.window_for(2),
+                "learning_rate": settings.learning_rate, "seed": settings.seed,
                 "mixed_precision_requested": settings.mixed_precision}
 
 
