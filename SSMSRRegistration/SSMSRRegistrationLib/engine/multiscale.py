@@ -24,7 +24,7 @@ from ..common.errors import InputError, RegistrationCancelled
 from ..common.presets import DEFAULT_STOP_TOLERANCE, PAPER_LEARNING_RATE, PAPER_SMOOTHNESS_WEIGHT
 from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_name, progress_event, started_event
 from ..common.schedule import check_schedule, format_scale, scaled_size
-from .losses import local_ncc, registration_loss
+from .losses import local_ncc, masked_mean, registration_loss
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import (DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet, bfloat16_supported,
                    predict, use_mixed_precision)
@@ -312,6 +312,5 @@ def similarity(fixed: torch.Tensor, moving: torch.Tensor, displacement: Optional
     with torch.no_grad():
         warped = moving if displacement is None else warp(moving, displacement)
         inside = None if mask is None else (mask > 0).float()
-        squared = (fixed - warped) ** 2
-        mse = squared.mean() if inside is None else (squared * inside).sum() / inside.sum().clamp_min(1)
+        mse = masked_mean((fixed - warped) ** 2, inside)
         return {"ncc": float(local_ncc(fixed, warped, window, inside)), "mse": float(mse)}

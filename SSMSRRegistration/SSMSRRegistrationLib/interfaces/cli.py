@@ -13,7 +13,7 @@ import traceback
 from typing import List, Optional
 
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
-from ..common.presets import DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, PRECISIONS, PRESETS
+from ..common.presets import DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, PRECISIONS, PRESETS, budget
 from ..common.schedule import DEFAULT_MAX_VOXELS
 from ..report.progress import Reporter, make_reporter
 from .threads import configure_threads
@@ -54,8 +54,9 @@ def _add_training_options(parser: argparse.ArgumentParser, steps_help: str, wind
     if default_scales is None:
         parser.add_argument("--mse-weight", type=float, default=None,
                             help="weight of the mean squared intensity difference (intensities in [0, 1]) added to the "
-                                 "paper's loss, for images whose intensities correspond (default: the preset's: 1000 "
-                                 "for cines under balanced and fast, otherwise 0)")
+                                 "paper's loss, for images whose intensities correspond (default: the preset's; "
+                                 f"{DEFAULT_PRESET}: {budget(DEFAULT_PRESET, cine=True).mse_weight:g} for cines, "
+                                 f"{budget(DEFAULT_PRESET).mse_weight:g} for pairs)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",

@@ -246,8 +246,8 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
         steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
         precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
         batch_size: pairs per step, drawn at random with the seed; 0 uses all pairs every step.
-        smoothness_weight, ncc_window, learning_rate, mse_weight, device, seed: as for ``api.register`` (the MSE
-            weight defaults to 0 for cines).
+        smoothness_weight, ncc_window, learning_rate, mse_weight, device, seed: as for ``api.register``, with the
+            preset's cine values as defaults.
         progress, should_stop: the engine's progress callback and cancel poll.
     """
     plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision,
