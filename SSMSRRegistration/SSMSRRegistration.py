@@ -35,7 +35,7 @@ class SSMSRRegistration(ScriptedLoadableModule):
         self.parent.title = _("SSMSR Registration")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SSMSR contributors"]
+        self.parent.contributors = ["SSMSR developers (SSMSR project)"]
         self.parent.helpText = _(
             "Deformable registration of two 2D or 3D images by self-supervised, test-time trained multi-scale "
             "residual U-Nets (SSMSR). The result is a transform node holding a displacement field on the fixed "
