@@ -1,6 +1,7 @@
 """The ``ssmsr`` command (also ``python -m SSMSRRegistrationLib``).
 
-Exit codes: 0 success, 1 internal error, 2 bad input or options, 3 out of GPU memory, 130 cancelled.
+Exit codes: 0 success, 1 internal error, 2 bad input or options, 3 out of GPU memory, 4 a rerun's outputs differ
+from the recorded ones, 130 cancelled.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from ..common.schedule import DEFAULT_MAX_VOXELS
 from ..report.progress import Reporter, make_reporter
 from .threads import configure_threads
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_CANCELLED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 2, 3, 4, 130
+
+#: Options of ``register`` and ``track`` that name what they write; ``rerun`` redirects them into its folder.
+OUTPUT_OPTIONS = {"register": ("output", "warped", "warped_labels", "jacobian", "affine_output", "inverse"),
+                  "track": ("output",)}
+#: Options of ``register`` and ``track`` that name files they read (made absolute in the provenance's command).
+INPUT_OPTIONS = ("fixed", "moving", "moving_labels", "fixed_mask", "model", "initial", "cine", "mask")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -199,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(bat, steps_help="training steps per scale (track: for the whole sequence)",
                           window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
     _add_model_option(bat)
+
+    rer = commands.add_parser("rerun", help="run a register or track command again from its provenance file",
+                              description="Run the command recorded in PROVENANCE (FIELD.provenance.json beside a "
+                                          "registered field, or OUTDIR/provenance.json of a tracking) again, with "
+                                          "the same inputs (checked against their recorded digests), settings, seed "
+                                          "and thread count, writing into OUTDIR, and compare the new outputs with "
+                                          "the recorded digests. Exit code 4 when an output differs.")
+    rer.add_argument("provenance", metavar="PROVENANCE", help="a provenance file written by register or track")
+    rer.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                     help="folder for the new outputs (created; for a tracking it must not exist or be empty)")
+    rer.add_argument("--threads", type=int, metavar="N",
+                     help="CPU threads (default: the recorded run's; another count may change the last bits)")
+    rer.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar", help="as for register")
     return parser
 
 
@@ -235,6 +255,7 @@ def run_register(args, reporter: Reporter) -> None:
                       max_voxels=args.max_voxels, stop_window=args.stop_window, stop_tolerance=args.stop_tolerance,
                       learning_rate=args.lr, mse_weight=args.mse_weight, device=args.device, seed=args.seed,
                       model=args.model, progress=reporter.handle)
+    result.provenance["command"] = command_record(args)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
                           jacobian_path=args.jacobian, affine_path=args.affine_output, inverse_path=args.inverse)
     reporter.finished({key: os.path.abspath(path) if path else None for key, path in outputs.items()},
@@ -253,8 +274,64 @@ def run_track(args, reporter: Reporter) -> None:
                    precision=args.precision, batch_size=args.batch,
                    smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
                    mse_weight=args.mse_weight, device=args.device, seed=args.seed, progress=reporter.handle)
+    result.provenance["command"] = command_record(args)
     outputs = save_tracking(result, args.output, accumulated=args.accumulate, draw_figures=not args.no_figures)
     reporter.finished(outputs, result.summary())
+
+
+def command_record(args) -> dict:
+    """The command as the provenance records it: every parsed option (input and output paths made absolute, the
+    torch thread count it ran with) for ``rerun``, and the command line as typed, in its folder, for people."""
+    import shlex
+
+    import torch
+
+    arguments = {name: value for name, value in vars(args).items() if name != "argv"}
+    for name in INPUT_OPTIONS + OUTPUT_OPTIONS[args.command]:
+        value = arguments.get(name)
+        if isinstance(value, str) and (name in OUTPUT_OPTIONS[args.command] or os.path.exists(value)):
+            arguments[name] = os.path.abspath(value)
+    arguments["threads"] = torch.get_num_threads()
+    typed = ["ssmsr", *args.argv] if getattr(args, "argv", None) else ["ssmsr", args.command]
+    return {"name": args.command, "arguments": arguments,
+            "command_line": f"cd {shlex.quote(os.getcwd())} && {shlex.join(typed)}"}
+
+
+def run_rerun(args, reporter: Reporter) -> int:
+    """``ssmsr rerun``: the recorded command again, outputs into args.output, compared with the recorded digests."""
+    from ..workflows.provenance import file_digest, read_sidecar, sidecar_path
+
+    record = read_sidecar(args.provenance)
+    command = record.get("command")
+    if not command or command.get("name") not in OUTPUT_OPTIONS:
+        raise InputError(f"{args.provenance!r} was not written by `ssmsr register` or `ssmsr track` (a result saved "
+                         "through the Python API records its settings, but no command to rerun).")
+    for name, recorded in record["inputs"].items():
+        if recorded and "path" in recorded:
+            if not os.path.exists(recorded["path"]):
+                raise InputError(f"The {name} input {recorded['path']!r} of the recorded run is missing.")
+            if file_digest(recorded["path"]) != recorded["sha256"]:
+                raise InputError(f"The {name} input {recorded['path']!r} changed since the recorded run (its SHA-256 "
+                                 "differs); a rerun would not reproduce it.")
+    rerun = argparse.Namespace(**command["arguments"])
+    rerun.progress, rerun.argv = args.progress, ["rerun", os.path.abspath(args.provenance), "-o", args.output]
+    folder = os.path.abspath(args.output)
+    if command["name"] == "register":
+        os.makedirs(folder, exist_ok=True)
+        for name in OUTPUT_OPTIONS["register"]:
+            if getattr(rerun, name):
+                setattr(rerun, name, os.path.join(folder, os.path.basename(getattr(rerun, name))))
+    else:
+        rerun.output = folder
+    use_threads(args.threads if args.threads is not None else int(command["arguments"]["threads"]))
+    (run_register if command["name"] == "register" else run_track)(rerun, reporter)
+    new_record = read_sidecar(os.path.join(folder, "provenance.json") if command["name"] == "track" else
+                              sidecar_path(rerun.output))
+    different = sorted(name for name, output in record.get("outputs", {}).items()
+                       if new_record["outputs"].get(name, {}).get("sha256") != output["sha256"])
+    for name in different:
+        print(f"differs from the recorded run: {name}", file=sys.stderr)
+    return EXIT_DIFFERENT if different else EXIT_OK
 
 
 def run_train(args, reporter: Reporter) -> None:
@@ -334,6 +411,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(argv)
         # In a new process torch is not imported yet, so its OpenMP runtime starts with these settings; a caller
         # that already runs torch (main() called in-process) keeps its own unless --threads is given.
         if hasattr(args, "threads") and ("torch" not in sys.modules or args.threads is not None):
@@ -348,6 +426,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_segment(args, reporter)
         elif args.command == "batch":
             return run_batch_command(args, reporter)
+        elif args.command == "rerun":
+            return run_rerun(args, reporter)
         return EXIT_OK
     except InputError as error:
         reporter.error(str(error), "input")

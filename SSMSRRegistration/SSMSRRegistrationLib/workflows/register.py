@@ -30,6 +30,7 @@ from ..imaging.images import (ImageLike, check_image, field_of_view, normalised_
                               resample_onto, same_grid)
 from ..imaging.working_grid import field_onto
 from .models import SavedModel, load_model
+from .provenance import run_record, sidecar_path, with_outputs, write_sidecar
 from .working_plan import WorkingPlan, plan_working_grid
 
 #: What ``register(initial=...)`` accepts: one of INITIAL_CHOICES, an ITK transform file, or a SimpleITK transform.
@@ -49,6 +50,8 @@ class RegistrationOutput:
     metrics: NCC/MSE before and after (normalised intensities, inside the mask), folding, time, device.
     engine_result: the raw engine output (voxel fields per scale on the working grid, trained network weights).
     plan: the working grid the engine ran on (``working_plan``).
+    provenance: what reproduces the run (``provenance.run_record``); ``save`` writes it beside the field, with the
+        outputs' digests, as FIELD.provenance.json. The command line adds the command that reruns it.
     """
 
     field: sitk.Image
@@ -61,6 +64,7 @@ class RegistrationOutput:
     engine_result: RegistrationResult
     fixed_grid: sitk.Image
     plan: WorkingPlan
+    provenance: dict
 
     def deformable_field(self, index: int = -1) -> sitk.Image:
         """The deformable part alone (no pre-alignment) after scale ``index``, on the fixed grid (mm, LPS)."""
@@ -84,8 +88,9 @@ class RegistrationOutput:
     def save(self, field_path: str, warped_path: Optional[str] = None, warped_labels_path: Optional[str] = None,
              jacobian_path: Optional[str] = None, affine_path: Optional[str] = None,
              inverse_path: Optional[str] = None) -> Dict[str, Optional[str]]:
-        """Write the outputs (each atomically); returns the paths written. ``affine_path``: the pre-alignment alone
-        as an ITK transform file (.tfm, .txt, .h5, .mat); ``inverse_path``: ``inverse()``."""
+        """Write the outputs (each atomically), then their provenance (``provenance.sidecar_path(field_path)``);
+        returns the paths written. ``affine_path``: the pre-alignment alone as an ITK transform file (.tfm, .txt,
+        .h5, .mat); ``inverse_path``: ``inverse()``."""
         if warped_labels_path and self.warped_labels is None:
             raise InputError("warped labels were asked for but no moving label map was registered.")
         write_field(self.field, field_path)
@@ -99,8 +104,10 @@ class RegistrationOutput:
             write_atomically(affine_path, lambda temporary: sitk.WriteTransform(self.affine, temporary))
         if inverse_path:
             write_field(self.inverse(), inverse_path)
-        return {"field": field_path, "warped": warped_path, "warped_labels": warped_labels_path,
-                "jacobian": jacobian_path, "affine": affine_path, "inverse": inverse_path}
+        outputs = {"field": field_path, "warped": warped_path, "warped_labels": warped_labels_path,
+                   "jacobian": jacobian_path, "affine": affine_path, "inverse": inverse_path}
+        provenance_path = write_sidecar(sidecar_path(field_path), with_outputs(self.provenance, outputs))
+        return {**outputs, "provenance": provenance_path}
 
 
 def _prepare_mask(mask_source: ImageLike, fixed: sitk.Image) -> np.ndarray:
@@ -283,7 +290,16 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
                "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size),
                "steps_trained": [len(losses) for losses in result.loss_history.values()],
                **folding_statistics(displacement.detach().cpu())}
+    provenance = run_record(
+        "register", settings,
+        inputs={"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask, "moving_labels": moving_labels,
+                "initial": initial if metrics["pre_alignment"] == "file" else None,
+                "model": model_path if model is not None and model_path != "the model" else None},
+        options={"preset": preset, "initial": metrics["pre_alignment"], "pre_alignment": list(affine.GetParameters()),
+                 "spacing": spacing, "max_voxels": max_voxels, "ncc_window_mm": ncc_window_mm,
+                 "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size)},
+        device=result.device)
     return RegistrationOutput(field=field, affine=affine, moving_grid=moving_image, warped=warped,
                               warped_labels=warped_labels,
                               loss_history=result.loss_history, metrics=metrics, engine_result=result,
-                              fixed_grid=fixed_image, plan=working)
+                              fixed_grid=fixed_image, plan=working, provenance=provenance)

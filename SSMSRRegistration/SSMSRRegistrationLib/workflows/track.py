@@ -17,6 +17,7 @@ stacked as (T-1, 2, H, W), pair t at index t-1.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from ..imaging.cine import (MASK_DILATION_RADIUS, MASK_HIGH, MASK_LOW, Cine, Cin
                             read_masks)
 from ..imaging.fields import voxel_field_to_image, write_field, write_image
 from ..imaging.images import ImageLike
+from .provenance import file_digest, image_digest, run_record
 
 #: Writes extra files into a results folder before it is published; returns {output name: file name}.
 ExtraFiles = Callable[[str], Dict[str, str]]
@@ -131,6 +133,7 @@ class TrackingResult:
     seconds: float
     device: str
     mask_source: str
+    provenance: dict
 
     @property
     def pairs(self) -> List[int]:
@@ -171,9 +174,9 @@ class TrackingResult:
         Everything is written into a hidden sibling folder that is renamed onto ``folder`` at the end, so a
         failure or cancel leaves no partial results. Writes field_NNNN.nii.gz (pair NNNN), fields.nii.gz (2D+t,
         see ``stacked_field``), mask.nii.gz (2D+t), metrics.csv, summary.json and, optionally,
-        accumulated_NNNN.nii.gz + accumulated.nii.gz (from frame 0), and what ``extra_files`` writes (the
-        figures of ``interfaces.api.save_tracking``). Returns the paths of the written files (None for those not
-        asked for).
+        accumulated_NNNN.nii.gz + accumulated.nii.gz (from frame 0), provenance.json (``provenance``, with the
+        digests of the fields, the mask and the metrics) and what ``extra_files`` writes (the figures of
+        ``interfaces.api.save_tracking``). Returns the paths of the written files (None for those not asked for).
         """
         folder = check_output_folder(folder)
         staging = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.partial-{uuid.uuid4().hex[:8]}")
@@ -188,7 +191,8 @@ class TrackingResult:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         outputs = {"fields": "fields.nii.gz", "mask": "mask.nii.gz", "metrics": "metrics.csv",
-                   "summary": "summary.json", "accumulated": "accumulated.nii.gz" if accumulated else None, **extra}
+                   "summary": "summary.json", "accumulated": "accumulated.nii.gz" if accumulated else None,
+                   "provenance": "provenance.json", **extra}
         return {"folder": folder, **{key: os.path.join(folder, name) if name is not None else None
                                      for key, name in outputs.items()}}
 
@@ -206,7 +210,12 @@ class TrackingResult:
             write_field(self.stacked_field(from_first), os.path.join(folder, "accumulated.nii.gz"))
         self._write_metrics(os.path.join(folder, "metrics.csv"))
         with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as stream:
-            json.dump(self._provenance(), stream, indent=2, allow_nan=False)
+            json.dump(self._description(), stream, indent=2, allow_nan=False)
+        # Everything written so far but the summary (it holds the time) is repeatable: digest it.
+        repeatable = sorted(name for name in os.listdir(folder) if name != "summary.json")
+        outputs = {name: {"file": name, "sha256": file_digest(os.path.join(folder, name))} for name in repeatable}
+        with open(os.path.join(folder, "provenance.json"), "w", encoding="utf-8") as stream:
+            json.dump({**self.provenance, "outputs": outputs}, stream, indent=2, allow_nan=False, default=str)
 
     def _write_metrics(self, path: str) -> None:
         with open(path, "w", newline="", encoding="utf-8") as stream:
@@ -215,7 +224,7 @@ class TrackingResult:
             for index, pair in enumerate(self.pairs):
                 writer.writerow([pair, pair - 1, pair, *(f"{self.metrics[name][index]:.6g}" for name in PAIR_METRIC_NAMES)])
 
-    def _provenance(self) -> dict:
+    def _description(self) -> dict:
         summary = {key: (None if isinstance(value, float) and not np.isfinite(value) else value)
                    for key, value in self.summary().items()}
         settings = self.settings
@@ -226,6 +235,13 @@ class TrackingResult:
                 "mse_weight": settings.mse_weight, "ncc_window": settings.window_for(2),
                 "learning_rate": settings.learning_rate, "seed": settings.seed,
                 "mixed_precision_requested": settings.mixed_precision}
+
+
+def frames_digest(cine: Cine) -> str:
+    """SHA-256 of the frames as tracked ((T, H, W) float32 in [0, 1]) and of their grid."""
+    digest = hashlib.sha256(np.ascontiguousarray(cine.frames, dtype=np.float32).tobytes())
+    digest.update(image_digest(cine.cine_grid).encode())
+    return digest.hexdigest()
 
 
 def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", preset: str = DEFAULT_PRESET,
@@ -259,6 +275,7 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
                                     learning_rate=plan.learning_rate, seed=int(seed), batch_size=int(batch_size))
     settings.validate()
     torch_device = resolve_device(device)
+    source = cine if isinstance(cine, (str, os.PathLike, sitk.Image)) else None  # else: the frames' digest
     if not isinstance(cine, Cine):
         cine = read_cine(cine)
     if scales is None:  # a preset's schedule: scales too coarse for small frames go
@@ -274,7 +291,11 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     result = register_tensors(fixed, moving, settings, fixed_mask=fixed_masks, device=torch_device,
                               progress=progress, should_stop=should_stop)
     metrics = pair_metrics(fixed, moving, result.displacement, fixed_masks)
+    provenance = run_record("track", settings, inputs={"cine": source, "mask": None if automatic else mask},
+                            options={"preset": preset, "mask": mask_source, "frames_sha256": frames_digest(cine)},
+                            device=result.device)
     return TrackingResult(cine=cine, masks=masks, displacements=result.displacement.cpu(),
                           displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
                           metrics=metrics, loss_history=result.loss_history, settings=settings,
-                          seconds=result.seconds, device=result.device, mask_source=mask_source)
+                          seconds=result.seconds, device=result.device, mask_source=mask_source,
+                          provenance=provenance)
