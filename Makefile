@@ -1,10 +1,24 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv and install what they need.
+# Two entry points (see README): `make demo` and `make test`. Both create .venv and install what they need;
+# `make test` also creates .venv-slicer (the packages Slicer 5.6 ships, constraints-slicer.txt) for the Slicer side.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all clean
+# The Slicer side (MRML logic, panel, .ui, self-test scenarios and their data) on Slicer 5.6.2's numpy, SimpleITK
+# and pydicom with torch 2.2.2, its worker started with this venv's python as PythonSlicer would be. Slicer 5.6 runs
+# Python 3.9, but slicer-core has wheels for Python >= 3.10 only: the oldest Python that can run these tests is 3.10.
+SLICER_VENV := .venv-slicer
+SLICER_BIN := $(SLICER_VENV)/bin
+SLICER_STAMP := $(SLICER_VENV)/.installed
+SLICER_PYTHON ?= $(firstword $(foreach candidate,python3.10 $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10),\
+	$(shell $(candidate) -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 && echo $(candidate))))
+SLICER_TESTS := Testing/Python/test_slicer_logic.py Testing/Python/test_slicer_cine.py Testing/Python/test_panel.py \
+	Testing/Python/test_ui_file.py
+# Also run by the main suite: the regeneration check needs pydicom 3; the runtime checks meet both torch versions.
+SLICER_ALSO := Testing/Python/test_test_data.py $(wildcard Testing/Python/test_slicer_runtime.py)
+
+.PHONY: setup setup-slicer demo test test-main test-slicer test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -m venv $(VENV) || { echo "Could not create a virtual environment: install Python >= 3.10 with venv (Debian/Ubuntu: apt-get install python3-venv)."; exit 1; }
@@ -18,11 +32,27 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m SSMSRRegistrationLib.interfaces.demo --out demo_output
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+$(SLICER_STAMP): constraints-slicer.txt
+	@py="$(SLICER_PYTHON)"; if [ -z "$$py" ]; then py=python3; \
+	  echo "WARNING: no Python 3.10 found; building $(SLICER_VENV) with $$(python3 --version) instead (slicer-core needs >= 3.10; Slicer 5.6 runs 3.9)."; fi; \
+	  rm -rf $(SLICER_VENV) && $$py -m venv $(SLICER_VENV)
+	$(SLICER_BIN)/python -m pip install --quiet --upgrade pip
+	$(SLICER_BIN)/python -m pip install --quiet -c constraints-slicer.txt numpy SimpleITK pydicom Pillow torch slicer-core pytest
+	@touch $@
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+setup-slicer: $(SLICER_STAMP)
+
+test: test-main test-slicer
+
+test-main: $(STAMP)
+	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(SLICER_TESTS))
+
+test-slicer: $(SLICER_STAMP)
+	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider $(SLICER_TESTS) $(SLICER_ALSO)
+
+test-all: $(STAMP) $(SLICER_STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(addprefix --ignore=,$(SLICER_TESTS))
+	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider -m "slow or not slow" $(SLICER_TESTS) $(SLICER_ALSO)
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) $(SLICER_VENV) demo_output

@@ -1,5 +1,5 @@
 """Cine tracking in the Qt-free Slicer logic, on a real MRML scene (``slicer-core`` wheel) with the real ``track``
-worker on four frames of pydicom's echocardiogram cine (shrunk 2x), short schedule."""
+worker on four frames of the echocardiogram cine that the module ships (from pydicom 3, shrunk 2x), short schedule."""
 
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ def addCineSequence(scene, frames, spacingMm, name="echo cine"):
 
 @pytest.fixture(scope="module")
 def echo():
-    pytest.importorskip("pydicom")
     return scene_helpers.echocardiogramFrames(frameIndices=tuple(range(FRAMES)))
 
 

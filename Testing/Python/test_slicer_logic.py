@@ -1,13 +1,14 @@
 """The Qt-free Slicer logic on a real MRML scene (``slicer-core`` wheel), with the real background worker.
 
-Successful registrations always run the real worker (``python -m SSMSRRegistrationLib``) on real images: pydicom's
-echocardiogram cine and nilearn's ICBM152 template. ``fake_worker.py`` stands in only for crashes, error
-reports, unloadable results and processes that resist termination.
+Successful registrations always run the real worker (``python -m SSMSRRegistrationLib``) on real images that the
+module ships (``Resources/TestData``, read with SimpleITK as in Slicer): frames of pydicom 3's echocardiogram cine
+and a crop of nilearn's ICBM152 template.
+``fake_worker.py`` stands in only for crashes, error reports, unloadable results and processes that resist
+termination.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,6 @@ def fakeWorkerLogic(logic: RegistrationLogic, mode: str) -> RegistrationLogic:
 
 @pytest.fixture(scope="module")
 def echoFrames():
-    pytest.importorskip("pydicom")
     return scene_helpers.echocardiogramFrames(frameIndices=(0, 20))
 
 
@@ -187,16 +187,14 @@ def test_segmentation_propagation_on_a_deformed_echocardiogram(scene, logic, ech
     print({key: value for key, value in measures.items() if key != "transformNode"})
 
 
-def icbmArrays(shape=(32, 40, 32), start=(40, 50, 40)):
-    """A 2 mm crop (k, j, i) of nilearn's bundled ICBM152 2009a T1 template scaled to [0, 1], and its white matter."""
-    if importlib.util.find_spec("nilearn") is None:
-        pytest.skip("nilearn (ICBM152 template) is not installed")
+def icbmArrays():
+    """The module's shipped 2 mm crop (k, j, i) of the ICBM152 2009a T1 template (from nilearn), scaled to [0, 1],
+    and its white matter (``sample_data.shipped_brain_crop``: read with SimpleITK, as in Slicer)."""
     from SSMSRRegistrationLib.imaging import sample_data
 
-    crop = tuple(slice(first, first + 2 * count, 2) for first, count in zip(start, shape))
-    t1 = sitk.GetArrayFromImage(sample_data.brain_t1())[crop]
-    whiteMatter = sitk.GetArrayFromImage(sample_data.brain_tissue_labels())[crop] == sample_data.WHITE_MATTER
-    return t1 / t1.max(), whiteMatter.astype(np.uint8)
+    t1Image, whiteMatterImage = sample_data.shipped_brain_crop()
+    t1 = sitk.GetArrayFromImage(t1Image)
+    return t1 / t1.max(), sitk.GetArrayFromImage(whiteMatterImage)
 
 
 @pytest.mark.slow
@@ -301,7 +299,6 @@ def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
 
 @pytest.mark.slow  # the segment command's tests rank and propagate; registerVolumes' Slicer path is tested above (make test-all)
 def test_atlas_segmentation_picks_the_matching_atlas_and_propagates_its_segments(scene, logic):
-    pytest.importorskip("pydicom")
     frames, spacingMm = scene_helpers.echocardiogramFrames(frameIndices=(0, 10, 20))
     reference = scene_helpers.addVolumeFromArray(scene, frames[0], "echo frame 0", (spacingMm, spacingMm, 1.0),
                                              (5.0, 8.0, -3.0), scene_helpers.rotationMatrix("y", 30.0))

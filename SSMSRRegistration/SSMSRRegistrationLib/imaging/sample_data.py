@@ -4,12 +4,19 @@
   (``examples_ybr_color.dcm``, 240x320 pixels), reduced to its first channel as in the paper.
 * ``brain_t1`` / ``brain_tissue_labels``: the ICBM152 2009a T1 template and its grey/white matter
   probability maps, shipped with nilearn (1 mm, 197x233x189 voxels, RAS-oriented NIfTI).
+* ``shipped_echo_frames``: a few frames of that echocardiogram, shrunk 2x, shipped with the module itself
+  (``Resources/TestData``, written by ``Testing/scripts/make_test_data.py``). Slicer's own pydicom (2.4 at Slicer
+  5.6-5.10) does not have the cine, so everything that runs inside Slicer (the self-test and the pytest copies of
+  its scenarios) reads these files, with SimpleITK only.
+* ``shipped_brain_crop``: a 2 mm crop of the ICBM152 T1 template and its white matter, shipped with the module too
+  (nilearn is not in Slicer).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -54,6 +61,62 @@ def echo_frames(indices: Optional[Sequence[int]] = None) -> List[sitk.Image]:
         frame.SetSpacing(spacing)
         images.append(frame)
     return images
+
+
+#: The module's ``Resources/TestData`` folder. Slicer installs a scripted module's resources next to its module file,
+#: as in the source tree (``SSMSRRegistration/Resources``, beside ``SSMSRRegistrationLib``).
+TEST_DATA_DIRECTORY = Path(__file__).resolve().parents[2] / "Resources" / "TestData"
+#: Echo frames shipped in ``TEST_DATA_DIRECTORY``: every frame that a Slicer-side scenario uses.
+SHIPPED_ECHO_FRAMES = (0, 1, 2, 3, 10, 20)
+#: Each shipped frame is the mean of ``SHIPPED_ECHO_SHRINK`` x ``SHIPPED_ECHO_SHRINK`` pixel blocks of the original.
+SHIPPED_ECHO_SHRINK = 2
+
+
+def shipped_echo_frame_path(index: int) -> Path:
+    return TEST_DATA_DIRECTORY / f"echo_frame_{int(index):02d}.nrrd"
+
+
+def shipped_echo_frames(indices: Sequence[int]) -> List[sitk.Image]:
+    """Frames of the module's own copy of the echo cine: 2D float32 images (first channel, values 0..255, 160x120
+    pixels of about 1.02 mm), equal to ``echo_frames`` binned by ``SHIPPED_ECHO_SHRINK``. Needs neither pydicom nor
+    network; raises ``InputError`` for a frame that is not shipped (``SHIPPED_ECHO_FRAMES``)."""
+    images = []
+    for index in indices:
+        if int(index) not in SHIPPED_ECHO_FRAMES:
+            raise InputError(f"Echo frame {index} is not shipped with the module (frames {list(SHIPPED_ECHO_FRAMES)}); "
+                             "add it to SHIPPED_ECHO_FRAMES and run Testing/scripts/make_test_data.py.")
+        path = shipped_echo_frame_path(index)
+        if not path.is_file():
+            raise InputError(f"The module's test data file {str(path)!r} is missing.")
+        images.append(sitk.ReadImage(str(path), sitk.sitkFloat32))
+    return images
+
+
+#: The shipped brain crop: every 2nd voxel of the ICBM152 template from (i, j, k) = BRAIN_CROP_START on, BRAIN_CROP_SIZE
+#: voxels (i, j, k) of 2 mm.
+BRAIN_CROP_START = (40, 50, 40)
+BRAIN_CROP_SIZE = (32, 40, 32)
+BRAIN_T1_CROP_FILE = "icbm152_t1_crop.nrrd"
+BRAIN_WHITE_MATTER_CROP_FILE = "icbm152_white_matter_crop.nrrd"
+
+
+def brain_crop(image: sitk.Image) -> sitk.Image:
+    """The shipped crop's region of a template-grid image (every 2nd voxel; spacing, origin and axes kept)."""
+    (i, j, k), (ni, nj, nk) = BRAIN_CROP_START, BRAIN_CROP_SIZE
+    return image[i:i + 2 * ni:2, j:j + 2 * nj:2, k:k + 2 * nk:2]
+
+
+def shipped_brain_crop() -> tuple:
+    """The module's own 2 mm crop of the ICBM152 T1 template (float32, values 0..255 as in the template) and its
+    white matter (uint8, 1 inside): equal to ``brain_crop`` of ``brain_t1()`` and of ``brain_tissue_labels() ==
+    WHITE_MATTER``. Read with SimpleITK only."""
+    images = []
+    for name, pixel in ((BRAIN_T1_CROP_FILE, sitk.sitkFloat32), (BRAIN_WHITE_MATTER_CROP_FILE, sitk.sitkUInt8)):
+        path = TEST_DATA_DIRECTORY / name
+        if not path.is_file():
+            raise InputError(f"The module's test data file {str(path)!r} is missing.")
+        images.append(sitk.ReadImage(str(path), pixel))
+    return tuple(images)
 
 
 def _nilearn_data(name: str) -> str:

@@ -2,8 +2,8 @@
 
 Each ``run...Scenario`` function builds its nodes in the given scene, drives a :class:`RegistrationLogic`
 through the real worker process, checks the outcome with ``assert`` statements that say what went wrong, and
-returns the measured numbers. Needs numpy, VTK, MRML, SimpleITK (to read the worker's field file on its own)
-and, for the echocardiogram, pydicom with a JPEG decoder (Pillow).
+returns the measured numbers. Needs numpy, VTK, MRML and SimpleITK (to read the worker's field file on its own,
+and the echocardiogram frames that the module ships in ``Resources/TestData``): what Slicer itself ships.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scene and image helpers of the scenarios (test code): test images from the registry packages' real data, volumes
+"""Scene and image helpers of the scenarios (test code): real test images that the module ships, volumes
 and segmentations from arrays, resampling through a transform node, similarity measures, scene fingerprints.
 """
 
@@ -29,16 +29,21 @@ OBLIQUE_DIRECTIONS = rotationMatrix("z", 25.0) @ rotationMatrix("x", -60.0)
 
 
 def echocardiogramFrames(frameIndices=(0, 20), shrinkFactor: int = 2) -> tuple[list[np.ndarray], float]:
-    """Frames of pydicom's bundled echocardiogram cine (first channel, 240 x 320 pixels), as used in the paper.
+    """Frames of the echocardiogram cine that the module ships (``Resources/TestData``: frames of pydicom 3's
+    ``examples_ybr_color.dcm``, first channel, binned 2x2 to 160 x 120 pixels), as used in the paper.
 
-    Each frame is averaged over ``shrinkFactor`` x ``shrinkFactor`` pixel blocks (to keep tests short) and scaled to
-    [0, 1]. Returns the float32 arrays, indexed (row, column), and the pixel spacing in millimetres.
+    The files are read with SimpleITK: Slicer's own pydicom (2.4) lacks the cine, so nothing here imports pydicom.
+    ``shrinkFactor`` is relative to the original 320 x 240 frame (a multiple of the shipped 2); each frame is scaled
+    to [0, 1]. Returns the float32 arrays, indexed (row, column), and the pixel spacing in millimetres.
     """
     import SimpleITK as sitk
 
-    from ..imaging.sample_data import echo_frames
+    from ..imaging.sample_data import SHIPPED_ECHO_SHRINK, shipped_echo_frames
 
-    frames = [sitk.BinShrink(frame, [shrinkFactor, shrinkFactor]) for frame in echo_frames(frameIndices)]
+    if shrinkFactor % SHIPPED_ECHO_SHRINK:
+        raise ValueError(f"shrinkFactor must be a multiple of {SHIPPED_ECHO_SHRINK} (the shipped frames' binning)")
+    further = shrinkFactor // SHIPPED_ECHO_SHRINK
+    frames = [sitk.BinShrink(frame, [further, further]) for frame in shipped_echo_frames(frameIndices)]
     arrays = [sitk.GetArrayFromImage(frame).astype(np.float32) / 255.0 for frame in frames]
     return arrays, float(frames[0].GetSpacing()[0])
 
