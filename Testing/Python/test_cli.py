@@ -67,7 +67,7 @@ def test_jsonl_run_reports_progress_and_writes_outputs(pair):
     assert events[-1]["event"] == "finished"
     assert events[-1]["outputs"]["field"] == str(out / "field.nrrd")
     assert sitk.ReadImage(events[-1]["outputs"]["field"]).GetNumberOfComponentsPerPixel() == 2
-    assert sorted(fingerprint(out)) == ["field.nrrd", "w.nii.gz"]
+    assert sorted(fingerprint(out)) == ["field.nrrd", "field.provenance.json", "w.nii.gz"]
 
 
 def test_sigterm_cancels_without_output(pair):

@@ -464,7 +464,8 @@ def test_segment_command_propagates_the_best_atlas_labels(atlas_case, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == EXIT_OK, events[-1]
     finished = events[-1]
-    assert finished["event"] == "finished" and finished["outputs"] == {"labels": str(output)}
+    sidecar = folder / "out" / "labels.provenance.json"
+    assert finished["event"] == "finished" and finished["outputs"] == {"labels": str(output), "provenance": str(sidecar)}
     ranking = finished["metrics"]["ranking"]
     assert ranking[0]["atlas"] == atlases[HELD_OUT_LEVEL][0] and [r["registered"] for r in ranking] == [True, False, False]
     assert [r["rank"] for r in ranking] == [1, 2, 3] and ranking[0]["nlcc"] > ranking[1]["nlcc"]
@@ -477,7 +478,10 @@ def test_segment_command_propagates_the_best_atlas_labels(atlas_case, capsys):
     dice_before, dice_after = mean_dice(unregistered, truth), mean_dice(propagated, truth)
     print(f"Dice of the best atlas unregistered {dice_before:.3f}, propagated {dice_after:.3f}")
     assert dice_after > dice_before + 0.03
-    assert [name for name in os.listdir(output.parent)] == ["labels.nii.gz"]
+    assert sorted(os.listdir(output.parent)) == ["labels.nii.gz", "labels.provenance.json"]
+    # The provenance alone reruns it, to the same bytes.
+    assert main(["rerun", str(sidecar), "-o", str(folder / "again"), "--progress", "none"]) == EXIT_OK
+    assert (folder / "again" / "labels.nii.gz").read_bytes() == output.read_bytes()
 
 
 def test_segment_top_k_fuses_by_majority_and_reports_bad_options(atlas_case, capsys):

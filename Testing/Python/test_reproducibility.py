@@ -27,7 +27,8 @@ SHORT = ["--scales", "1/2,1", "--steps", "15", "--progress", "none", "--threads"
 
 def ssmsr(*arguments, cwd=None) -> subprocess.CompletedProcess:
     """``python -m SSMSRRegistrationLib ARGUMENTS`` in a new process (as a user runs ``ssmsr``)."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(MODULE_DIRECTORY), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(MODULE_DIRECTORY), os.environ.get("PYTHONPATH", "")])
+    environment = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", "SSMSRRegistrationLib", *map(str, arguments)], cwd=cwd,
                           env=environment, capture_output=True, text=True, timeout=600)
 

@@ -9,6 +9,9 @@ installed). Metrics as the evaluation harness computes them (MSE and NLCC inside
 labels, % folded).
 
     python Testing/benchmarks/ablation.py --cases echo_cine --pairs 14 --variants "mse 0,mse 300,mse 1000"
+
+Variants "seed 0" .. "seed 9" rerun the preset with another seed: the table then ends with the spread over the seeds
+(the run-to-run spread that accuracy tests' margins come from).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ CHANGES: Dict[str, dict] = {
     "steps 300": {"steps": 300},
     "steps 1000": {"steps": 1000},
     "stop 50": {"stop_window": 50, "stop_tolerance": 2e-4},
+    **{f"seed {seed}": {"seed": seed} for seed in range(10)},
 }
 BASELINES = {"ants": ANTS, "elastix": ELASTIX, "demons": DEMONS}
 
@@ -164,6 +168,26 @@ def main() -> None:
             mean = lambda key: float(np.mean([row[key] for row in chosen]))  # noqa: E731
             print(f"| {case} | {method} | {1000 * mean('mse'):.4f} | {mean('nlcc'):.4f} | {100 * mean('dice'):.2f} | "
                   f"{mean('folded_percent'):.3f} | {mean('seconds'):.1f} |")
+    print_seed_spread(rows)
+
+
+def print_seed_spread(rows: List[dict]) -> None:
+    """Per case, the mean, standard deviation and range over the "seed N" variants of their pair-mean metrics."""
+    seeded = [row for row in rows if row["method"].split()[-2:-1] == ["seed"]]
+    if not seeded:
+        return
+    print("\n| case | seeds | MSE (1e-3) mean +- sd [min, max] | NLCC | Dice (%) | % folded |")
+    print("|---|---|---|---|---|---|")
+    scales = {"mse": 1000, "nlcc": 1, "dice": 100, "folded_percent": 1}
+    for case in dict.fromkeys(row["case"] for row in seeded):
+        methods = list(dict.fromkeys(row["method"] for row in seeded if row["case"] == case))
+        cells = []
+        for key, scale in scales.items():
+            values = np.array([scale * np.mean([row[key] for row in seeded if row["case"] == case
+                                                and row["method"] == method]) for method in methods])
+            cells.append(f"{values.mean():.4f} +- {values.std(ddof=1) if len(values) > 1 else 0:.4f} "
+                         f"[{values.min():.4f}, {values.max():.4f}]")
+        print(f"| {case} | {len(methods)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

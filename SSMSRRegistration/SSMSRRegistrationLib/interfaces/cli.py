@@ -23,9 +23,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_DIFFERENT, EXIT_CAN
 
 #: Options of ``register`` and ``track`` that name what they write; ``rerun`` redirects them into its folder.
 OUTPUT_OPTIONS = {"register": ("output", "warped", "warped_labels", "jacobian", "affine_output", "inverse"),
-                  "track": ("output",)}
+                  "track": ("output",), "segment": ("output",)}
 #: Options of ``register`` and ``track`` that name files they read (made absolute in the provenance's command).
-INPUT_OPTIONS = ("fixed", "moving", "moving_labels", "fixed_mask", "model", "initial", "cine", "mask")
+INPUT_OPTIONS = ("fixed", "moving", "moving_labels", "fixed_mask", "model", "initial", "cine", "mask", "target")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -207,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                           window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
     _add_model_option(bat)
 
-    rer = commands.add_parser("rerun", help="run a register or track command again from its provenance file",
-                              description="Run the command recorded in PROVENANCE (FIELD.provenance.json beside a "
-                                          "registered field, or OUTDIR/provenance.json of a tracking) again, with "
+    rer = commands.add_parser("rerun", help="run a register, track or segment command again from its provenance file",
+                              description="Run the command recorded in PROVENANCE (NAME.provenance.json beside a "
+                                          "registered field or a segmentation, or OUTDIR/provenance.json of a "
+                                          "tracking) again, with "
                                           "the same inputs (checked against their recorded digests), settings, seed "
                                           "and thread count, writing into OUTDIR, and compare the new outputs with "
                                           "the recorded digests. Exit code 4 when an output differs.")
@@ -291,6 +292,8 @@ def command_record(args) -> dict:
         value = arguments.get(name)
         if isinstance(value, str) and (name in OUTPUT_OPTIONS[args.command] or os.path.exists(value)):
             arguments[name] = os.path.abspath(value)
+    if arguments.get("atlas"):
+        arguments["atlas"] = [[os.path.abspath(path) for path in pair] for pair in arguments["atlas"]]
     arguments["threads"] = torch.get_num_threads()
     typed = ["ssmsr", *args.argv] if getattr(args, "argv", None) else ["ssmsr", args.command]
     return {"name": args.command, "arguments": arguments,
@@ -304,8 +307,8 @@ def run_rerun(args, reporter: Reporter) -> int:
     record = read_sidecar(args.provenance)
     command = record.get("command")
     if not command or command.get("name") not in OUTPUT_OPTIONS:
-        raise InputError(f"{args.provenance!r} was not written by `ssmsr register` or `ssmsr track` (a result saved "
-                         "through the Python API records its settings, but no command to rerun).")
+        raise InputError(f"{args.provenance!r} was not written by `ssmsr register`, `track` or `segment` (a result "
+                         "saved through the Python API records its settings, but no command to rerun).")
     for name, recorded in record["inputs"].items():
         if recorded and "path" in recorded:
             if not os.path.exists(recorded["path"]):
@@ -316,15 +319,15 @@ def run_rerun(args, reporter: Reporter) -> int:
     rerun = argparse.Namespace(**command["arguments"])
     rerun.progress, rerun.argv = args.progress, ["rerun", os.path.abspath(args.provenance), "-o", args.output]
     folder = os.path.abspath(args.output)
-    if command["name"] == "register":
+    if command["name"] == "track":
+        rerun.output = folder
+    else:
         os.makedirs(folder, exist_ok=True)
-        for name in OUTPUT_OPTIONS["register"]:
+        for name in OUTPUT_OPTIONS[command["name"]]:
             if getattr(rerun, name):
                 setattr(rerun, name, os.path.join(folder, os.path.basename(getattr(rerun, name))))
-    else:
-        rerun.output = folder
     use_threads(args.threads if args.threads is not None else int(command["arguments"]["threads"]))
-    (run_register if command["name"] == "register" else run_track)(rerun, reporter)
+    {"register": run_register, "track": run_track, "segment": run_segment}[command["name"]](rerun, reporter)
     new_record = read_sidecar(os.path.join(folder, "provenance.json") if command["name"] == "track" else
                               sidecar_path(rerun.output))
     different = sorted(name for name, output in record.get("outputs", {}).items()
@@ -367,6 +370,7 @@ def run_segment(args, reporter: Reporter) -> None:
                      steps=args.steps, precision=args.precision,
                      smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
                      mse_weight=args.mse_weight, device=args.device, seed=args.seed, progress=reporter.handle)
+    result.provenance["command"] = command_record(args)
     outputs = result.save(args.output)
     reporter.finished(outputs, result.metrics)
     if args.progress != "jsonl":

@@ -32,6 +32,7 @@ from ..common.protocol import ATLAS, RANKING, ProgressCallback
 from ..imaging.fields import write_image
 from ..imaging.images import ImageLike, check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model
+from .provenance import input_record, sidecar_path, with_outputs, write_sidecar
 from ..common.presets import DEFAULT_PRESET
 
 AtlasLike = Tuple[ImageLike, ImageLike]
@@ -78,11 +79,13 @@ class SegmentationOutput:
     labels: the propagated (and, for top_k > 1, fused) label map on the target grid.
     ranking: one dict per atlas, best first: {"rank", "atlas", "labels", "nlcc", "registered"}.
     registrations: metrics of each registration, in rank order.
+    provenance: what reproduces the run (``provenance.run_record``); ``save`` writes it beside the label map.
     """
 
     labels: sitk.Image
     ranking: List[Dict[str, Any]]
     registrations: List[Dict[str, Any]] = field(default_factory=list)
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def metrics(self) -> Dict[str, Any]:
@@ -91,9 +94,12 @@ class SegmentationOutput:
                 "seconds": sum(r.get("seconds", 0.0) for r in self.registrations)}
 
     def save(self, labels_path: str) -> Dict[str, str]:
-        """Write the label map atomically; returns the path written."""
+        """Write the label map atomically, then its provenance (``provenance.sidecar_path(labels_path)``); returns
+        the paths written."""
         write_image(self.labels, labels_path)
-        return {"labels": os.path.abspath(labels_path)}
+        outputs = {"labels": os.path.abspath(labels_path)}
+        sidecar = write_sidecar(sidecar_path(labels_path), with_outputs(self.provenance, outputs))
+        return {**outputs, "provenance": sidecar}
 
 
 def format_ranking(ranking: Sequence[Dict[str, Any]]) -> str:
@@ -182,7 +188,7 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
     if progress is not None:
         progress({"event": RANKING, "ranking": ranking})
 
-    warped_maps, registrations = [], []
+    warped_maps, registrations, provenance = [], [], {}
     for position, (index, score) in enumerate(order[:top_k]):
         if progress is not None:
             progress({"event": ATLAS, "rank": position + 1, "index": position, "count": top_k,
@@ -201,9 +207,17 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
                           progress=forward if progress is not None else None, should_stop=should_stop)
         warped_maps.append(sitk.GetArrayFromImage(result.warped_labels))
         registrations.append({"atlas": names[index], **result.metrics})
+        provenance = result.provenance  # the same settings for every atlas
 
     fused = majority_vote(warped_maps)
     dtype = np.result_type(*[m.dtype for m in warped_maps])
     labels = sitk.GetImageFromArray(fused.astype(dtype if np.issubdtype(dtype, np.integer) else np.int32))
     labels.CopyInformation(target_image)
-    return SegmentationOutput(labels=labels, ranking=ranking, registrations=registrations)
+    atlas_inputs = {f"atlas_{number}_{part}": source for number, pair in enumerate(atlases, 1)
+                    for part, source in zip(("image", "labels"), pair)}
+    inputs = {"target": target, "fixed_mask": fixed_mask, **atlas_inputs,
+              "model": model_source if isinstance(model_source, (str, os.PathLike)) else None}
+    provenance = {**provenance, "kind": "segment",
+                  "inputs": {name: input_record(value) for name, value in inputs.items()},
+                  "options": {"preset": preset, "top_k": top_k, "ranking": ranking}}
+    return SegmentationOutput(labels=labels, ranking=ranking, registrations=registrations, provenance=provenance)
