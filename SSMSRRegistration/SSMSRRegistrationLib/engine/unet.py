@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .torch_compat import autocast_enabled, cpu_bfloat16_native, cuda_bfloat16_native
+
 #: VoxelMorph's default widths (encoder; decoder, then full-resolution convolutions).
 DEFAULT_ENCODER_CHANNELS = (16, 32, 32, 32)
 DEFAULT_DECODER_CHANNELS = (32, 32, 32, 32, 32, 16, 16)
@@ -25,7 +27,7 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     depth = x.shape[2]
     if (x.dim() != 5 or x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or depth % 2
-            or depth < 4 or torch.is_autocast_enabled("cpu")):
+            or depth < 4 or autocast_enabled("cpu")):
         return conv(x)
     half = depth // 2
     padded = F.pad(x, (0, 0, 0, 0, 1, 1))
@@ -44,7 +46,7 @@ class ConvBlock(nn.Module):
         self.activation = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type) and min(x.shape[2:]) <= 2:
+        if autocast_enabled(x.device.type) and min(x.shape[2:]) <= 2:
             # Tiny inputs run in float32 (negligible cost): oneDNN's bfloat16 Conv3d weight gradient is
             # non-finite when the first spatial axis has 2 voxels (torch 2.13 CPU, tested in test_registration).
             with torch.autocast(x.device.type, enabled=False):
@@ -130,11 +132,12 @@ class RegistrationUNet(nn.Module):
 
 
 def bfloat16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 convolutions natively (CUDA compute >= 8.0, or a CPU with AVX512-BF16/AMX)."""
+    """Whether ``device`` runs bfloat16 convolutions natively (CUDA compute >= 8.0, or a CPU with AVX512-BF16/AMX),
+    on any torch >= 2.2 (see ``torch_compat``)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return cuda_bfloat16_native(device)
     if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return cpu_bfloat16_native()
     return False
 
 

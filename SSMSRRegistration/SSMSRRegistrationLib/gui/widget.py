@@ -1,7 +1,6 @@
 """The module panel: wires the .ui's Qt widgets to the parameter node, to ``panel`` (the panel's rules) and to the
 logic. No computation and no decision happens here that ``panel`` could make."""
 
-import importlib.util
 import logging
 from typing import Optional
 
@@ -19,6 +18,8 @@ from ..mrml.parameters import SCALE_PRESETS, atlasVolumeNode
 from . import panel
 from .module_logic import SSMSRRegistrationLogic
 from .parameter_node import boundWidgets
+from .torch_status import torchFound
+
 
 
 class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -30,9 +31,10 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._parameterNodeShown = False  # the widgets connected to the parameter node and observing it
         self._gpuDevicesListed = False
         self._logLinesShown = 0
-        self._runningMode = "pair"
+        self._run = None  # the panel.PanelRun last started from this panel
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -84,7 +86,10 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        """Only disconnect the widgets, as Slicer's scripted-module template does (v5.6.2,
+        Utilities/Templates/Modules/Scripted/TemplateKey.py): the parameter node stays, and a running job still
+        completes with the parameter node it started from (``panel.PanelRun``, driven by the module logic)."""
+        self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancel()  # the nodes of a running job are about to disappear
@@ -99,15 +104,22 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if not self._parameterNode.fixedVolume:
             self._parameterNode.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
+    def _disconnectParameterNode(self) -> None:
+        """Stop showing the parameter node, once (``removeObserver`` warns about an observer it does not have:
+        v5.6.2 Base/Python/slicer/util.py, VTKObservationMixin)."""
+        if self._parameterNode and self._parameterNodeShown:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNodeShown = False
+
+    def setParameterNode(self, parameterNode) -> None:
+        self._disconnectParameterNode()
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._boundWidgets)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self._parameterNodeShown = True
         self.updateGUIFromParameterNode()
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
@@ -116,7 +128,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._selectDevice(self._parameterNode.device)
         wasBlocked = self.ui.alignFirstComboBox.blockSignals(True)
-        self.ui.alignFirstComboBox.currentIndex = max(self.ui.alignFirstComboBox.findData(self._parameterNode.alignFirst), 0)
+        self.ui.alignFirstComboBox.currentIndex = max(
+            self.ui.alignFirstComboBox.findData(self._parameterNode.alignFirst), 0)
         self.ui.alignFirstComboBox.blockSignals(wasBlocked)
         self.updateScalePresetFromText(self._parameterNode.scales)
         self.ui.presetComboBox.currentIndex = self.ui.presetComboBox.findData(
@@ -181,7 +194,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _updateApplyButton(self) -> None:
         text, enabled, toolTip = panel.applyButton(self._parameterNode, self.checkedAtlases(), self.logic.isRunning)
-        self.ui.applyButton.text = _(text)
+        self.ui.applyButton.text = _("Cancel") if text == "Cancel" else _("Apply")  # literals for lupdate
         self.ui.applyButton.enabled = enabled
         self.ui.applyButton.toolTip = toolTip
 
@@ -219,7 +232,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _listGpuDevices(self) -> None:
         """Offer each CUDA device, once PyTorch is installed (opening the panel never imports or installs it)."""
-        if self._gpuDevicesListed or importlib.util.find_spec("torch") is None:
+        if self._gpuDevicesListed or not torchFound():
             return
         self._gpuDevicesListed = True
         try:
@@ -263,15 +276,16 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.progressBar.setVisible(True)
         self.ui.statusLabel.text = _("Starting...")
         try:
-            with slicer.util.tryWithErrorDisplay(_("Failed to start."), waitCursor=True):
+            # No wait cursor here: setupPyTorch may ask before installing PyTorch (and sets one while installing).
+            with slicer.util.tryWithErrorDisplay(_("Failed to start.")):
                 if not self.logic.setupPyTorch(askConfirmation=True):
                     self.ui.progressBar.setVisible(False)
                     self.ui.statusLabel.text = _("PyTorch is not installed; nothing was started.")
                     return
-                self._runningMode = panel.mode(self._parameterNode)
-                method, args, kwargs = panel.logicCall(self._parameterNode, self.checkedAtlases())
-                self.logic.run(method, *args, waitForCompletion=False, progressCallback=self.onProgress,
-                               completionCallback=self.onCompleted, **kwargs)
+            with slicer.util.tryWithErrorDisplay(_("Failed to start."), waitCursor=True):
+                _job, self._run = self.logic.runFromPanel(self._parameterNode, self.checkedAtlases(),
+                                                          progressCallback=self.onProgress,
+                                                          completionCallback=self.onCompleted)
         except Exception as error:  # shown by tryWithErrorDisplay; the panel must not stay in "Starting..."
             self.ui.progressBar.setVisible(False)
             self.ui.statusLabel.text = panel.failedStartStatus(error)
@@ -282,40 +296,22 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         percent = panel.progressPercent(event)
         if percent is not None:
             self.ui.progressBar.value = percent
-        status = panel.eventStatus(event, self._runningMode)
+        status = panel.eventStatus(event, self._run.mode if self._run is not None else "pair")
         if status is not None:
             self.ui.statusLabel.text = status
         self._showNewLogLines(self.logic.activeJob)
 
-    def onCompleted(self, job) -> None:
+    def onCompleted(self, job, run) -> None:
+        """The panel's own display of a run that ended (also while another module is shown). The outputs are
+        already selected in the parameter node the run started from and shown (``run``, in the module logic)."""
         self._showNewLogLines(job)
         self.ui.progressBar.setVisible(False)
         self._updateApplyButton()
-        self.ui.statusLabel.text = panel.completionStatus(job)
+        self.ui.statusLabel.text = run.status
         if job.state is JobState.FAILED:
             slicer.util.errorDisplay(job.errorMessage, detailedText="\n".join(job.log))
-        if job.state is not JobState.SUCCEEDED:
-            return
-        if self._runningMode == "cine":
-            self._showTrackingResults(job)
-        elif self._runningMode == "atlas":
+        elif job.state is JobState.SUCCEEDED and run.mode == "atlas":
             self.ui.logCollapsibleButton.collapsed = False
-        else:
-            self._parameterNode.outputTransform = job.outputTransformNode
-            if job.outputVolumeNode is not None:
-                slicer.util.setSliceViewerLayers(background=job.fixedVolumeNode, foreground=job.outputVolumeNode,
-                                                 foregroundOpacity=0.5, fit=True)
-
-    def _showTrackingResults(self, job) -> None:
-        """Show the metrics table and the NLCC chart (the MSE chart is in the scene too) in a plot + table layout."""
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is None:
-            return
-        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
-        applicationLogic = slicer.app.applicationLogic()
-        applicationLogic.GetSelectionNode().SetActiveTableID(job.metricsTableNode.GetID())
-        applicationLogic.PropagateTableSelection()
-        slicer.modules.plots.logic().ShowChartInLayout(job.chartNodes["nlcc"])
 
     def _showNewLogLines(self, job) -> None:
         """Append the job's log lines that the log panel does not show yet."""

@@ -123,7 +123,10 @@ def sequenceBrowsersOf(scene, sequenceNode) -> list:
     browsers = []
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
         browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
-        if browser.IsSynchronizedSequenceNode(sequenceNode.GetID(), True):
+        # IsSynchronizedSequenceNodeID: the string-ID form; IsSynchronizedSequenceNode(const char*) is marked
+        # "Deprecated. Use IsSynchronizedSequenceNodeID instead." at v5.6.2
+        # (Modules/Loadable/Sequences/MRML/vtkMRMLSequenceBrowserNode.h), same arguments and meaning.
+        if browser.IsSynchronizedSequenceNodeID(sequenceNode.GetID(), True):
             browsers.append(browser)
     return browsers
 
@@ -257,7 +260,7 @@ class CineTrackingJob(Job):
                 browser.SetAndObserveMasterSequenceNodeID(self.cineNode.GetID())
             else:
                 browser.SetAndObserveMasterSequenceNodeID(self.transformSequenceNode.GetID())
-        if not browser.IsSynchronizedSequenceNode(self.transformSequenceNode.GetID(), True):
+        if not browser.IsSynchronizedSequenceNodeID(self.transformSequenceNode.GetID(), True):
             sequenceId = self.transformSequenceNode.GetID()
             transaction.onUndo(lambda: browser.RemoveSynchronizedSequenceNode(sequenceId))
             browser.AddSynchronizedSequenceNode(self.transformSequenceNode)
