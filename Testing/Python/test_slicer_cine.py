@@ -4,6 +4,7 @@ worker on four frames of the echocardiogram cine that the module ships (from pyd
 from __future__ import annotations
 
 import csv
+import json
 import time
 
 import numpy as np
@@ -16,8 +17,9 @@ vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
 from SSMSRRegistrationLib.testing import scene_helpers  # noqa: E402
-from SSMSRRegistrationLib.mrml.cine import CineTrackingJob
+from SSMSRRegistrationLib.mrml.cine import CineTrackingJob  # noqa: E402
 from SSMSRRegistrationLib.mrml.parameters import cineInputProblems  # noqa: E402
+from SSMSRRegistrationLib.mrml.storage import PROVENANCE_ATTRIBUTE  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationLogic  # noqa: E402
 from SSMSRRegistrationLib.mrml.worker_process import processExists, waitUntilGone  # noqa: E402
 
@@ -85,7 +87,7 @@ def test_transform_sequence_has_one_item_per_frame_in_the_cines_browser(tracked)
     assert transforms.GetNumberOfDataNodes() == FRAMES
     assert [transforms.GetNthIndexValue(item) for item in range(FRAMES)] == INDEX_VALUES
     assert transforms.GetIndexName() == "time" and transforms.GetIndexUnit() == "s"
-    assert job.browserNode is browser and browser.IsSynchronizedSequenceNode(transforms.GetID(), True)
+    assert job.browserNode is browser and browser.IsSynchronizedSequenceNodeID(transforms.GetID(), True)
     assert browser.GetMasterSequenceNode() is sequence
     proxy = browser.GetProxyNode(transforms)
     assert isinstance(proxy, slicer.vtkMRMLTransformNode)
@@ -93,6 +95,9 @@ def test_transform_sequence_has_one_item_per_frame_in_the_cines_browser(tracked)
     kinds = [event.get("event") for event in tracked["events"]]
     assert "started" in kinds and "progress" in kinds and "finished" in kinds
     assert tracked["logic"].activeJob is None
+    provenance = json.loads(transforms.GetAttribute(PROVENANCE_ATTRIBUTE))  # the worker's record of the run
+    assert provenance["kind"] == "track" and provenance["settings"]["steps_per_scale"] > 0
+    assert "field_0001.nii.gz" in provenance["outputs"]
 
 
 def test_each_transform_maps_points_as_its_field_file_says(tracked, echo):

@@ -9,6 +9,7 @@ termination.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from SSMSRRegistrationLib.logic import JobState, RegistrationError, Registration
 from SSMSRRegistrationLib.mrml.geometry import gridMatchesVolume  # noqa: E402
 from SSMSRRegistrationLib.mrml.parameters import atlasInputProblems, atlasVolumeNode, inputProblems  # noqa: E402
 from SSMSRRegistrationLib.mrml.progress_text import describeProgress  # noqa: E402
+from SSMSRRegistrationLib.mrml.registration_jobs import PROVENANCE_ATTRIBUTE  # noqa: E402
 from SSMSRRegistrationLib.mrml.storage import readDisplacementFieldTransform  # noqa: E402
 from SSMSRRegistrationLib.mrml.worker_process import processExists, waitUntilGone  # noqa: E402
 
@@ -363,7 +365,8 @@ def test_precision_and_working_spacing_reach_the_worker(scene, logic):
 
 def test_the_result_records_its_inputs_as_registration_references_and_its_folding(scene, logic):
     """Slicer's registration roles (remapped on scene import, unlike attributes holding node IDs); the
-    transform's description and the optional Jacobian volume report the folding."""
+    transform's description and the optional Jacobian volume report the folding; the run's provenance (the worker's
+    record: settings, seed, inputs, software, machine) is stored on the transform."""
     fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
     jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
     transform = logic.registerVolumes(fixed, moving, jacobianVolumeNode=jacobian, alignFirst="none", scales="1/2,1",
@@ -373,6 +376,11 @@ def test_the_result_records_its_inputs_as_registration_references_and_its_foldin
     assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is moving
     assert "% of the fixed grid folded (Jacobian determinant <= 0)" in transform.GetDescription()
     assert transform.GetAttribute("SSMSR.FixedVolumeID") is None
+    provenance = json.loads(transform.GetAttribute(PROVENANCE_ATTRIBUTE))
+    assert provenance["kind"] == "register" and provenance["seed"] == 0
+    assert provenance["settings"]["scales"] == ["1/2", "1"] and provenance["settings"]["steps_per_scale"] == 20
+    assert provenance["options"]["initial"] == "none" and provenance["machine"]["device"] == "cpu"
+    assert len(provenance["inputs"]["fixed"]["sha256"]) == 64 and provenance["outputs"]["field"]["sha256"]
     determinants = scene_helpers.arrayFromVolume(jacobian)
     assert determinants.shape == scene_helpers.arrayFromVolume(fixed).shape
     assert np.isfinite(determinants).all() and 0.5 < np.median(determinants) < 1.5

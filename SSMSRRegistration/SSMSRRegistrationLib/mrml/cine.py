@@ -29,7 +29,7 @@ from vtk.util import numpy_support
 from ..common.protocol import GRID_TOLERANCE, PAIR_METRIC_NAMES
 from .geometry import SlicePlane, gridMatchesVolume, ijkToRas
 from .jobs import Job, RegistrationError, SceneTransaction
-from .storage import readDisplacementFieldTransform
+from .storage import PROVENANCE_ATTRIBUTE, readDisplacementFieldTransform, readProvenance
 
 #: Node reference role, on the transform sequence, of the cine it was computed from.
 CINE_REFERENCE_ROLE = "SSMSR.Cine"
@@ -246,6 +246,9 @@ class CineTrackingJob(Job):
             if sequence.SetDataNodeAtValue(transformNode, str(indexValue)) is None:
                 raise RegistrationError(f"the transform of frame {frame} could not be added to the sequence.")
         sequence.SetNodeReferenceID(CINE_REFERENCE_ROLE, self.cineNode.GetID())
+        provenance = readProvenance(self.outputs)
+        if provenance is not None:
+            sequence.SetAttribute(PROVENANCE_ATTRIBUTE, provenance)
 
     def _commitBrowser(self, transaction: SceneTransaction):
         """Synchronize the transform sequence with the cine's browser (a new one if the cine has none)."""

@@ -3,7 +3,9 @@
 The worker returns an ITK displacement field u on the fixed grid in the resampling convention (a fixed-image
 point p maps to p + u(p) in the moving image), which Slicer loads as a "from parent" displacement grid: applying
 the resulting transform node to the moving volume overlays it on the fixed volume. The output transform records
-its inputs as the node references Slicer's registration modules use (fixed and moving volume roles).
+its inputs as the node references Slicer's registration modules use (fixed and moving volume roles), and the run's
+provenance (the worker's provenance file: settings, seed, input digests, software, machine, command) as the attribute
+PROVENANCE_ATTRIBUTE.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import vtk
 
 from .geometry import SlicePlane, gridMatchesVolume, imageDataFromArray
 from .jobs import Job, RegistrationError, SceneTransaction
-from .storage import readDisplacementFieldTransform, readVolumeArray
+from .storage import PROVENANCE_ATTRIBUTE, readDisplacementFieldTransform, readProvenance, readVolumeArray
 
 
 class RegistrationJob(Job):
@@ -87,6 +89,7 @@ class RegistrationJob(Job):
         previousDescription = node.GetDescription()
         transaction.onUndo(lambda: node.SetDescription(previousDescription))
         node.SetDescription(resultDescription(self.metrics))
+        setProvenance(node, readProvenance(self.outputs), transaction)
 
     def _commitVolume(self, node, voxels: np.ndarray, transaction: SceneTransaction) -> None:
         """Put ``voxels`` (a worker output on the fixed grid) into the existing volume ``node``."""
@@ -132,6 +135,17 @@ class RegistrationJob(Job):
             raise RegistrationError("the segmentation could not be transformed.")
         propagated.SetReferenceImageGeometryParameterFromVolumeNode(self.fixedVolumeNode)
         self.propagatedSegmentationNode = propagated
+
+
+def setProvenance(node, provenance: str | None, transaction: SceneTransaction) -> None:
+    """Store ``provenance`` on ``node`` (removing a previous run's when None); undone with ``transaction``."""
+    previous = node.GetAttribute(PROVENANCE_ATTRIBUTE)
+    transaction.onUndo(lambda: node.SetAttribute(PROVENANCE_ATTRIBUTE, previous) if previous is not None
+                       else node.RemoveAttribute(PROVENANCE_ATTRIBUTE))
+    if provenance is None:
+        node.RemoveAttribute(PROVENANCE_ATTRIBUTE)
+    else:
+        node.SetAttribute(PROVENANCE_ATTRIBUTE, provenance)
 
 
 def resultDescription(metrics: dict) -> str:
@@ -234,6 +248,7 @@ class AtlasSegmentationJob(Job):
         with SceneTransaction(self.scene) as transaction:
             transaction.onUndo(lambda: setattr(self, "outputSegmentationNode", None))
             self._commitSegmentation(labels)
+            setProvenance(self.outputSegmentationNode, readProvenance(self.outputs), transaction)
         self._log("Atlas ranking (NLCC with the target): " + "; ".join(
             f"{entry['rank']}. {entry['atlasName']} {entry['nlcc']:.4f}" + (" (registered)" if entry["registered"] else "")
             for entry in self.ranking))

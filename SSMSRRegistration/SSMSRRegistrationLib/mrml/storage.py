@@ -6,6 +6,7 @@ frame (see ``geometry.SlicePlane``). Displacement fields come back through the t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,16 @@ def writeInitialTransform(transformNode, path: Path, slicePlane: SlicePlane | No
     if not storageNode.WriteData(transformNode):
         raise RegistrationError(f"Could not write the initial transform '{transformNode.GetName()}' to {path}.")
     return str(path)
+
+
+#: Attribute of a result node holding the JSON provenance record of the run that made it.
+PROVENANCE_ATTRIBUTE = "SSMSR.Provenance"
+
+
+def readProvenance(outputs: dict) -> str | None:
+    """The text of the worker's provenance file (its ``finished`` outputs name it), or None when there is none."""
+    path = outputs.get("provenance")
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as stream:
+        return stream.read()
