@@ -18,7 +18,7 @@ SLICER_TESTS := Testing/Python/test_slicer_logic.py Testing/Python/test_slicer_c
 # Also run by the main suite: the regeneration check needs pydicom 3; the runtime checks meet both torch versions.
 SLICER_ALSO := Testing/Python/test_test_data.py $(wildcard Testing/Python/test_slicer_runtime.py)
 
-.PHONY: setup setup-slicer demo test test-main test-slicer test-all clean
+.PHONY: setup setup-slicer demo lint test test-main test-slicer test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -m venv $(VENV) || { echo "Could not create a virtual environment: install Python >= 3.10 with venv (Debian/Ubuntu: apt-get install python3-venv)."; exit 1; }
@@ -42,7 +42,11 @@ $(SLICER_STAMP): constraints-slicer.txt
 
 setup-slicer: $(SLICER_STAMP)
 
-test: test-main test-slicer
+# ruff and vermin (Python 3.9 compatibility, as Slicer 5.6 and 5.8 run it) and, where a Python 3.9 exists, its compileall.
+lint: $(STAMP)
+	VENV=$(VENV) Testing/scripts/lint.sh
+
+test: lint test-main test-slicer
 
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(SLICER_TESTS))

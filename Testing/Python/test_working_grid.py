@@ -79,14 +79,14 @@ def test_the_working_grid_and_window_in_millimetres_are_reported_in_the_started_
 
 
 def test_a_grid_that_does_not_fit_the_memory_is_coarsened_or_refused_with_the_figures(monkeypatch):
-    """With 400 MiB free, the automatic grid of a 200^3 image is coarsened (and says why); an explicit spacing that
+    """With 1 GiB free, the automatic grid of a 200^3 image is coarsened (and says why); an explicit spacing that
     does not fit is refused, naming the spacing that would."""
     image = image_with_spacing(np.zeros((200, 200, 200)), (1.0, 1.0, 1.0))
-    monkeypatch.setattr(working_plan, "available_memory_bytes", lambda device: 400 * 2 ** 20)
+    monkeypatch.setattr(working_plan, "available_memory_bytes", lambda device: 2 ** 30)
     settings = RegistrationSettings(steps_per_scale=2)
     plan = working_plan.plan_working_grid(image, settings, torch.device("cpu"))
-    assert plan.grid.spacing > 1.0 and plan.memory_bytes <= footprint.USABLE_FRACTION * 400 * 2 ** 20
-    assert "coarsened automatically" in plan.note and "400 MiB is free" in plan.note
+    assert plan.grid.spacing > 1.0 and plan.memory_bytes <= footprint.USABLE_FRACTION * 2 ** 30
+    assert "coarsened automatically" in plan.note and "1.0 GiB is free" in plan.note
     with pytest.raises(InputError, match=r"Choose a working spacing of at least \d"):
         working_plan.plan_working_grid(image, settings, torch.device("cpu"), spacing=1.0)
 
@@ -95,7 +95,7 @@ def test_the_memory_estimate_bounds_the_measured_peak_of_a_real_run():
     """A fresh process trains 2 steps on a 56^3 pair; the rise of its peak resident memory during the training (Linux
     VmHWM, reset through /proc/self/clear_refs just before) is below the estimate: the model is not optimistic. The
     lower bound only catches a uselessly loose model (the rise was 219 to 532 MiB against 760 MiB at 64^3 while this
-    test was written)."""
+    test was written; 561 to 652 MiB over 12 runs at 56^3 on 2026-12-02)."""
     script = (
         "import torch\n"
         "from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors\n"

@@ -3,7 +3,9 @@
 The memory model was measured on this project's CPU (torch 2.13, float32, default U-Net widths) from the peak
 resident memory of a fresh process training 2 steps at one scale: 3D grids of 48^3, 80^3 and 112^3 voxels rose
 by 320, 892 and 2021 MiB, 2D grids of 256^2, 512^2 and 1024^2 by 233, 547 and 1627 MiB, i.e. 1.3-1.7 kB per voxel of
-one pair on top of about 150 MiB. The model below rounds that up.
+one pair on top of about 150 MiB. The model below rounds that up. At 56^3 the rise varied from run to run between
+561 and 652 MiB (12 runs, 2026-12-02, same machine): the allocator's arenas and oneDNN's scratch space differ
+between runs, hence the 400 MiB overhead (300 MiB was below half of those runs).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ TRAINING_BYTES_PER_VOXEL = 1800
 #: Bytes per voxel per pair held for the whole run: images, masks, and the field after each scale.
 RESIDENT_FLOATS_PER_VOXEL = 4  # fixed, moving, fixed mask, field of view (float32 each) + ndim per scale
 #: Weights, Adam state, the runtime's own arena.
-OVERHEAD_BYTES = 300 * 2 ** 20
+OVERHEAD_BYTES = 400 * 2 ** 20
 #: Share of the free memory a run may plan to use.
 USABLE_FRACTION = 0.8
 #: Voxels of the grid timed to estimate a CPU run (per step cost grows linearly above about this size).
