@@ -13,14 +13,14 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from evaluate import evaluate  # noqa: E402
-from evaluation import baselines, cases  # noqa: E402
-from evaluation.config import TINY  # noqa: E402
-from evaluation.metrics import dice, evaluate_pair, hausdorff95  # noqa: E402
-from evaluation.methods import preset_method, zero_field  # noqa: E402
-from evaluation.report import summarise  # noqa: E402
-from evaluation.runner import COLUMNS, run_case  # noqa: E402
-from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
+from evaluate import evaluate
+from evaluation import baselines, cases
+from evaluation.config import TINY
+from evaluation.metrics import dice, evaluate_pair, hausdorff95
+from evaluation.methods import preset_method, zero_field
+from evaluation.report import summarise
+from evaluation.runner import COLUMNS, run_case
+from SSMSRRegistrationLib.common.presets import PRESETS
 
 
 @pytest.fixture(scope="module")

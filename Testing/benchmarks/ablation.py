@@ -28,14 +28,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from evaluation import cases as case_library  # noqa: E402
-from evaluation.baselines import ANTS, DEMONS, ELASTIX  # noqa: E402
-from evaluation.config import FULL  # noqa: E402
-from evaluation.echo import echo_cine  # noqa: E402
-from evaluation.measure import cpu_name  # noqa: E402
-from evaluation.methods import cine_of, mask_stack  # noqa: E402
-from evaluation.metrics import evaluate_pair  # noqa: E402
-from SSMSRRegistrationLib import register, track  # noqa: E402
+from evaluation import cases as case_library
+from evaluation.baselines import ANTS, DEMONS, ELASTIX
+from evaluation.config import FULL
+from evaluation.echo import echo_cine
+from evaluation.methods import cine_of, mask_stack
+from evaluation.metrics import evaluate_pair
+from SSMSRRegistrationLib import register, track
+from SSMSRRegistrationLib.workflows.provenance import cpu_model
 
 #: One change each: register() keyword arguments on top of the preset in float32; a variant joins them with "+"
 #: ("lambda 3+lr 3e-3").
@@ -134,7 +134,7 @@ def main() -> None:
     builders = {"echo_cine": echo_cine, "echo_cine_held_out": echo_cine_held_out,
                 "hippocampus_crop": case_library.hippocampus_crop,
                 "individual_vs_icbm": case_library.individual_vs_icbm}
-    print(f"# Ablation, {args.preset} preset in float32, {cpu_name()}, {os.cpu_count()} CPUs, "
+    print(f"# Ablation, {args.preset} preset in float32, {cpu_model()}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     rows: List[dict] = []
     for name in args.cases.split(","):

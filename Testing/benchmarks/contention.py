@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "SSMSRRegistration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluation.measure import cpu_name  # noqa: E402
 from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
 from SSMSRRegistrationLib.interfaces.threads import available_cores  # noqa: E402
+from SSMSRRegistrationLib.workflows.provenance import cpu_model  # noqa: E402
 
 
 def bfloat16_text() -> str:
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="repeat each case and keep the median")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, {available_cores()} usable, {bfloat16_text()}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, {available_cores()} usable, {bfloat16_text()}")
     base = {key: value for key, value in os.environ.items() if not key.startswith("OMP_")}
     base["PYTHONPATH"] = str(ROOT / "SSMSRRegistration")
     policies = {"former (OMP_WAIT_POLICY=ACTIVE)": dict(base, OMP_WAIT_POLICY="ACTIVE"),
@@ -85,7 +85,7 @@ def main() -> None:
             print(f"{name:34s} alone {results[name]['alone_s']:7.1f} s   two at once {results[name]['two_at_once_s']:7.1f}"
                   f" s each (slowest)   ratio {ratio:.2f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "steps": args.steps, "results": results},
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "steps": args.steps, "results": results},
                                               indent=2), encoding="utf-8")
 
 

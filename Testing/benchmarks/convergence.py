@@ -23,12 +23,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from evaluation import cases as case_library  # noqa: E402
-from evaluation.config import QUICK  # noqa: E402
-from evaluation.echo import echo_cine  # noqa: E402
-from evaluation.metrics import evaluate_pair  # noqa: E402
-from SSMSRRegistrationLib import register  # noqa: E402
-from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
+from evaluation import cases as case_library
+from evaluation.config import QUICK
+from evaluation.echo import echo_cine
+from evaluation.metrics import evaluate_pair
+from SSMSRRegistrationLib import register
+from SSMSRRegistrationLib.common.presets import PRESETS
 
 
 def run_pair(case, pair, precision, steps, rule):

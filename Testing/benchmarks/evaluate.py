@@ -28,14 +28,14 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from evaluation.config import ALL_CASES, PRESETS, Config  # noqa: E402
-from evaluation.figures import write_figures  # noqa: E402
-from evaluation.measure import cpu_name  # noqa: E402
-from evaluation.report import report_lines, write_csv, write_report  # noqa: E402
-from evaluation.runner import CaseResult, run_all  # noqa: E402
-from SSMSRRegistrationLib.engine.multiscale import resolve_device  # noqa: E402
+from evaluation.config import ALL_CASES, PRESETS, Config
+from evaluation.figures import write_figures
+from evaluation.report import report_lines, write_csv, write_report
+from evaluation.runner import CaseResult, run_all
+from SSMSRRegistrationLib.engine.multiscale import resolve_device
+from SSMSRRegistrationLib.workflows.provenance import cpu_model
 
 PACKAGES = ("torch", "SimpleITK", "numpy", "antspyx", "itk-elastix", "nilearn", "nibabel", "pydicom")
 
@@ -54,7 +54,7 @@ def provenance(config: Config, command: str, seconds: float, load_at_start: str)
     device = resolve_device(config.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (SSMSR ran on the CPU)"
     return {"command": f"`{command}`", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, {config.threads} threads used; "
+            "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {config.threads} threads used; "
                        f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
             "GPU": gpu, "packages": _versions(), "total wall time": f"{seconds / 60:.1f} min",
             "load average (1, 5, 15 min) at start / end": f"{load_at_start} / {_load()}",

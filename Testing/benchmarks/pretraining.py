@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"))
 
-from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
-from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, similarity  # noqa: E402
-from SSMSRRegistrationLib.engine.spatial import gaussian_blur, warp  # noqa: E402
-from SSMSRRegistrationLib.workflows.train import train  # noqa: E402
+from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, similarity
+from SSMSRRegistrationLib.engine.spatial import gaussian_blur, warp
+from SSMSRRegistrationLib.workflows.train import train
 
 TRAINING_LEVELS = range(50, 140, 6)
 HELD_OUT_LEVELS = (63, 87, 111)

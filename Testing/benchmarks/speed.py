@@ -46,21 +46,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluation.baselines import ANTS  # noqa: E402
-from evaluation.cases import hippocampus_crop, whole_brain  # noqa: E402
-from evaluation.metrics import evaluate_pair  # noqa: E402
-from evaluation.config import FULL  # noqa: E402
-from evaluation.measure import Usage, cpu_name, measured, torch_device_name  # noqa: E402
-from evaluation.methods import preset_method  # noqa: E402
-from evaluation.report import summarise  # noqa: E402
-from evaluation.runner import configure_threads, run_case  # noqa: E402
-from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
-from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device  # noqa: E402
-from SSMSRRegistrationLib.common.schedule import parse_scales  # noqa: E402
-from SSMSRRegistrationLib.engine.spatial import resize_image  # noqa: E402
-from SSMSRRegistrationLib.engine.unet import bfloat16_supported  # noqa: E402
-from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
-from SSMSRRegistrationLib.workflows.register import register  # noqa: E402
+from evaluation.baselines import ANTS
+from evaluation.cases import hippocampus_crop, whole_brain
+from evaluation.metrics import evaluate_pair
+from evaluation.config import FULL
+from evaluation.measure import Usage, measured, torch_device_name
+from evaluation.methods import preset_method
+from evaluation.report import summarise
+from evaluation.runner import configure_threads, run_case
+from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device
+from SSMSRRegistrationLib.common.schedule import parse_scales
+from SSMSRRegistrationLib.engine.spatial import resize_image
+from SSMSRRegistrationLib.engine.unet import bfloat16_supported
+from SSMSRRegistrationLib.common.presets import PRESETS
+from SSMSRRegistrationLib.workflows.provenance import cpu_model
+from SSMSRRegistrationLib.workflows.register import register
 
 SECTIONS = ("steps", "schedules", "large", "wholebrain", "presets")
 
@@ -258,7 +259,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
 
-    name = torch_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    name = torch_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
     print(f"# SSMSR speed, {time.strftime('%Y-%m-%d %H:%M')}\ndevice: {device} ({name}); torch {torch.__version__}; "
           f"python {platform.python_version()}; CPU instruction set used by torch: "
           f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16 on {device.type}: {bfloat16_supported(device)}")

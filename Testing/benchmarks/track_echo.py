@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "SSMSRRegistration"))
 
-from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
-from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET  # noqa: E402
-from SSMSRRegistrationLib.interfaces.api import save_tracking  # noqa: E402
-from SSMSRRegistrationLib.workflows.track import pair_metrics, track  # noqa: E402
+from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET
+from SSMSRRegistrationLib.interfaces.api import save_tracking
+from SSMSRRegistrationLib.workflows.track import pair_metrics, track
 
 
 def main() -> None:

@@ -32,9 +32,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
-from dask.system import CPU_COUNT
-from distributed import Client, LocalCluster, as_completed, get_worker
-from distributed.core import Status
 
 from ..common.errors import InputError, RegistrationCancelled
 from ..common.presets import budget
@@ -42,6 +39,20 @@ from ..common.protocol import check_device_name, finished_event
 from ..common.schedule import parse_scales
 from ..workflows.batch import (FAILED, OK, RESULTS, SKIPPED, CaseOptions, Job, failed_row, finished_row, read_jobs,
                                remove_staging, run_case, write_results)
+
+try:
+    from dask.system import CPU_COUNT
+    from distributed import Client, LocalCluster, as_completed, get_worker
+    from distributed.core import Status
+except ModuleNotFoundError as missing:
+    # Dask is the optional `batch` extra. Still a ModuleNotFoundError of the missing module (code that tolerates an
+    # absent optional package keeps working) and also an InputError, so that `ssmsr batch` reports this message.
+    class BatchExtraMissing(ModuleNotFoundError, InputError):
+        """Dask or distributed is not installed."""
+
+    raise BatchExtraMissing(
+        f"`ssmsr batch` needs Dask, which is not installed here (no module {(missing.name or 'dask').split('.')[0]!r}):"
+        ' install the batch extra, pip install "ssmsr[batch]" (Python 3.10 or newer).', name=missing.name) from missing
 
 #: Seconds to wait for an existing scheduler to answer.
 CONNECT_TIMEOUT_S = 30

@@ -22,8 +22,9 @@ import SimpleITK as sitk
 
 from .cases import Case, Pair
 from .config import Config
-from .measure import cpu_name, measured
+from .measure import measured
 from .methods import Method, MethodRun
+from SSMSRRegistrationLib.workflows.provenance import cpu_model
 
 #: Demons: Gaussian smoothing of the displacement field (voxels of each level) and pyramid shrink factors.
 #: On a training subject of the hippocampus crop (never a test pair), sigma 1.5 to 3 and pyramids (2, 1) or
@@ -43,7 +44,7 @@ def _missing(module: str, package: str) -> Optional[str]:
 
 
 def _cpu_device(config: Config) -> str:
-    return f"CPU ({cpu_name()}), {config.threads} threads"
+    return f"CPU ({cpu_model()}), {config.threads} threads"
 
 
 def _per_pair(case: Case, config: Config, name: str, register_pair: Callable[[Pair, Case, Config], sitk.Image],

@@ -12,16 +12,16 @@ from typing import Dict, List
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import SimpleITK as sitk
+import torch
 
-from SSMSRRegistrationLib.engine.metrics import jacobian_determinant  # noqa: E402
-from SSMSRRegistrationLib.imaging.fields import image_to_voxel_field  # noqa: E402
+from SSMSRRegistrationLib.engine.metrics import jacobian_determinant
+from SSMSRRegistrationLib.imaging.fields import image_to_voxel_field
 
-from .runner import CaseResult  # noqa: E402
-from .report import summarise  # noqa: E402
+from .runner import CaseResult
+from .report import summarise
 
 CHECKER_TILES = 8
 PANELS_PER_ROW = 6

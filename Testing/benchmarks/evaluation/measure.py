@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import threading
 import time
 from dataclasses import dataclass
@@ -65,18 +64,6 @@ def measured(call: Callable[[], T]) -> Tuple[T, Usage]:
     peak_rss = max(peak[0], resident_mib()) - start_rss
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
     return result, Usage(seconds, peak_rss, peak_gpu)
-
-
-def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def torch_device_name(device: torch.device) -> str:
