@@ -1,0 +1,472 @@
+"""Apply a saved registration to other images, label maps and points (the counterpart of ANTs' apply_transforms).
+
+    >>> from SSMSRRegistrationLib.workflows.apply import read_transform
+    >>> transform = read_transform("field.nii.gz")            # or "field.provenance.json"
+    >>> warped = transform.apply_to_image("other_moving.nii.gz")
+    >>> landmarks_on_fixed = transform.apply_to_points(landmarks_on_moving_lps)
+
+Directions. A result of ``register`` is a displacement field u on the fixed grid (mm, LPS, ITK's resampling
+convention): the fixed point p corresponds to the moving point p + u(p); the field includes the pre-alignment.
+``Transform`` goes the way images are warped, moving -> fixed: an image is resampled onto the fixed grid and a point
+of the moving image's space is carried to where its structure lies in the warped image, which means solving
+p + u(p) = q for p. ``Transform.inverse()`` goes fixed -> moving: images are resampled onto a given reference grid
+(the moving image's) through the inverse field, points are mapped as p + u(p) directly.
+
+Points that cannot be mapped (the solution of p + u(p) = q was not found within ``MAX_ITERATIONS``, or lies outside
+the field's grid, where the registration says nothing) become NaN with an ``UnmappedPointsWarning``, or raise
+InputError with ``unmapped="error"``.
+
+Point files: CSV whose header names the convention, columns L,P,S (LPS) or R,A,S (RAS) (2D: L,P or R,A), other
+columns carried through; and Slicer markups JSON (.mrk.json). Outputs keep the input's convention and content.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, field as dataclass_field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..common.errors import InputError
+from ..imaging.alignment import identity, inverse_field
+from ..imaging.atomic import write_atomically
+from ..imaging.fields import displacement_transform, read_field
+from ..imaging.images import ImageLike, read_image
+
+#: Fixed-point iteration for p + u(p) = q: stop below this residual (mm) or after this many iterations.
+TOLERANCE_MM = 1e-4
+MAX_ITERATIONS = 100
+INTERPOLATIONS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}  # sitkBSpline: cubic (order 3)
+LABEL_MODES = ("nearest", "linear")
+#: Per-label linear interpolation resamples one indicator per label; more distinct values than this is not a label map.
+MAX_LINEAR_LABELS = 1000
+UNMAPPED_CHOICES = ("nan", "error")
+#: Markups whose geometry is their control points alone (an ROI or a plane also stores a centre, axes and a size).
+POINT_MARKUPS = ("Fiducial", "Line", "Angle", "Curve", "ClosedCurve")
+CONVENTIONS = {"LPS": ("L", "P", "S"), "RAS": ("R", "A", "S")}
+
+
+class UnmappedPointsWarning(UserWarning):
+    """Some points could not be mapped and were set to NaN."""
+
+
+def _geometry(image: sitk.Image):
+    """(origin, index -> physical matrix, size in ITK order) of an image's grid."""
+    ndim = image.GetDimension()
+    matrix = np.array(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim) @ np.diag(image.GetSpacing())
+    return np.array(image.GetOrigin(), dtype=np.float64), matrix, np.array(image.GetSize())
+
+
+def sample_field(field: sitk.Image, points: np.ndarray):
+    """Linear interpolation of a vector field at (N, ndim) physical points, as ITK's DisplacementFieldTransform does
+    it (neighbours clamped at the border). Returns (values (N, ndim), inside (N,)): inside is False beyond half a
+    voxel outside the grid, where ITK takes the displacement as 0 (the values there are the clamped border's)."""
+    origin, matrix, size = _geometry(field)
+    index = (np.asarray(points, dtype=np.float64) - origin) @ np.linalg.inv(matrix).T  # continuous index (x, y[, z])
+    inside = np.all((index >= -0.5) & (index < size - 0.5), axis=1)
+    index = np.clip(np.nan_to_num(index), 0, size - 1)
+    base = np.minimum(np.floor(index).astype(np.int64), np.maximum(size - 2, 0))
+    fraction = index - base
+    array = sitk.GetArrayViewFromImage(field)  # (*reversed size, ndim)
+    ndim = len(size)
+    values = np.zeros((len(index), ndim))
+    for corner in np.ndindex(*([2] * ndim)):
+        offset = np.array(corner)
+        corner_index = np.minimum(base + offset, size - 1)
+        weight = np.prod(np.where(offset == 1, fraction, 1.0 - fraction), axis=1)
+        values += weight[:, None] * array[tuple(corner_index[:, ndim - 1 - k] for k in range(ndim))]
+    return values, inside
+
+
+def _check_unmapped(mapped: np.ndarray, failed: np.ndarray, reason: str, unmapped: str) -> np.ndarray:
+    if not failed.any():
+        return mapped
+    rows = np.flatnonzero(failed)
+    listed = ", ".join(str(int(row) + 1) for row in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    message = (f"{len(rows)} of {len(failed)} points could not be mapped ({reason}): point{'s' * (len(rows) > 1)} "
+               f"number {listed}, counting from 1 in the order given,")
+    if unmapped == "error":
+        raise InputError(message[:-1] + ".")
+    warnings.warn(message + " set to NaN.", UnmappedPointsWarning, stacklevel=3)
+    mapped = mapped.copy()
+    mapped[failed] = np.nan
+    return mapped
+
+
+def _image(source: ImageLike, role: str, ndim: int) -> sitk.Image:
+    image = read_image(source, role)
+    if image.GetDimension() != ndim:
+        raise InputError(f"The {role} is {image.GetDimension()}D but the transform is {ndim}D.")
+    return image
+
+
+@dataclass
+class Transform:
+    """A registration result as a transform. ``field``: the registration's displacement field (on the fixed grid,
+    mm, LPS, fixed point p -> moving point p + u(p)); ``inverse_field``: its inverse on the moving grid, when
+    ``register`` wrote one; ``inverted``: False for moving -> fixed (how ``register`` warps), True for the other
+    way (``inverse()``); ``source``: the file it was read from."""
+
+    field: sitk.Image
+    inverse_field: Optional[sitk.Image] = None
+    inverted: bool = False
+    source: Optional[str] = None
+    _computed_inverses: Dict[tuple, sitk.Image] = dataclass_field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def dimension(self) -> int:
+        return self.field.GetDimension()
+
+    def inverse(self) -> "Transform":
+        """The same result in the other direction (fixed -> moving for a result read from a file)."""
+        return Transform(self.field, self.inverse_field, not self.inverted, self.source, self._computed_inverses)
+
+    def _output(self, reference: Optional[ImageLike]):
+        """(output grid, SimpleITK transform from output points to input points) for images and labels."""
+        if not self.inverted:
+            grid = self.field if reference is None else _image(reference, "reference image", self.dimension)
+            return grid, displacement_transform(self.field)
+        if reference is None:
+            raise InputError("The inverse transform resamples onto a reference grid (the moving image's); give the "
+                             "reference image.")
+        grid = _image(reference, "reference image", self.dimension)
+        if self.inverse_field is not None:
+            return grid, displacement_transform(self.inverse_field)
+        key = (grid.GetSize(), grid.GetSpacing(), grid.GetOrigin(), grid.GetDirection())
+        if key not in self._computed_inverses:  # the inverse of the whole field (pre-alignment included)
+            self._computed_inverses[key] = inverse_field(identity(self.dimension), self.field, grid)
+        return grid, displacement_transform(self._computed_inverses[key])
+
+    def apply_to_image(self, image: ImageLike, interpolation: str = "linear", default_value: float = 0.0,
+                       reference: Optional[ImageLike] = None) -> sitk.Image:
+        """``image`` (any grid, its own physical space) resampled through the transform, as float32 (vector images:
+        vector float32), ``default_value`` where it has no data. The output grid is the fixed image's (the field's)
+        or ``reference``, which the inverse requires. Equals ``register``'s warped output for the same field."""
+        if interpolation not in INTERPOLATIONS:
+            raise InputError(f"The interpolation must be linear or bspline, not {interpolation!r}.")
+        image = _image(image, "image", self.dimension)
+        grid, transform = self._output(reference)
+        pixel = sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1 else sitk.sitkVectorFloat32
+        return sitk.Resample(image, grid, transform, INTERPOLATIONS[interpolation], float(default_value), pixel)
+
+    def apply_to_labels(self, labels: ImageLike, mode: str = "nearest",
+                        reference: Optional[ImageLike] = None) -> sitk.Image:
+        """A label map resampled through the transform, keeping its pixel type; 0 outside its grid.
+
+        mode "nearest": nearest neighbour (as ``register`` warps labels). "linear": each label's indicator (the
+        background 0 included) is resampled linearly and every voxel takes the label of the largest value (ties to
+        the smaller label), which gives smooth edges instead of staircases."""
+        if mode not in LABEL_MODES:
+            raise InputError(f"The label interpolation must be nearest or linear, not {mode!r}.")
+        labels = _image(labels, "label map", self.dimension)
+        if labels.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("The label map has several components per voxel; give a single-component label map.")
+        grid, transform = self._output(reference)
+        if mode == "nearest":
+            return sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+        array = sitk.GetArrayViewFromImage(labels)
+        values = np.unique(array)
+        if len(values) > MAX_LINEAR_LABELS:
+            raise InputError(f"The label map has {len(values)} distinct values: it looks like an intensity image. "
+                             "Warp it as an image, or use nearest-neighbour label interpolation.")
+        best = result = None
+        for value in [0] + [v for v in values.tolist() if v != 0]:
+            indicator = sitk.GetImageFromArray((array == value).astype(np.float32))
+            indicator.CopyInformation(labels)
+            outside = 1.0 if value == 0 else 0.0  # beyond the label map's grid: background
+            resampled = sitk.GetArrayFromImage(sitk.Resample(indicator, grid, transform, sitk.sitkLinear, outside,
+                                                             sitk.sitkFloat32))
+            if best is None:
+                best, result = resampled, np.zeros(resampled.shape, array.dtype)
+            else:
+                larger = resampled > best
+                best[larger], result[larger] = resampled[larger], value
+        output = sitk.GetImageFromArray(result)
+        output.CopyInformation(grid)
+        return output
+
+    def apply_to_points(self, points_lps: Union[Sequence[Sequence[float]], np.ndarray],
+                        unmapped: str = "nan") -> np.ndarray:
+        """(N, ndim) physical points (mm, LPS) mapped through the transform: from the moving image's space to the
+        fixed image's (where the structure at each point is in the warped image), or the other way for the inverse.
+
+        Moving -> fixed solves p + u(p) = q for each point q by the fixed-point iteration p <- q - u(p) (u linearly
+        interpolated; from q + inverse(q) when an inverse field is known), until the residual is below
+        TOLERANCE_MM or MAX_ITERATIONS passed. Points that do not converge, or whose solution lies outside the
+        field's grid, are NaN with an UnmappedPointsWarning (``unmapped="nan"``) or raise InputError ("error")."""
+        if unmapped not in UNMAPPED_CHOICES:
+            raise InputError(f"The handling of unmapped points must be nan or error, not {unmapped!r}.")
+        points = np.asarray(points_lps, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != self.dimension:
+            raise InputError(f"The points must be an (N, {self.dimension}) array of {self.dimension}D physical "
+                             f"points for a {self.dimension}D transform; got shape {points.shape}.")
+        if self.inverted:
+            displacement, inside = sample_field(self.field, points)
+            return _check_unmapped(points + displacement, ~inside, "outside the field's grid", unmapped)
+        estimate = points.copy()
+        if self.inverse_field is not None:
+            start, known = sample_field(self.inverse_field, points)
+            estimate[known] += start[known]
+        for _ in range(MAX_ITERATIONS):
+            displacement, _ = sample_field(self.field, estimate)
+            if not np.any(np.linalg.norm(estimate + displacement - points, axis=1) >= TOLERANCE_MM):
+                break  # every residual is below the tolerance (NaN inputs compare False and stay NaN)
+            estimate = points - displacement
+        displacement, inside = sample_field(self.field, estimate)
+        residual = np.linalg.norm(estimate + displacement - points, axis=1)
+        mapped = _check_unmapped(estimate, ~(residual < TOLERANCE_MM),
+                                 f"p + u(p) = q not solved within {TOLERANCE_MM:g} mm in {MAX_ITERATIONS} iterations",
+                                 unmapped)
+        return _check_unmapped(mapped, ~inside & np.isfinite(mapped).all(axis=1), "outside the field's grid",
+                               unmapped)
+
+
+def read_transform(source: Union[str, os.PathLike, sitk.Image, Any]) -> Transform:
+    """A registration result as a ``Transform``: a displacement field file (NIfTI, NRRD, MHA vector image or ITK
+    .h5, as ``register`` and ANTs write), a provenance file NAME.provenance.json written beside a result (the
+    field it names, and the inverse field when ``register`` wrote one), a SimpleITK field image, or an object with
+    a ``field`` image (``register``'s RegistrationOutput)."""
+    if isinstance(source, sitk.Image):
+        return Transform(_checked_field(source, "the displacement field"))
+    if not isinstance(source, (str, os.PathLike)) and isinstance(getattr(source, "field", None), sitk.Image):
+        return Transform(_checked_field(source.field, "the result's field"))
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise InputError(f"The registration result {path!r} does not exist (give a displacement field file or its "
+                         "NAME.provenance.json).")
+    if path.lower().endswith(".json"):
+        return _from_provenance(path)
+    return Transform(_read_field_file(path, "displacement field"), source=os.path.abspath(path))
+
+
+def _read_field_file(path: str, role: str) -> sitk.Image:
+    try:
+        field = read_field(path)
+    except RuntimeError as error:
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise InputError(f"Cannot read the {role} {path!r}: it is not an image or transform SimpleITK can read "
+                         f"({last}).") from None
+    return _checked_field(field, f"the {role} {path!r}")
+
+
+def _checked_field(field: sitk.Image, role: str) -> sitk.Image:
+    ndim = field.GetDimension()
+    if ndim not in (2, 3) or field.GetNumberOfComponentsPerPixel() != ndim:
+        raise InputError(f"{role[0].upper() + role[1:]} is not a 2D or 3D displacement field: it is {ndim}D with "
+                         f"{field.GetNumberOfComponentsPerPixel()} components per voxel.")
+    if not np.isfinite(sitk.GetArrayViewFromImage(field)).all():
+        raise InputError(f"{role[0].upper() + role[1:]} contains NaN or infinite displacements.")
+    return sitk.Cast(field, sitk.sitkVectorFloat64)
+
+
+def _output_file(record: dict, name: str, sidecar: str) -> Optional[str]:
+    """The path of output ``name`` of a provenance record: as recorded, else beside the sidecar (a moved folder);
+    checked against the recorded digest."""
+    from .provenance import file_digest
+
+    entry = (record.get("outputs") or {}).get(name)
+    if not entry:
+        return None
+    recorded = entry.get("path", "")
+    beside = os.path.join(os.path.dirname(os.path.abspath(sidecar)), os.path.basename(recorded))
+    path = recorded if os.path.isfile(recorded) else beside
+    if not os.path.isfile(path):
+        raise InputError(f"The {name} file named by {sidecar!r} is missing (neither {recorded!r} nor {beside!r}).")
+    if entry.get("sha256") and file_digest(path) != entry["sha256"]:
+        raise InputError(f"The {name} file {path!r} has changed since {sidecar!r} was written; give the field file "
+                         "itself to use it anyway.")
+    return path
+
+
+def _from_provenance(path: str) -> Transform:
+    from .provenance import read_sidecar
+
+    record = read_sidecar(path)
+    if record.get("kind") != "register":
+        raise InputError(f"{path!r} is the provenance of a {record.get('kind')!r} run; give that of a registration "
+                         "(its outputs include a displacement field).")
+    field_path = _output_file(record, "field", path)
+    if field_path is None:
+        raise InputError(f"{path!r} names no displacement field among its outputs.")
+    field = _read_field_file(field_path, "displacement field")
+    inverse_path = _output_file(record, "inverse", path)
+    inverse = _read_field_file(inverse_path, "inverse field") if inverse_path else None
+    if inverse is not None and inverse.GetDimension() != field.GetDimension():
+        raise InputError(f"The inverse field {inverse_path!r} is {inverse.GetDimension()}D but the field is "
+                         f"{field.GetDimension()}D.")
+    return Transform(field, inverse, source=os.path.abspath(field_path))
+
+
+# Point files -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PointFile:
+    """Points read from a CSV or Slicer markups file, with what is needed to write them back moved.
+
+    points: (N, ndim) physical points in LPS; convention: "LPS" or "RAS" (CSV; markups: per markup);
+    ``content``: the parsed file (CSV rows, or the markups JSON) and ``slots`` where each point came from."""
+
+    kind: str
+    points: np.ndarray
+    content: Any
+    slots: List[Any]
+    convention: str = "LPS"
+
+
+def is_markups_path(path: str) -> bool:
+    return os.fspath(path).lower().endswith(".json")
+
+
+def read_points(path: str, ndim: int) -> PointFile:
+    """Read a point file (CSV with an L,P,S or R,A,S header, or a Slicer .mrk.json) for an ``ndim``-D transform."""
+    if not os.path.isfile(path):
+        raise InputError(f"The point file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"Cannot read the point file {path!r} ({error}).") from None
+    return _read_markups(text, path, ndim) if is_markups_path(path) else _read_csv(text, path, ndim)
+
+
+def _read_csv(text: str, path: str, ndim: int) -> PointFile:
+    rows = [row for row in csv.reader(io.StringIO(text)) if row]
+    if not rows:
+        raise InputError(f"The point file {path!r} is empty; it needs a header row with columns L,P,S or R,A,S.")
+    header = [name.strip() for name in rows[0]]
+    upper = [name.upper() for name in header]
+    conventions = [name for name, axes in CONVENTIONS.items() if {axes[0], axes[1]} & set(upper)]
+    if len(conventions) != 1:
+        raise InputError(f"The header of {path!r} ({','.join(header)}) must state the coordinate convention: "
+                         "columns L,P,S for LPS or R,A,S for RAS (2D: L,P or R,A), not both.")
+    convention = conventions[0]
+    axes = CONVENTIONS[convention][:ndim]
+    missing = [axis for axis in axes if upper.count(axis) != 1]
+    if missing:
+        raise InputError(f"The point file {path!r} needs exactly one column each of {','.join(axes)} for a "
+                         f"{ndim}D transform ({convention}); its header is {','.join(header)}.")
+    columns = [upper.index(axis) for axis in axes]
+    points = np.zeros((len(rows) - 1, ndim))
+    for number, row in enumerate(rows[1:]):
+        if len(row) != len(header):
+            raise InputError(f"Row {number + 2} of {path!r} has {len(row)} fields; the header has {len(header)}.")
+        try:
+            points[number] = [float(row[column]) for column in columns]
+        except ValueError:
+            raise InputError(f"Row {number + 2} of {path!r} has a coordinate that is not a number: "
+                             f"{','.join(row[column] for column in columns)}.") from None
+    flip = _ras_flip(ndim) if convention == "RAS" else np.ones(ndim)
+    return PointFile("csv", points * flip, rows, columns, convention)
+
+
+def _ras_flip(ndim: int) -> np.ndarray:
+    """RAS <-> LPS: the first two axes change sign."""
+    return np.array([-1.0, -1.0, 1.0][:ndim])
+
+
+def _read_markups(text: str, path: str, ndim: int) -> PointFile:
+    # Field names as in Slicer's markups schema (Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json,
+    # unchanged from v5.6.2 on) and its reader vtkMRMLMarkupsJsonStorageNode: "markups" is a list of markups with a
+    # "type", a "coordinateSystem" ("LPS", the default when absent, or "RAS"), optional "coordinateUnits" ("mm") and
+    # "controlPoints", each with a "position" of 3 numbers, or "" when its "positionStatus" is not "defined".
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path!r} is not a Slicer markups file (not JSON: {error.msg}).") from None
+    if not isinstance(content, dict) or not isinstance(content.get("markups"), list):
+        raise InputError(f"{path!r} is not a Slicer markups file (no \"markups\" list).")
+    points, slots = [], []
+    for number, markup in enumerate(content["markups"]):
+        kind = markup.get("type") if isinstance(markup, dict) else None
+        if kind not in POINT_MARKUPS:
+            raise InputError(f"Markup {number + 1} of {path!r} is of type {kind!r}; points, lines, angles and curves "
+                             f"({', '.join(POINT_MARKUPS)}) can be mapped, not ROIs or planes.")
+        system = markup.get("coordinateSystem", "LPS") or "LPS"
+        units = markup.get("coordinateUnits", "mm")
+        if system not in CONVENTIONS or (units[0] if isinstance(units, list) and units else units) != "mm":
+            raise InputError(f"Markup {number + 1} of {path!r} uses coordinates {system!r} in {units!r}; LPS or RAS "
+                             "in millimetres are supported.")
+        for index, control in enumerate(markup.get("controlPoints") or []):
+            position = control.get("position") if isinstance(control, dict) else None
+            if position == "" or position is None:
+                continue  # an undefined position (Slicer writes "")
+            if (not isinstance(position, list) or len(position) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in position)):
+                raise InputError(f"Control point {index + 1} of markup {number + 1} of {path!r} has no 3-number "
+                                 "position.")
+            lps = np.array(position, dtype=np.float64) * (_ras_flip(3) if system == "RAS" else 1.0)
+            points.append(lps[:ndim])
+            slots.append((number, index, system, lps))
+    return PointFile("markups", np.array(points, dtype=np.float64).reshape(-1, ndim), content, slots)
+
+
+def write_points(point_file: PointFile, moved_lps: np.ndarray, path: str) -> str:
+    """Write ``point_file`` with its points replaced by ``moved_lps`` (same convention and content), atomically.
+    NaN points are written as "nan" in a CSV, and as undefined control points (position "", positionStatus
+    "undefined", as Slicer writes them) in markups."""
+    ndim = point_file.points.shape[1]
+    if point_file.kind == "csv":
+        flip = _ras_flip(ndim) if point_file.convention == "RAS" else np.ones(ndim)
+        rows = [list(row) for row in point_file.content]
+        for row, point in zip(rows[1:], moved_lps * flip):
+            for column, value in zip(point_file.slots, point):
+                row[column] = repr(float(value))
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        text = buffer.getvalue()
+    else:
+        content = copy.deepcopy(point_file.content)
+        for (number, index, system, lps), point in zip(point_file.slots, moved_lps):
+            control = content["markups"][number]["controlPoints"][index]
+            if not np.isfinite(point).all():
+                control["position"], control["positionStatus"] = "", "undefined"
+                continue
+            moved = lps.copy()
+            moved[:ndim] = point
+            control["position"] = (moved * (_ras_flip(3) if system == "RAS" else 1.0)).tolist()
+        text = json.dumps(content, indent=4, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+
+    return write_atomically(path, write)
+
+
+def apply_to_point_file(transform: Transform, input_path: str, output_path: str, unmapped: str = "nan") -> dict:
+    """Map the points of a CSV or markups file and write them (same format and convention) to ``output_path``;
+    returns {"points": N, "points_not_mapped": K}."""
+    if is_markups_path(input_path) != is_markups_path(output_path):
+        raise InputError(f"Write the points in the input's format: {input_path!r} and {output_path!r} differ (CSV "
+                         "and markups JSON).")
+    point_file = read_points(input_path, transform.dimension)
+    moved = transform.apply_to_points(point_file.points, unmapped=unmapped)
+    write_points(point_file, moved, output_path)
+    return {"points": int(len(moved)), "points_not_mapped": int((~np.isfinite(moved).all(axis=1)).sum())}
+
+
+def apply(transform: Union[Transform, str, os.PathLike, sitk.Image, Any], image: Optional[ImageLike] = None,
+          labels: Optional[ImageLike] = None, points=None, *, inverse: bool = False,
+          reference: Optional[ImageLike] = None, interpolation: str = "linear", label_mode: str = "nearest",
+          default_value: float = 0.0, unmapped: str = "nan"):
+    """Apply a registration result (a ``Transform`` or anything ``read_transform`` reads) to one input: an image
+    (returns the resampled image), a label map (returns the resampled label map) or (N, ndim) LPS points (returns
+    the mapped points). ``inverse``: fixed -> moving (images and labels then need ``reference``)."""
+    given = [name for name, value in (("image", image), ("labels", labels), ("points", points)) if value is not None]
+    if len(given) != 1:
+        raise InputError(f"Give exactly one of an image, a label map or points to apply the transform to (got "
+                         f"{' and '.join(given) or 'none'}).")
+    transform = transform if isinstance(transform, Transform) else read_transform(transform)
+    transform = transform.inverse() if inverse else transform
+    if image is not None:
+        return transform.apply_to_image(image, interpolation, default_value, reference)
+    if labels is not None:
+        return transform.apply_to_labels(labels, label_mode, reference)
+    return transform.apply_to_points(points, unmapped)
