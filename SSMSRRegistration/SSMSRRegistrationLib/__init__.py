@@ -12,43 +12,42 @@ One folder per layer; a layer imports only those listed below it (see each packa
     imaging/     SimpleITK: images, cines, fields, atomic writes              -> common
     common/      standard library: errors, protocol, schedules, presets
 
-``register``, ``track``, ``train``, ``segment`` and ``save_tracking`` below are imported lazily, so that the Slicer
-panel loads without torch.
+The public functions (``register``, ``track``, ``train``, ``segment``, ``save_tracking``, ``apply``,
+``read_transform``) and ``RunConfiguration`` are imported on first use, so that the Slicer panel loads without
+torch; ``help(SSMSRRegistrationLib.register)`` shows the function itself, with its signature.
+
+    >>> import SSMSRRegistrationLib as ssmsr
+    >>> sorted(ssmsr.__all__)[:3]
+    ['RunConfiguration', 'apply', 'read_transform']
+    >>> ssmsr.RunConfiguration.of("fast", steps=120).resolve("pair").steps
+    120
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
 
+#: Public name -> the module (relative to this package) that defines it.
+_PUBLIC = {"register": "interfaces.api", "track": "interfaces.api", "train": "interfaces.api",
+           "segment": "interfaces.api", "save_tracking": "interfaces.api", "apply": "interfaces.api",
+           "read_transform": "interfaces.api", "RunConfiguration": "common.run_config"}
+__all__ = ["RunConfiguration", "apply", "read_transform", "register", "save_tracking", "segment", "track", "train"]
 
-def register(*args, **kwargs):
-    """See ``SSMSRRegistrationLib.workflows.register.register``."""
-    from .interfaces import api
-
-    return api.register(*args, **kwargs)
-
-
-def track(*args, **kwargs):
-    """See ``SSMSRRegistrationLib.workflows.track.track`` (cine tracking)."""
-    from .interfaces import api
-
-    return api.track(*args, **kwargs)
+if TYPE_CHECKING:  # what IDEs and type checkers see
+    from .common.run_config import RunConfiguration
+    from .interfaces.api import apply, read_transform, register, save_tracking, segment, track, train
 
 
-def train(*args, **kwargs):
-    """See ``SSMSRRegistrationLib.workflows.train.train`` (pretraining on a collection)."""
-    from .interfaces import api
-
-    return api.train(*args, **kwargs)
-
-
-def segment(*args, **kwargs):
-    """See ``SSMSRRegistrationLib.workflows.segment.segment`` (atlas selection and label propagation)."""
-    from .interfaces import api
-
-    return api.segment(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-def save_tracking(*args, **kwargs):
-    """See ``SSMSRRegistrationLib.interfaces.api.save_tracking`` (a tracking's files and figures)."""
-    from .interfaces import api
-
-    return api.save_tracking(*args, **kwargs)
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -19,7 +19,7 @@ from SSMSRRegistrationLib.interfaces.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
 from SSMSRRegistrationLib.common.schedule import format_scale
 from SSMSRRegistrationLib.common.errors import InputError
-from SSMSRRegistrationLib.common.presets import Budget, budget, matching_preset
+from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, PRESETS
 from realimages import brain_slice
 
 MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration")
@@ -198,10 +198,11 @@ def test_presets_choose_schedule_steps_and_precision_unless_given(pair, capsys, 
     assert [format_scale(s) for s in chosen[0].scales] == scales
     assert (chosen[0].steps_per_scale, chosen[0].mixed_precision) == (steps, mixed)
     given = dict(zip(options[::2], options[1::2]))
-    preset = budget(given.get("--preset"))
+    preset = PRESETS[given.get("--preset", DEFAULT_PRESET)]
     assert (chosen[0].smoothness_weight, chosen[0].learning_rate, chosen[0].mse_weight) == (
-        float(given.get("--lambda", preset.smoothness_weight)), float(given.get("--lr", preset.learning_rate)),
-        float(given.get("--mse-weight", preset.mse_weight)))
+        float(given.get("--lambda", preset.value("pair", "smoothness_weight"))),
+        float(given.get("--lr", preset.value("pair", "learning_rate"))),
+        float(given.get("--mse-weight", preset.value("pair", "mse_weight"))))
 
 
 def test_unknown_preset_or_precision_is_refused(pair, capsys):
@@ -210,43 +211,9 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
         code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--progress", "jsonl", *option])
         event = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert code == EXIT_INPUT and option[1] in event["message"]
-    with pytest.raises(InputError, match="Unknown preset 'slow'; choose one of: balanced, paper, fast"):
+    with pytest.raises(InputError, match="Unknown preset 'slow'; preset must be one of: balanced, paper, fast"):
         api.register(fixed, moving, preset="slow")
     assert fingerprint(out) == {}
-
-
-def test_a_cine_gets_the_preset_s_cine_budget():
-    cine_loss = dict(smoothness_weight=2.0, mse_weight=1000.0)
-    assert budget("fast", cine=True) == Budget("1/8,1/4,1/2,1", 600, True, **cine_loss)
-    assert budget("fast") == Budget("1/4,1/2,1", 80, True)
-    assert budget("fast", stop_window=50).stop_window == 50 and budget("paper").stop_window == 0
-    assert budget(None, cine=True, steps=5, precision="float32") == Budget("1/8,1/4,1/2,1", 5, False, **cine_loss)
-    assert budget("paper", cine=True) == Budget("1/8,1/4,1/2,1", 3500, True)  # the paper's loss
-
-
-def test_the_default_preset_trains_pairs_and_cines_each_with_their_own_loss_and_the_paper_preset_with_the_paper_s():
-    default = budget(None)
-    assert (default.scales, default.steps, default.smoothness_weight, default.learning_rate, default.mse_weight) == (
-        "1/4,1/2,1", 300, 3.0, 1e-3, 0.0)
-    cine = budget(None, cine=True)
-    assert (cine.smoothness_weight, cine.learning_rate, cine.mse_weight) == (2.0, 1e-3, 1000.0)
-    for kind in (False, True):
-        paper = budget("paper", cine=kind)
-        assert (paper.smoothness_weight, paper.learning_rate, paper.mse_weight) == (10.0, 1e-3, 0.0)
-    given = budget(None, cine=True, smoothness_weight=5.0, learning_rate=1e-4, mse_weight=0.0)
-    assert (given.smoothness_weight, given.learning_rate, given.mse_weight) == (5.0, 1e-4, 0.0)
-
-
-def test_a_preset_is_recognised_from_its_values():
-    assert matching_preset("1/4, 1/2, 1", 80, "mixed") == "fast"
-    assert matching_preset("1/8,1/4,1/2,1", 600, "mixed", cine=True) == "balanced"  # fast's cines too
-    assert matching_preset("1/4,1/2,1", 300, "mixed", smoothness_weight=3.0) == "balanced"
-    assert matching_preset("1/4,1/2,1", 300, "mixed", smoothness_weight=10.0) is None
-    assert matching_preset("1/8,1/4,1/2,1", 200, "mixed", cine=True) is None
-    assert matching_preset("1/2,1", 3500, "mixed") == "paper"
-    assert matching_preset("1/2,1", 3500, "float32") is None
-    assert matching_preset("1/2,1", 3000, "mixed") is None
-    assert matching_preset("not a schedule", 200, "mixed") is None
 
 
 def test_final_loss_is_reported_when_the_steps_come_from_a_preset(pair, capsys, monkeypatch):

@@ -114,7 +114,7 @@ def test_a_rerun_refuses_changed_inputs_and_reports_different_outputs(registered
     assert not (tmp_path / "a").exists()
 
     other = json.loads(json.dumps(record))
-    other["command"]["arguments"]["seed"] = 1  # another seed: the same command would not reproduce these digests
+    other["command"]["configuration"]["overrides"]["seed"] = 1  # another seed: these digests are not reproduced
     (tmp_path / "other.provenance.json").write_text(json.dumps(other))
     completed = ssmsr("rerun", tmp_path / "other.provenance.json", "-o", tmp_path / "b", "--progress", "none")
     assert completed.returncode == 4 and "differs from the recorded run: field" in completed.stderr

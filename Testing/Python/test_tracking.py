@@ -361,7 +361,7 @@ def test_metrics_report_the_folded_pixels_of_every_pair(tracked):
 
 
 def test_a_cine_trains_with_the_preset_s_cine_loss_and_learning_rate_unless_given(cine_path, tmp_path, monkeypatch):
-    from SSMSRRegistrationLib.common.presets import budget
+    from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, PRESETS
     from SSMSRRegistrationLib.workflows import track as track_module
 
     chosen = []
@@ -377,12 +377,11 @@ def test_a_cine_trains_with_the_preset_s_cine_loss_and_learning_rate_unless_give
         code, _ = run_cli("track", cine_path, "-o", tmp_path / f"out{index}", "--scales", "1/2,1", "--no-figures",
                           *options)
         assert code == EXIT_OK
-    default, paper = budget(None, cine=True), budget("paper", cine=True)
+    default = PRESETS[DEFAULT_PRESET]
     assert [(s.smoothness_weight, s.learning_rate, s.mse_weight) for s in chosen] == [
-        (default.smoothness_weight, default.learning_rate, default.mse_weight),
+        tuple(default.value("cine", name) for name in ("smoothness_weight", "learning_rate", "mse_weight")),
         (10.0, 1e-3, 0.0),  # the paper's loss
         (2.0, 5e-4, 7.0)]
-    assert (paper.smoothness_weight, paper.learning_rate, paper.mse_weight) == (10.0, 1e-3, 0.0)
 
 
 def test_a_preset_s_cine_schedule_drops_the_scales_too_coarse_for_small_frames_and_an_explicit_one_is_refused():

@@ -28,7 +28,7 @@ from evaluation.config import QUICK
 from evaluation.echo import echo_cine
 from evaluation.metrics import evaluate_pair
 from SSMSRRegistrationLib import register
-from SSMSRRegistrationLib.common.presets import PRESETS
+from SSMSRRegistrationLib.common.run_config import RunConfiguration
 
 
 def run_pair(case, pair, precision, steps, rule):
@@ -60,8 +60,8 @@ def main() -> None:
                "echo_cine": lambda: (echo_cine(config), args.echo_pairs)}
     chosen = [library[name]() for name in args.cases.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    preset = PRESETS["fast"]
-    print(f"# Convergence-based stopping, fast preset pairs ({preset.pair_scales} x {args.steps} steps, "
+    preset = RunConfiguration.of("fast").resolve("pair")
+    print(f"# Convergence-based stopping, fast preset pairs ({preset.scales} x {args.steps} steps, "
           f"{args.precision}), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
     rows = []
     for case, limit in chosen:

@@ -59,7 +59,7 @@ from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, registe
 from SSMSRRegistrationLib.common.schedule import parse_scales
 from SSMSRRegistrationLib.engine.spatial import resize_image
 from SSMSRRegistrationLib.engine.unet import bfloat16_supported
-from SSMSRRegistrationLib.common.presets import PRESETS
+from SSMSRRegistrationLib.common.run_config import RunConfiguration
 from SSMSRRegistrationLib.workflows.provenance import cpu_model
 from SSMSRRegistrationLib.workflows.register import register
 
@@ -130,11 +130,10 @@ def section_steps(device: torch.device, steps: int, report: Dict) -> None:
 def section_schedules(device: torch.device, report: Dict) -> None:
     print("\n## The paper's full schedules (paper preset: mixed precision)")
     sequence = echo_sequence(49)
-    paper = PRESETS["paper"]
-    runs = {f"3D 48x64x48 pair, {paper.pair_scales} x {paper.pair_steps}": (*brain_pair(), paper.pair_scales,
-                                                                         paper.pair_steps, 0),
-            f"2D+t 49 x 1024x768, {paper.cine_scales} x {paper.cine_steps}, 1 pair per step": (
-                sequence[1:], sequence[:-1], paper.cine_scales, paper.cine_steps, 1)}
+    paper, paper_cine = (RunConfiguration.of("paper").resolve(kind) for kind in ("pair", "cine"))
+    runs = {f"3D 48x64x48 pair, {paper.scales} x {paper.steps}": (*brain_pair(), paper.scales, paper.steps, 0),
+            f"2D+t 49 x 1024x768, {paper_cine.scales} x {paper_cine.steps}, 1 pair per step": (
+                sequence[1:], sequence[:-1], paper_cine.scales, paper_cine.steps, 1)}
     for label, (fixed, moving, scales, steps, batch) in runs.items():
         settings = RegistrationSettings(scales=parse_scales(scales), steps_per_scale=steps, batch_size=batch,
                                         mixed_precision=True)
@@ -165,8 +164,8 @@ def section_large(device: torch.device, report: Dict) -> None:
 
 
 def section_whole_brain(device: torch.device, steps: int, with_ants: bool, report: Dict) -> None:
-    fast = PRESETS["fast"]
-    print(f"\n## 1 mm whole brain, fast preset ({fast.pair_scales} x {steps or fast.pair_steps} steps per scale)")
+    fast = RunConfiguration.of("fast").resolve("pair")
+    print(f"\n## 1 mm whole brain, fast preset ({fast.scales} x {steps or fast.steps} steps per scale)")
     config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
                      training_pairs=0, device=str(device))
     case = whole_brain(config)
@@ -184,15 +183,15 @@ def section_whole_brain(device: torch.device, steps: int, with_ants: bool, repor
           f"{memory_text(usage)}; Dice {dice * 100:.2f} %")
     entry = {"plan": started["plan"], "seconds": usage.seconds, "training_seconds": output.metrics["seconds"],
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
-             "steps_per_scale": steps or fast.pair_steps}
-    if steps and steps < fast.pair_steps:
+             "steps_per_scale": steps or fast.steps}
+    if steps and steps < fast.steps:
         # Time per step of each scale from the progress events (the scale's last event minus the previous one's).
         ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
-                for index in range(len(parse_scales(fast.pair_scales)))]
+                for index in range(len(parse_scales(fast.scales)))]
         per_step = np.diff([0.0] + ends) / steps
-        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * fast.pair_steps
+        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * fast.steps
         print(f"seconds per step by scale: {', '.join(f'{value:.2f}' for value in per_step)}; projected fast "
-              f"preset ({fast.pair_steps} steps per scale): {projected / 60:.1f} min")
+              f"preset ({fast.steps} steps per scale): {projected / 60:.1f} min")
         entry["projected_fast_seconds"] = projected
     report["wholebrain"]["fast"] = entry
     if with_ants and ANTS.missing:
@@ -216,7 +215,7 @@ def section_presets(device: torch.device, pairs: int, names: List[str], report: 
     for name, why in result.skipped.items():
         print(f"{name}: skipped, {why}")
     summary = summarise(result)
-    last_scale = {name: PRESETS[name].pair_scales.split(",")[-1] for name in names}
+    last_scale = {name: RunConfiguration.of(name).resolve("pair").scales.split(",")[-1] for name in names}
     final = {**{f"SSMSR {name} preset": f"SSMSR {name} preset ({last_scale[name]})" for name in names},
              "ANTs SyN": "ANTs SyN"}  # the presets' rows after their last scale
     rows = {name: summary[row] for name, row in final.items() if row in summary}

@@ -1,8 +1,29 @@
 """Exceptions shared by every layer."""
 
+from typing import Callable, Optional
+
 
 class InputError(ValueError):
-    """Bad input (file, image, mask or option) with a message that says what to do."""
+    """Bad input (file, image, mask or option) with a message that says what to do.
+
+    ``setting``: the option or argument the error concerns (its API keyword, e.g. "smoothness_weight"), or None. A
+    message may hold "{setting}" where that option is named: each interface words it in its own vocabulary
+    (``worded``); ``str()`` gives the keyword with spaces ("smoothness weight").
+    """
+
+    def __init__(self, message: str, setting: Optional[str] = None):
+        super().__init__(message)
+        self.setting = setting
+
+    def worded(self, name_of: Callable[[str], str]) -> str:
+        """The message with "{setting}" replaced by ``name_of(setting)`` (a flag, a field label, a keyword)."""
+        message = str(self.args[0]) if self.args else ""
+        return message.replace("{setting}", name_of(self.setting)) if self.setting else message
+
+    def __str__(self) -> str:
+        text = self.worded(lambda name: name.replace("_", " "))
+        return text[:1].upper() + text[1:] if text.startswith(self.setting.replace("_", " ") if self.setting
+                                                              else "\0") else text
 
 
 class RegistrationCancelled(RuntimeError):

@@ -13,6 +13,7 @@ scale; each training step uses all pairs, or a random mini-batch of
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,7 +24,8 @@ import torch
 from ..common.errors import InputError, RegistrationCancelled
 from ..common.presets import DEFAULT_STOP_TOLERANCE, PAPER_LEARNING_RATE, PAPER_SMOOTHNESS_WEIGHT
 from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_name, progress_event, started_event
-from ..common.schedule import check_schedule, format_scale, scaled_size
+from ..common.run_config import ResolvedRun
+from ..common.schedule import check_schedule, format_scale, parse_scales, scaled_size
 from .losses import local_ncc, masked_mean, registration_loss
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import (DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet, bfloat16_supported,
@@ -48,6 +50,19 @@ class RegistrationSettings:
     stop_window: int = 0  # convergence check every this many steps (0: always the full budget), see ``converged``
     stop_tolerance: float = DEFAULT_STOP_TOLERANCE  # ... stop when the window's mean loss improved by less than this
 
+    @classmethod
+    def from_run(cls, run: ResolvedRun, **engine_only) -> "RegistrationSettings":
+        """The engine's settings for a resolved run configuration (``common.run_config``); ``engine_only``: fields
+        no run option sets (network widths, progress interval). Options of another kind of run keep the defaults."""
+        values = run.as_dict()
+        mapped = {"scales": parse_scales(values["scales"]), "steps_per_scale": values["steps"],
+                  "mixed_precision": values["precision"] == "mixed"}
+        for name in ("smoothness_weight", "mse_weight", "ncc_window", "learning_rate", "seed", "batch_size",
+                     "stop_window", "stop_tolerance", "validation_every", "checkpoint_every"):
+            if name in values and name in {known.name for known in dataclasses.fields(cls)}:
+                mapped[name] = values[name]
+        return cls(**mapped, **engine_only)
+
     def pairs_per_step(self, pairs: int) -> int:
         """Pairs trained together at each step when ``pairs`` are registered (``batch_size``, or all)."""
         return min(self.batch_size, pairs) if self.batch_size > 0 else pairs
@@ -57,21 +72,21 @@ class RegistrationSettings:
 
     def validate(self) -> None:
         if self.steps_per_scale < 0:
-            raise InputError("steps per scale must be 0 (inference only) or more.")
+            raise InputError("{setting} must be 0 (inference only) or more.", setting="steps")
         if self.smoothness_weight < 0:
-            raise InputError("the smoothness weight (lambda) must be >= 0.")
+            raise InputError("{setting} must be at least 0.", setting="smoothness_weight")
         if not self.mse_weight >= 0:
-            raise InputError("the MSE weight must be >= 0.")
+            raise InputError("{setting} must be at least 0.", setting="mse_weight")
         if self.ncc_window is not None and self.ncc_window < 2:
-            raise InputError("the NCC window must be at least 2 voxels.")
+            raise InputError("{setting} must be at least 2 voxels.", setting="ncc_window")
         if not self.learning_rate > 0:
-            raise InputError("the learning rate must be > 0.")
+            raise InputError("{setting} must be greater than 0.", setting="learning_rate")
         if self.batch_size < 0:
-            raise InputError("the batch size must be 0 (all pairs) or more.")
+            raise InputError("{setting} must be 0 (all pairs) or more.", setting="batch_size")
         if self.stop_window < 0 or 0 < self.stop_window < 5:
-            raise InputError("the convergence window must be 0 (train the full budget) or at least 5 steps.")
+            raise InputError("{setting} must be 0 (train every step) or at least 5 steps.", setting="stop_window")
         if not self.stop_tolerance >= 0:
-            raise InputError("the convergence tolerance must be >= 0.")
+            raise InputError("{setting} must be at least 0.", setting="stop_tolerance")
 
 
 def converged(losses: torch.Tensor, done: int, window: int, tolerance: float) -> bool:
@@ -165,7 +180,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     size = tuple(fixed.shape[2:])
     check_schedule(size, scales)
     if settings.steps_per_scale == 0 and not initial_networks:
-        raise InputError("steps per scale is 0 (inference only) but no trained network weights were given.")
+        raise InputError("{setting} is 0 (inference only) but no trained network weights were given.", setting="steps")
     if initial_networks is not None and len(initial_networks) not in (1, len(scales)):
         raise InputError(f"{len(initial_networks)} network weight sets given for {len(scales)} scales.")
 

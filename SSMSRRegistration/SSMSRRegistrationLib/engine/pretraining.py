@@ -100,9 +100,9 @@ class TrainingSettings(RegistrationSettings):
     def validate(self) -> None:
         super().validate()
         if self.steps_per_scale < 1:
-            raise InputError("training needs at least 1 step per scale.")
+            raise InputError("training needs {setting} of at least 1.", setting="steps")
         if self.batch_size < 1:
-            raise InputError("the batch size must be at least 1.")
+            raise InputError("{setting} must be at least 1.", setting="batch_size")
         if self.validation_every < 0 or self.checkpoint_every < 0:
             raise InputError("validation and checkpoint intervals must be 0 or more steps.")
 
@@ -191,7 +191,7 @@ def check_pairs(source: PairSource, settings: TrainingSettings, role: str) -> in
     if role == "training" and settings.batch_size > 1:
         if settings.batch_size > len(source):
             raise InputError(f"The batch size {settings.batch_size} is larger than the {len(source)} training "
-                             "pairs; use a smaller --batch.")
+                             "pairs; use a smaller {setting}.", setting="batch_size")
         if len(set(sizes)) > 1:
             examples = ", ".join("x".join(map(str, reversed(size))) for size in sorted(set(sizes))[:4])
             raise InputError(f"A batch of {settings.batch_size} pairs needs images of one size, but the training "

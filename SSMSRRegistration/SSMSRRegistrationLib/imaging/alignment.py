@@ -75,7 +75,8 @@ def read_initial_transform(path: str, ndim: int) -> sitk.AffineTransform:
     """An ITK transform file (.tfm, .txt, .h5, .mat) holding a linear transform, as an invertible AffineTransform."""
     if not os.path.isfile(path):
         raise InputError(f"The initial transform {path!r} does not exist; give an ITK transform file (.tfm, .h5, "
-                         ".txt, .mat), e.g. saved from Slicer's General Registration, or --initial rigid|affine.")
+                         ".txt, .mat), e.g. saved from Slicer's General Registration, or set {setting} to rigid or "
+                         "affine.", setting="initial")
     try:
         transform = sitk.ReadTransform(path)
     except RuntimeError as error:
@@ -128,7 +129,8 @@ def _registration(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform
     except RuntimeError as error:
         last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(f"The automatic pre-alignment failed ({last}); check that the images show the same "
-                         "anatomy, or give an initial transform file, or --initial none.") from None
+                         "anatomy, or give an initial transform file, or set {setting} to none.",
+                         setting="initial") from None
 
 
 def align(fixed: sitk.Image, moving: sitk.Image, kind: str, seed: int = 0,

@@ -179,10 +179,11 @@ def normalised_on_grid(image: sitk.Image, reference: sitk.Image, role: str, refe
         return rescale(array, window)
     if transform is None and not overlaps(image, reference):
         raise InputError(f"The {role} does not overlap the {reference_role} in physical space; align it first "
-                         "(--initial rigid or affine) or check its origin and direction.")
+                         "({setting} rigid or affine) or check its origin and direction.", setting="initial")
     if transform is not None and not field_of_view(image, reference, transform).any():
         raise InputError(f"The {role} does not overlap the {reference_role} after the initial transform; check "
-                         "the transform (it maps fixed points to moving points) or use --initial none.")
+                         "the transform (it maps fixed points to moving points) or set {setting} to none.",
+                         setting="initial")
     resampled = sitk.Resample(image, reference, transform or sitk.Transform(), sitk.sitkLinear, float(window[0]),
                               sitk.sitkFloat32)
     return rescale(sitk.GetArrayFromImage(resampled), window)

@@ -1,11 +1,12 @@
-"""The Python API: ``register``, ``track``, ``train`` and ``segment`` (the workflows), and ``save_tracking``, which
-writes a tracking's files together with its figures.
+"""The Python API: ``register``, ``track``, ``train`` and ``segment`` (the workflows), ``save_tracking``, which
+writes a tracking's files together with its figures, and ``apply`` / ``read_transform``, which bring a saved result
+to other images, label maps and points.
 
     >>> import SSMSRRegistrationLib as ssmsr
-    >>> output = ssmsr.register("fixed.nii.gz", "moving.nii.gz", preset="fast")
-    >>> output.save("field.nii.gz", warped_path="warped.nii.gz")
-    >>> tracking = ssmsr.track("echo.dcm", preset="fast")
-    >>> ssmsr.save_tracking(tracking, "echo_tracking")          # fields, metrics, tracking.gif and tracking.png
+    >>> output = ssmsr.register("fixed.nii.gz", "moving.nii.gz", preset="fast")  # doctest: +SKIP
+    >>> output.save("field.nii.gz", warped_path="warped.nii.gz")  # doctest: +SKIP
+    >>> tracking = ssmsr.track("echo.dcm", preset="fast")  # doctest: +SKIP
+    >>> ssmsr.save_tracking(tracking, "echo_tracking")  # fields, metrics and figures  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from ..report import figures
 from ..workflows.register import register
 from ..workflows.segment import segment
 from ..workflows.track import TrackingResult, track
+from ..workflows.apply import apply, read_transform
 from ..workflows.train import train
 
-__all__ = ["register", "track", "train", "segment", "save_tracking"]
+__all__ = ["register", "track", "train", "segment", "save_tracking", "apply", "read_transform"]
 
 
 def save_tracking(result: TrackingResult, folder: str, accumulated: bool = False,

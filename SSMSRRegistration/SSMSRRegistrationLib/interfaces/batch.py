@@ -34,9 +34,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from ..common.errors import InputError, RegistrationCancelled
-from ..common.presets import budget
 from ..common.protocol import check_device_name, finished_event
-from ..common.schedule import parse_scales
+from ..common.run_config import RUN_OPTIONS, RunConfiguration, combined
 from ..workflows.batch import (FAILED, OK, RESULTS, SKIPPED, CaseOptions, Job, failed_row, finished_row, read_jobs,
                                remove_staging, run_case, write_results)
 
@@ -165,7 +164,8 @@ def _run_on_worker(key: str, job: Job, output: str, options: CaseOptions, thread
     with _GPU_LOCK:
         index = _FREE_GPUS.setdefault(first, list(range(first, first + gpus))).pop(0)
     try:
-        return run_case(job, output, replace(options, device=f"cuda:{index}"), should_stop)
+        return run_case(job, output, replace(options, config=options.config.with_overrides(device=f"cuda:{index}")),
+                        should_stop)
     finally:
         with _GPU_LOCK:
             _FREE_GPUS[first].append(index)
@@ -220,43 +220,37 @@ class _Progress:
                     print(f"  failed: {row['case']}: {row['error']}", flush=True)
 
 
-def _case_options(options: Dict[str, Any]) -> CaseOptions:
-    """CaseOptions from keyword arguments, checked here so that a bad option fails once, not once per case."""
-    unknown = set(options) - set(CaseOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"run_batch() got unknown options: {', '.join(sorted(unknown))}")
-    case_options = CaseOptions(**options)
-    for cine in (False, True):
-        parse_scales(budget(case_options.preset, cine=cine, scales=case_options.scales, steps=case_options.steps,
-                            precision=case_options.precision).scales)
-    try:
-        device = check_device_name(case_options.device)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    if case_options.model and not os.path.isfile(case_options.model):
-        raise InputError(f"The model file {case_options.model!r} does not exist; check the path.")
-    if case_options.top_k < 1 or case_options.batch_size < 0:
-        raise InputError("--top-k must be at least 1 and --batch at least 0.")
-    return replace(case_options, device=device,
-                   model=os.path.abspath(case_options.model) if case_options.model else None)
+def _case_options(config: Optional[RunConfiguration], preset: Optional[str], model: Optional[str], top_k: int,
+                  options: Dict[str, Any]) -> CaseOptions:
+    """The cases' options, checked here so that a bad option fails once, not once per case."""
+    configuration = combined(config, preset, **options)
+    for kind in ("pair", "cine"):
+        configuration.only_for(kind).resolve(kind)
+    if model and not os.path.isfile(model):
+        raise InputError(f"The model file {model!r} does not exist; check the path.", setting="model")
+    if int(top_k) < 1:
+        raise InputError(f"{{setting}} must be at least 1, got {top_k}.", setting="top_k")
+    return CaseOptions(config=configuration, model=os.path.abspath(model) if model else None, top_k=int(top_k))
 
 
 def run_batch(jobs_csv: str, output: str, *, workers: Optional[int] = None, scheduler: Optional[str] = None,
               threads_per_worker: Optional[int] = None, gpus_per_worker: Optional[int] = None, retries: int = 1,
-              progress: str = "none", **options) -> List[Dict[str, Any]]:
+              progress: str = "none", config: Optional[RunConfiguration] = None, preset: Optional[str] = None,
+              model: Optional[str] = None, top_k: int = 1, **options) -> List[Dict[str, Any]]:
     """Run every case of ``jobs_csv`` into ``output``/CASE on Dask and write ``output``/results.csv.
 
-    ``options``: the fields of ``workflows.batch.CaseOptions`` (preset, scales, steps, precision, smoothness_weight,
-    ncc_window, learning_rate, mse_weight, device, seed, model, top_k, batch_size). ``retries``: extra attempts of a
-    case whose worker raised an error. ``progress``: 'bar', 'jsonl' or 'none'. Returns the results rows in the jobs
-    file's order. Raises InputError for a bad jobs file or options, BatchInterrupted when interrupted (results.csv then
-    lists the cases done).
+    ``config``, ``preset``, ``options``: the run configuration (``common.run_config``; each case takes the options of
+    its kind, e.g. ``batch_size`` only track cases). ``model``: a model file for register and segment cases;
+    ``top_k``: atlases fused by segment cases. ``retries``: extra attempts of a case whose worker raised an error.
+    ``progress``: 'bar', 'jsonl' or 'none'. Returns the results rows in the jobs file's order. Raises InputError for a
+    bad jobs file or options, BatchInterrupted when interrupted (results.csv then lists the cases done).
     """
     jobs = read_jobs(jobs_csv)
-    case_options = _case_options(options)
+    case_options = _case_options(config, preset, model, top_k, options)
     if retries < 0:
-        raise InputError(f"--retries must be 0 or more, got {retries}.")
-    plan = plan_cluster(scheduler, workers, threads_per_worker, gpus_per_worker, case_options.device)
+        raise InputError(f"{{setting}} must be 0 or more, got {retries}.", setting="retries")
+    device = check_device_name(case_options.config.resolve("pair").device)
+    plan = plan_cluster(scheduler, workers, threads_per_worker, gpus_per_worker, device)
     output = os.path.abspath(os.fspath(output))
     os.makedirs(output, exist_ok=True)
     rows = {job.case: row for job in jobs for row in [finished_row(output, job.case)] if row is not None}
@@ -313,7 +307,6 @@ def options_from_args(args) -> Dict[str, Any]:
     """``run_batch`` keyword arguments from the parsed ``ssmsr batch`` command line."""
     return dict(workers=args.workers, scheduler=args.scheduler, threads_per_worker=args.threads_per_worker,
                 gpus_per_worker=args.gpus_per_worker, retries=args.retries, progress=args.progress,
-                preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
-                smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
-                mse_weight=args.mse_weight, device=args.device, seed=args.seed, model=args.model, top_k=args.top_k,
-                batch_size=args.batch)
+                config=RunConfiguration.of(args.preset, **{option.name: getattr(args, option.name, None)
+                                                           for option in RUN_OPTIONS}),
+                model=args.model, top_k=args.top_k)

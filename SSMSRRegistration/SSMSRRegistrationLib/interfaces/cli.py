@@ -7,6 +7,7 @@ from the recorded ones, 130 cancelled.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -14,12 +15,18 @@ import traceback
 from typing import List, Optional
 
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
-from ..common.presets import DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, PRECISIONS, PRESETS, budget
-from ..common.schedule import DEFAULT_MAX_VOXELS
+from ..common.presets import DEFAULT_PRESET, PRESETS
+from ..common.run_config import OPTIONS, RunConfiguration, default_text, options_for
 from ..report.progress import Reporter, make_reporter
+from . import apply_command
 from .threads import configure_threads
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 2, 3, 4, 130
+
+#: Format name and version of a job file (``ssmsr job``), written by the Slicer logic (``mrml.worker_command``).
+JOB_FORMAT, JOB_FORMAT_VERSION = "ssmsr-job", 1
+#: The commands a job file may run, and the kind of run of each.
+JOB_COMMANDS = {"register": "pair", "track": "cine", "segment": "pair"}
 
 #: Options of ``register`` and ``track`` that name what they write; ``rerun`` redirects them into its folder.
 OUTPUT_OPTIONS = {"register": ("output", "warped", "warped_labels", "jacobian", "affine_output", "inverse"),
@@ -35,39 +42,27 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_training_options(parser: argparse.ArgumentParser, steps_help: str, window_help: str,
-                          default_scales: Optional[str] = None) -> None:
-    """Options shared by every command that trains. Without ``default_scales`` (register, track, segment) the
-    schedule, steps and precision default to those of --preset (``presets``)."""
-    if default_scales is None:
-        parser.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
-                            help="; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
-                            + f" (default: {DEFAULT_PRESET})")
-        parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                            help="mixed: bfloat16 convolutions where the device supports them (float32 elsewhere); "
-                                 "float32: the plain reference (default: the preset's, mixed)")
-    scales_default, steps_default = (default_scales, "3500") if default_scales else ("the preset's",) * 2
-    parser.add_argument("--scales", default=default_scales,
-                        help=f"coarse-to-fine schedule (default: {scales_default}; '1' is single scale, SSR)")
-    parser.add_argument("--steps", type=int, default=3500 if default_scales else None,
-                        help=f"{steps_help} (default: {steps_default})")
-    parser.add_argument("--lambda", dest="smoothness_weight", type=float, default=None,
-                        help="smoothness weight (default: the preset's)" if default_scales is None
-                        else "smoothness weight (default: 10)")
-    parser.add_argument("--window", type=int, default=None, help=window_help)
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate (default: the preset's)" if default_scales is None
-                        else "Adam learning rate (default: 1e-3)")
-    if default_scales is None:
-        parser.add_argument("--mse-weight", type=float, default=None,
-                            help="weight of the mean squared intensity difference (intensities in [0, 1]) added to the "
-                                 "paper's loss, for images whose intensities correspond (default: the preset's; "
-                                 f"{DEFAULT_PRESET}: {budget(DEFAULT_PRESET, cine=True).mse_weight:g} for cines, "
-                                 f"{budget(DEFAULT_PRESET).mse_weight:g} for pairs)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+def add_run_options(parser: argparse.ArgumentParser, kind: str) -> None:
+    """The run options of ``kind`` runs (``common.run_config.RUN_OPTIONS``) and --preset, each defaulting to None
+    (not given: the preset's value, see ``run_configuration``), and --progress."""
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                        help="; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+                        + f" (default: {DEFAULT_PRESET})")
+    for option in options_for(kind):
+        parser.add_argument(option.flag, *option.aliases, dest=option.name, type=option.type, default=None,
+                            choices=option.choices or None, metavar=option.metavar,
+                            help=f"{option.help} (default: {default_text(option, kind)})")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                         help="terminal bar, JSON lines on stdout (for programs), or nothing (default: bar)")
+
+
+def run_configuration(args, kind: str) -> RunConfiguration:
+    """The run configuration of a parsed command: its --preset and the run options given, or the configuration of a
+    job file (``ssmsr job``)."""
+    if getattr(args, "config", None) is not None:
+        return args.config
+    return RunConfiguration.of(args.preset, **{option.name: getattr(args, option.name, None)
+                                               for option in options_for(kind)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,21 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "file (.tfm, .txt, .h5, .mat)")
     reg.add_argument("--inverse", metavar="OUT", help="write the inverse displacement field on the moving image's grid "
                                                       "(maps moving points to fixed points)")
-    _add_training_options(reg, steps_help="training steps per scale",
-                          window_help="local NCC window in voxels of the working grid (default: 5 in 3D, 6 in 2D)")
-    reg.add_argument("--window-mm", type=float, metavar="MM",
-                     help="local NCC window in millimetres (overrides --window)")
-    reg.add_argument("--spacing", type=float, metavar="MM",
-                     help="voxel side of the isotropic working grid the registration runs on (default: the fixed "
-                          "image's finest spacing within --max-voxels, coarser if the device's memory requires; "
-                          "the field is written on the fixed grid)")
-    reg.add_argument("--stop-window", type=int, metavar="N",
-                     help="convergence-based stopping: each scale ends when its mean loss over the last N steps fell "
-                          "by less than --stop-tolerance; --steps is then a maximum (default: 0, train every step)")
-    reg.add_argument("--stop-tolerance", type=float, metavar="T",
-                     help=f"see --stop-window (default: {DEFAULT_STOP_TOLERANCE:g})")
-    reg.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
-                     help=f"voxel budget of the automatic working grid (default: {DEFAULT_MAX_VOXELS})")
+    add_run_options(reg, "pair")
     _add_model_option(reg)
 
     trk = commands.add_parser("track", help="track the motion through a 2D+t cine (e.g. an echocardiogram)",
@@ -124,13 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     trk.add_argument("--mask", default="auto", metavar="auto|FILE",
                      help="'auto' (intensities in [0.005, 0.995] dilated by a 16-pixel disk, as in the paper), or "
                           "a mask file: one 2D mask or one mask per frame, non-zero inside (default: auto)")
-    trk.add_argument("--batch", type=int, default=1, metavar="N",
-                     help="frame pairs per training step, drawn at random; 0: all pairs (default: 1)")
     trk.add_argument("--accumulate", action="store_true",
                      help="also write accumulated_NNNN.nii.gz and accumulated.nii.gz (frame 0 onto frame NNNN)")
     trk.add_argument("--no-figures", action="store_true", help="do not draw tracking.gif and tracking.png")
-    _add_training_options(trk, steps_help="training steps per scale for the whole sequence",
-                          window_help="local NCC window of the loss in pixels (default: 6)")
+    add_run_options(trk, "cine")
 
     trn = commands.add_parser("train", help="pretrain the per-scale networks on a collection of image pairs",
                               description="Train one U-Net per scale, coarse to fine, on a collection of pairs (as "
@@ -145,19 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--resume", metavar="MODEL",
                      help="continue the training saved in this checkpoint (same PAIRS; its settings are used)")
     trn.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
-    trn.add_argument("--batch", type=int, default=None, metavar="N",
-                     help="pairs per step, drawn at random (default: 1; more than 1 needs images of one size)")
-    trn.add_argument("--validation-fraction", type=float, default=None, metavar="F",
-                     help="fraction of the pairs (of a CSV) or images (of a folder) held out to measure the "
-                          "validation loss (default: 0.2; 0: none)")
-    trn.add_argument("--validation-every", type=int, default=None, metavar="N",
-                     help="steps between validation losses (default: 100)")
-    trn.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                     help="steps between checkpoints (default: 500; one is also written after each scale)")
-    _add_training_options(trn, steps_help="training steps per scale",
-                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)", default_scales="1/2,1")
-    # None: the defaults of a new training, or the checkpoint's values with --resume.
-    trn.set_defaults(scales=None, steps=None, smoothness_weight=None, lr=None, seed=None)
+    add_run_options(trn, "pretrain")  # with --resume: the checkpoint's values, unless given
 
     seg = commands.add_parser("segment", help="segment an image with the most similar atlas(es)",
                               description="Rank the atlases by NLCC with TARGET (each brought onto the target grid "
@@ -172,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--top-k", type=int, default=1, metavar="K",
                      help="register the K best-ranked atlases and fuse their labels by majority vote (default: 1)")
     seg.add_argument("--fixed-mask", metavar="M", help="mask of the target restricting the ranking and the similarity")
-    _add_training_options(seg, steps_help="training steps per scale and atlas",
-                          window_help="local NCC window in voxels, also used for the ranking (default: 5 in 3D, "
-                                      "6 in 2D)")
+    add_run_options(seg, "pair")
     _add_model_option(seg)
     for command in (reg, trk, trn, seg):
         command.add_argument("--threads", type=int, metavar="N",
@@ -202,10 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--retries", type=int, default=1, metavar="R",
                      help="extra attempts of a case whose worker failed (bad input is not retried; default: 1)")
     bat.add_argument("--top-k", type=int, default=1, metavar="K", help="segment cases: atlases to register and fuse")
-    bat.add_argument("--batch", type=int, default=1, metavar="N", help="track cases: frame pairs per training step")
-    _add_training_options(bat, steps_help="training steps per scale (track: for the whole sequence)",
-                          window_help="local NCC window in voxels (default: 5 in 3D, 6 in 2D)")
+    add_batch_run_options(bat)
     _add_model_option(bat)
+
+    apply_command.add_parser(commands)
+
+    job = commands.add_parser("job", help="run a job file (JSON: a command, its arguments and a run configuration), "
+                                          "as the 3D Slicer module starts its worker",
+                              description="Run the register, track or segment command that JOB describes: "
+                                          f"{{\"format\": \"{JOB_FORMAT}\", \"format_version\": {JOB_FORMAT_VERSION}, "
+                                          "\"command\": \"register\", \"arguments\": {the command's arguments by "
+                                          "name: fixed, moving, output, ...}, \"configuration\": {a run configuration: "
+                                          "preset and overrides}}. Progress as JSON lines, as with --progress jsonl.")
+    job.add_argument("job", metavar="JOB", help="the job file")
+    job.add_argument("--threads", type=int, metavar="N", help="CPU threads (as for register)")
 
     rer = commands.add_parser("rerun", help="run a register, track or segment command again from its provenance file",
                               description="Run the command recorded in PROVENANCE (NAME.provenance.json beside a "
@@ -223,13 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_batch_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ssmsr batch``: those of pair runs, then those only cines take (for its track cases)."""
+    add_run_options(parser, "pair")
+    for option in options_for("cine"):
+        if "pair" not in option.kinds:
+            parser.add_argument(option.flag, *option.aliases, dest=option.name, type=option.type, default=None,
+                                metavar=option.metavar,
+                                help=f"track cases: {option.help} (default: {default_text(option, 'cine')})")
+
+
 def _add_model_option(parser: argparse.ArgumentParser) -> None:
     """--model MODEL; the schedule, smoothness weight and window then default to the model's."""
     parser.add_argument("--model", metavar="MODEL",
                         help="start test-time training from a model written by `ssmsr train` (with --steps 0: "
                              "inference only, the VoxelMorph-equivalent); its scales, smoothness weight and window "
                              "are then the defaults")
-    parser.set_defaults(scales=None, smoothness_weight=None)
 
 
 def _check_outputs(args) -> None:
@@ -249,13 +232,8 @@ def run_register(args, reporter: Reporter) -> None:
 
     _check_outputs(args)
     result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, moving_labels=args.moving_labels,
-                      initial=args.initial,
-                      preset=args.preset, scales=args.scales, steps=args.steps, precision=args.precision,
-                      smoothness_weight=args.smoothness_weight,
-                      ncc_window=args.window, ncc_window_mm=args.window_mm, spacing=args.spacing,
-                      max_voxels=args.max_voxels, stop_window=args.stop_window, stop_tolerance=args.stop_tolerance,
-                      learning_rate=args.lr, mse_weight=args.mse_weight, device=args.device, seed=args.seed,
-                      model=args.model, progress=reporter.handle)
+                      initial=args.initial, model=args.model, config=run_configuration(args, "pair"),
+                      progress=reporter.handle)
     result.provenance["command"] = command_record(args)
     outputs = result.save(args.output, warped_path=args.warped, warped_labels_path=args.warped_labels,
                           jacobian_path=args.jacobian, affine_path=args.affine_output, inverse_path=args.inverse)
@@ -271,23 +249,22 @@ def run_track(args, reporter: Reporter) -> None:
     check_output_folder(args.output)
     if not args.no_figures:
         check_figure_support()
-    result = track(args.cine, mask=args.mask, preset=args.preset, scales=args.scales, steps=args.steps,
-                   precision=args.precision, batch_size=args.batch,
-                   smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
-                   mse_weight=args.mse_weight, device=args.device, seed=args.seed, progress=reporter.handle)
+    result = track(args.cine, mask=args.mask, config=run_configuration(args, "cine"), progress=reporter.handle)
     result.provenance["command"] = command_record(args)
     outputs = save_tracking(result, args.output, accumulated=args.accumulate, draw_figures=not args.no_figures)
     reporter.finished(outputs, result.summary())
 
 
 def command_record(args) -> dict:
-    """The command as the provenance records it: every parsed option (input and output paths made absolute, the
-    torch thread count it ran with) for ``rerun``, and the command line as typed, in its folder, for people."""
+    """The command as the provenance records it: its arguments (input and output paths made absolute, the torch
+    thread count it ran with) and its run configuration, for ``rerun``; the command line as typed, for people."""
     import shlex
 
     import torch
 
-    arguments = {name: value for name, value in vars(args).items() if name != "argv"}
+    kind = JOB_COMMANDS[args.command]
+    run_options = {option.name for option in options_for(kind)} | {"preset", "config", "argv"}
+    arguments = {name: value for name, value in vars(args).items() if name not in run_options}
     for name in INPUT_OPTIONS + OUTPUT_OPTIONS[args.command]:
         value = arguments.get(name)
         if isinstance(value, str) and (name in OUTPUT_OPTIONS[args.command] or os.path.exists(value)):
@@ -297,7 +274,48 @@ def command_record(args) -> dict:
     arguments["threads"] = torch.get_num_threads()
     typed = ["ssmsr", *args.argv] if getattr(args, "argv", None) else ["ssmsr", args.command]
     return {"name": args.command, "arguments": arguments,
+            "configuration": run_configuration(args, kind).to_json(),
             "command_line": f"cd {shlex.quote(os.getcwd())} && {shlex.join(typed)}"}
+
+
+def read_job(path: str) -> argparse.Namespace:
+    """The parsed command of a job file: the command's defaults, its arguments, and its run configuration
+    (``args.config``); InputError naming what is wrong with the file."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            job = json.load(stream)
+    except OSError as error:
+        raise InputError(f"Cannot read the job file {path!r} ({error.strerror}).") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"The job file {path!r} is not JSON ({error.msg}, line {error.lineno}).") from None
+    if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
+        raise InputError(f"{path!r} is not an SSMSR job file (format {JOB_FORMAT!r}).")
+    if int(job.get("format_version", 0)) > JOB_FORMAT_VERSION:
+        raise InputError(f"The job file {path!r} was written by a newer SSMSR (format version "
+                         f"{job['format_version']}); update the SSMSR worker.")
+    command = job.get("command")
+    if command not in JOB_COMMANDS:
+        raise InputError(f"The job file {path!r} asks for the command {command!r}; a job runs one of: "
+                         f"{', '.join(JOB_COMMANDS)}.")
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    arguments = job.get("arguments") or {}
+    run_options = {option.name for option in options_for(JOB_COMMANDS[command])} | {"preset", "progress"}
+    unknown = sorted(set(arguments) - set(defaults) | (set(arguments) & run_options))
+    if unknown:
+        raise InputError(f"The job file {path!r} gives unknown arguments for {command}: {', '.join(unknown)} (the run "
+                         "options belong in its configuration).")
+    namespace = argparse.Namespace(**{**defaults, **arguments, "command": command, "progress": "jsonl"})
+    namespace.config = RunConfiguration.from_json(job.get("configuration") or {})
+    namespace.config.resolve(JOB_COMMANDS[command])
+    return namespace
+
+
+def run_job(args, reporter: Reporter) -> None:
+    """``ssmsr job``: the job file's command, with its run configuration."""
+    job = read_job(args.job)
+    job.threads, job.argv = args.threads, ["job", os.path.abspath(args.job)]
+    {"register": run_register, "track": run_track, "segment": run_segment}[job.command](job, reporter)
 
 
 def run_rerun(args, reporter: Reporter) -> int:
@@ -317,6 +335,7 @@ def run_rerun(args, reporter: Reporter) -> int:
                 raise InputError(f"The {name} input {recorded['path']!r} changed since the recorded run (its SHA-256 "
                                  "differs); a rerun would not reproduce it.")
     rerun = argparse.Namespace(**command["arguments"])
+    rerun.config = RunConfiguration.from_json(command["configuration"])
     rerun.progress, rerun.argv = args.progress, ["rerun", os.path.abspath(args.provenance), "-o", args.output]
     folder = os.path.abspath(args.output)
     if command["name"] == "track":
@@ -345,12 +364,8 @@ def run_train(args, reporter: Reporter) -> None:
     handlers = {number: signal.signal(number, lambda signum, frame: stop_requested.append(signum))
                 for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(args.pairs, args.output, scales=args.scales, steps=args.steps, batch_size=args.batch,
-                       validation_fraction=args.validation_fraction, smoothness_weight=args.smoothness_weight,
-                       ncc_window=args.window, learning_rate=args.lr, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, validation_every=args.validation_every,
-                       device=args.device, resume=args.resume, overwrite=args.overwrite,
-                       progress=reporter.handle, should_stop=lambda: bool(stop_requested))
+        result = train(args.pairs, args.output, config=run_configuration(args, "pretrain"), resume=args.resume,
+                       overwrite=args.overwrite, progress=reporter.handle, should_stop=lambda: bool(stop_requested))
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
@@ -366,10 +381,8 @@ def run_segment(args, reporter: Reporter) -> None:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise InputError(f"The folder of the output {args.output!r} does not exist; create it first.")
     result = segment(args.target, [tuple(atlas) for atlas in args.atlas], top_k=args.top_k,
-                     fixed_mask=args.fixed_mask, model=args.model, preset=args.preset, scales=args.scales,
-                     steps=args.steps, precision=args.precision,
-                     smoothness_weight=args.smoothness_weight, ncc_window=args.window, learning_rate=args.lr,
-                     mse_weight=args.mse_weight, device=args.device, seed=args.seed, progress=reporter.handle)
+                     fixed_mask=args.fixed_mask, model=args.model, config=run_configuration(args, "pair"),
+                     progress=reporter.handle)
     result.provenance["command"] = command_record(args)
     outputs = result.save(args.output)
     reporter.finished(outputs, result.metrics)
@@ -388,6 +401,17 @@ def run_batch_command(args, reporter: Reporter) -> int:
     return EXIT_INTERNAL if any(row["status"] == "failed" for row in rows) else EXIT_OK
 
 
+def flag_of(setting: str) -> str:
+    """How the command line names ``setting`` (an API keyword): its flag, e.g. "--lambda" for smoothness_weight."""
+    if setting in OPTIONS:
+        return OPTIONS[setting].flag
+    for command in build_parser()._subparsers._group_actions[0].choices.values():
+        for action in command._actions:
+            if action.dest == setting and action.option_strings:
+                return action.option_strings[-1]
+    return setting
+
+
 def use_threads(threads: int) -> None:
     """Give torch the thread count (after ``configure_threads`` set the OpenMP environment it starts with)."""
     import torch
@@ -400,7 +424,10 @@ def _raise_cancelled(signum, frame):
 
 
 def _requested_progress(argv: List[str]) -> str:
-    """The --progress choice, read before full parsing so that usage errors also follow the protocol."""
+    """The --progress choice (a job's: JSON lines), read before full parsing so that usage errors also follow the
+    protocol."""
+    if argv[:1] == ["job"]:
+        return "jsonl"
     for index, item in enumerate(argv):
         value = item.split("=", 1)[1] if item.startswith("--progress=") else (
             argv[index + 1] if item == "--progress" and index + 1 < len(argv) else None)
@@ -432,9 +459,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_batch_command(args, reporter)
         elif args.command == "rerun":
             return run_rerun(args, reporter)
+        elif args.command == "job":
+            run_job(args, reporter)
+        elif args.command == "apply":
+            apply_command.run(args, reporter)
         return EXIT_OK
     except InputError as error:
-        reporter.error(str(error), "input")
+        reporter.error(error.worded(flag_of), "input")
         return EXIT_INPUT
     except BrokenPipeError:
         # Whoever read our output has gone (e.g. the Slicer process ended): stop without writing outputs.

@@ -124,6 +124,9 @@ class BarReporter(Reporter):
             print(f"ssmsr: done in {metrics.get('seconds', 0):.1f} s; {len(metrics.get('selected', []))} atlas(es) "
                   f"registered; {written}", file=sys.stderr, flush=True)
             return
+        if "applied" in metrics:
+            print(f"ssmsr: applied in {metrics.get('seconds', 0):.1f} s; {written}", file=sys.stderr, flush=True)
+            return
         if "training" in metrics:
             final = metrics.get("final_validation_loss")
             print(f"ssmsr: trained in {metrics.get('seconds', 0):.1f} s"

@@ -1,9 +1,9 @@
 """Apply a saved registration to other images, label maps and points (the counterpart of ANTs' apply_transforms).
 
     >>> from SSMSRRegistrationLib.workflows.apply import read_transform
-    >>> transform = read_transform("field.nii.gz")            # or "field.provenance.json"
-    >>> warped = transform.apply_to_image("other_moving.nii.gz")
-    >>> landmarks_on_fixed = transform.apply_to_points(landmarks_on_moving_lps)
+    >>> transform = read_transform("field.nii.gz")  # or "field.provenance.json"  # doctest: +SKIP
+    >>> warped = transform.apply_to_image("other_moving.nii.gz")  # doctest: +SKIP
+    >>> landmarks_on_fixed = transform.apply_to_points(landmarks_on_moving_lps)  # doctest: +SKIP
 
 Directions. A result of ``register`` is a displacement field u on the fixed grid (mm, LPS, ITK's resampling
 convention): the fixed point p corresponds to the moving point p + u(p); the field includes the pre-alignment.
@@ -232,7 +232,24 @@ def read_transform(source: Union[str, os.PathLike, sitk.Image, Any]) -> Transfor
     """A registration result as a ``Transform``: a displacement field file (NIfTI, NRRD, MHA vector image or ITK
     .h5, as ``register`` and ANTs write), a provenance file NAME.provenance.json written beside a result (the
     field it names, and the inverse field when ``register`` wrote one), a SimpleITK field image, or an object with
-    a ``field`` image (``register``'s RegistrationOutput)."""
+    a ``field`` image (``register``'s RegistrationOutput).
+
+    A saved registration of two echocardiogram frames applied again to the moving frame and to a point:
+
+    >>> import tempfile, SSMSRRegistrationLib as ssmsr
+    >>> from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
+    >>> fixed, moving = shipped_echo_frames([0, 20])
+    >>> written = ssmsr.register(fixed, moving, scales="1/2,1", steps=5, device="cpu").save(
+    ...     tempfile.mkdtemp() + "/field.nii.gz", warped_path=tempfile.mkdtemp() + "/warped.nii.gz")
+    >>> transform = ssmsr.read_transform(written["provenance"])
+    >>> warped = transform.apply_to_image(moving)
+    >>> import numpy as np, SimpleITK as sitk
+    >>> bool(np.abs(sitk.GetArrayFromImage(warped) - sitk.GetArrayFromImage(sitk.ReadImage(written["warped"]))).max()
+    ...      < 1e-3)
+    True
+    >>> transform.apply_to_points([[80.0, 60.0]]).shape
+    (1, 2)
+    """
     if isinstance(source, sitk.Image):
         return Transform(_checked_field(source, "the displacement field"))
     if not isinstance(source, (str, os.PathLike)) and isinstance(getattr(source, "field", None), sitk.Image):
@@ -458,7 +475,21 @@ def apply(transform: Union[Transform, str, os.PathLike, sitk.Image, Any], image:
           default_value: float = 0.0, unmapped: str = "nan"):
     """Apply a registration result (a ``Transform`` or anything ``read_transform`` reads) to one input: an image
     (returns the resampled image), a label map (returns the resampled label map) or (N, ndim) LPS points (returns
-    the mapped points). ``inverse``: fixed -> moving (images and labels then need ``reference``)."""
+    the mapped points). ``inverse``: fixed -> moving (images and labels then need ``reference``).
+
+    A registration's result carries a label map drawn on the moving frame to the fixed frame, and back:
+
+    >>> import SimpleITK as sitk, SSMSRRegistrationLib as ssmsr
+    >>> from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
+    >>> fixed, moving = shipped_echo_frames([0, 20])
+    >>> output = ssmsr.register(fixed, moving, scales="1/2,1", steps=5, device="cpu")
+    >>> labels = sitk.Cast(moving > 60, sitk.sitkUInt8)
+    >>> on_fixed = ssmsr.apply(output, labels=labels)
+    >>> on_fixed.GetSize() == fixed.GetSize(), on_fixed.GetPixelID() == labels.GetPixelID()
+    (True, True)
+    >>> ssmsr.apply(output, labels=on_fixed, inverse=True, reference=moving).GetSize() == moving.GetSize()
+    True
+    """
     given = [name for name, value in (("image", image), ("labels", labels), ("points", points)) if value is not None]
     if len(given) != 1:
         raise InputError(f"Give exactly one of an image, a label map or points to apply the transform to (got "

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..common.errors import InputError
-from ..common.presets import DEFAULT_PRESET
+from ..common.run_config import RunConfiguration
 from ..imaging.atomic import write_atomically
 from ..imaging.images import check_image, read_image, resample_onto, same_grid
 from .register import register
@@ -69,22 +69,12 @@ class Job:
 
 @dataclass(frozen=True)
 class CaseOptions:
-    """What every case trains with (as for ``register``, ``segment`` and ``track``); ``model`` is used by register
-    and segment cases, ``top_k`` by segment cases, ``batch_size`` (pairs per step) by track cases."""
+    """What every case runs with: the run configuration (each case takes the options of its kind), the model
+    (register and segment cases) and the atlases to fuse (``top_k``, segment cases)."""
 
-    preset: str = DEFAULT_PRESET
-    scales: Optional[str] = None
-    steps: Optional[int] = None
-    precision: Optional[str] = None
-    smoothness_weight: Optional[float] = None
-    ncc_window: Optional[int] = None
-    learning_rate: Optional[float] = None
-    mse_weight: Optional[float] = None
-    device: str = "auto"
-    seed: int = 0
+    config: RunConfiguration = RunConfiguration()
     model: Optional[str] = None
     top_k: int = 1
-    batch_size: int = 1
 
 
 def _problem(jobs_csv: str, line: int, message: str) -> InputError:
@@ -195,12 +185,6 @@ def _dice_against(path: str, labels: sitk.Image) -> Dict[str, float]:
     return dice_scores(sitk.GetArrayViewFromImage(reference), sitk.GetArrayViewFromImage(labels))
 
 
-def _training(options: CaseOptions) -> Dict[str, Any]:
-    return dict(preset=options.preset, scales=options.scales, steps=options.steps, precision=options.precision,
-                ncc_window=options.ncc_window, learning_rate=options.learning_rate, mse_weight=options.mse_weight,
-                device=options.device, seed=options.seed)
-
-
 def _registration_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {"device": metrics["device"], "final_loss": metrics["final_loss"],
             "folded_percent": metrics["percent_non_positive_jacobian"],
@@ -211,8 +195,7 @@ def _run_register(job: Job, staging: str, options: CaseOptions, should_stop: Opt
     inputs = job.inputs
     labels = inputs.get("moving_labels")
     result = register(inputs["fixed"], inputs["moving"], fixed_mask=inputs.get("fixed_mask"), moving_labels=labels,
-                      smoothness_weight=options.smoothness_weight, model=options.model, should_stop=should_stop,
-                      **_training(options))
+                      model=options.model, config=options.config.only_for("pair"), should_stop=should_stop)
     files = {"field": "field.nii.gz", "warped": "warped.nii.gz", "jacobian": "jacobian.nii.gz",
              "warped_labels": "warped_labels.nii.gz" if labels else None}
     result.save(os.path.join(staging, files["field"]), warped_path=os.path.join(staging, files["warped"]),
@@ -227,8 +210,8 @@ def _run_register(job: Job, staging: str, options: CaseOptions, should_stop: Opt
 def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Optional[StopPoll]):
     inputs = job.inputs
     result = segment(inputs["target"], list(inputs["atlases"]), top_k=options.top_k,
-                     fixed_mask=inputs.get("fixed_mask"), model=options.model,
-                     smoothness_weight=options.smoothness_weight, should_stop=should_stop, **_training(options))
+                     fixed_mask=inputs.get("fixed_mask"), model=options.model, config=options.config.only_for("pair"),
+                     should_stop=should_stop)
     files = {"labels": "labels.nii.gz"}
     result.save(os.path.join(staging, files["labels"]))
     per_atlas = [_registration_values(metrics) for metrics in result.registrations]
@@ -240,9 +223,8 @@ def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Opti
 
 
 def _run_track(job: Job, staging: str, options: CaseOptions, should_stop: Optional[StopPoll]):
-    result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), batch_size=options.batch_size,
-                   smoothness_weight=options.smoothness_weight,
-                   should_stop=should_stop, **_training(options))
+    result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), config=options.config.only_for("cine"),
+                   should_stop=should_stop)
     written = result.save(staging)
     files = {key: os.path.basename(path) for key, path in written.items() if path and key != "folder"}
     summary = result.summary()

@@ -97,14 +97,15 @@ class SavedModel:
         """Raise InputError unless this model can register ``ndim``-D images with the schedule ``scales``."""
         if not self.complete:
             raise InputError(f"{path} is a checkpoint of an unfinished training ({self.progress_text()}); "
-                             "finish it with `ssmsr train PAIRS -o MODEL --resume MODEL`, or give a finished model.")
+                             "finish it by resuming that training ({setting}), or give a finished model.",
+                             setting="resume")
         if ndim != self.ndim:
             raise InputError(f"{path} was trained on {self.ndim}D images but the images to register are {ndim}D; "
                              f"use a model trained on {ndim}D images (or none, to train from scratch).")
         if scales is not None and tuple(scales) != tuple(self.scales):
             raise InputError(f"{path} was trained for the scales {format_scales(self.scales)}, not "
-                             f"{format_scales(scales)}; leave the scales out (the model's are used) or pass "
-                             f"--scales {format_scales(self.scales)}.")
+                             f"{format_scales(scales)}; leave {{setting}} out (the model's are used) or set it to "
+                             f"{format_scales(self.scales)}.", setting="scales")
 
     def to_file_dict(self) -> Dict[str, Any]:
         """The ``weights_only``-loadable dict that ``save_model`` writes."""
@@ -233,7 +234,7 @@ def _check_state(path: str, state: Any, template: StateDict, role: str) -> None:
                                 "damaged file)")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise _reject(path, f"{role} has NaN or infinite weights (the training diverged)",
-                          "train again with a lower learning rate (--lr) or a larger smoothness weight")
+                          "train again with a lower learning rate or a larger smoothness weight")
 
 
 def model_summary(model: SavedModel) -> Dict[str, Any]:

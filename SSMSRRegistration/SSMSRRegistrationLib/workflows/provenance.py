@@ -24,6 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from ..common.errors import InputError
+from ..common.run_config import RunConfiguration
 from ..imaging.atomic import write_atomically
 
 FORMAT = "ssmsr-provenance"
@@ -150,14 +151,16 @@ def settings_record(settings: Any) -> Dict[str, Any]:
     return {name: plain(value) for name, value in dataclasses.asdict(settings).items()}
 
 
-def run_record(kind: str, settings: Any, inputs: Mapping[str, Any], options: Mapping[str, Any],
-               device: str) -> Dict[str, Any]:
-    """The provenance of one run (``kind``: "register" or "track"): the engine ``settings`` it resolved, the
-    ``inputs`` (name -> path, image or None; digested), the workflow ``options`` that are not engine settings
-    (pre-alignment, working grid, ...), and the software and machine."""
+def run_record(kind: str, settings: Any, configuration: RunConfiguration, inputs: Mapping[str, Any],
+               options: Mapping[str, Any], device: str) -> Dict[str, Any]:
+    """The provenance of one run (``kind``: "register", "track" or "segment"): its run ``configuration`` (preset and
+    overrides) and the engine ``settings`` it resolved to, the ``inputs`` (name -> path, image or None; digested),
+    what the workflow chose beyond them (``options``: pre-alignment, working grid, ...), the software and the
+    machine."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seed": getattr(settings, "seed", None), "settings": settings_record(settings),
+            "seed": getattr(settings, "seed", None), "configuration": configuration.to_json(),
+            "settings": settings_record(settings),
             "options": dict(options), "inputs": {name: input_record(value) for name, value in inputs.items()},
             "software": software(), "machine": machine(device)}
 

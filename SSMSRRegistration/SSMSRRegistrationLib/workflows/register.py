@@ -1,8 +1,8 @@
 """Python API: register two images given as files or SimpleITK images.
 
     >>> from SSMSRRegistrationLib import register
-    >>> result = register("fixed.nii.gz", "moving.nii.gz", scales="1/2,1", steps=500)
-    >>> result.save("field.nii.gz", warped_path="warped.nii.gz")
+    >>> result = register("fixed.nii.gz", "moving.nii.gz", scales="1/2,1", steps=500)  # doctest: +SKIP
+    >>> result.save("field.nii.gz", warped_path="warped.nii.gz")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import SimpleITK as sitk
 import torch
 
 from ..common.errors import InputError
-from ..common.presets import DEFAULT_PRESET, budget
+from ..common.run_config import RunConfiguration, combined, takes_run_options
 from ..common.protocol import STARTED, ProgressCallback
-from ..common.schedule import DEFAULT_MAX_VOXELS, fitting_schedule, parse_scales
+from ..common.schedule import fitting_schedule, parse_scales
 from ..engine.metrics import folding_statistics
 from ..engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
 from ..imaging.alignment import (INITIAL_CHOICES, align, as_affine, check_invertible, inverse_field, is_identity,
@@ -147,81 +147,68 @@ def initial_transform(initial: InitialTransform, fixed: sitk.Image, moving: sitk
     return align(fixed, moving, kind, seed, fixed_mask)
 
 
+@takes_run_options("pair")
 def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageLike] = None,
              moving_labels: Optional[ImageLike] = None, initial: InitialTransform = "auto",
-             preset: str = DEFAULT_PRESET, scales=None,
-             steps: Optional[int] = None, precision: Optional[str] = None,
-             smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
-             ncc_window_mm: Optional[float] = None, spacing: Optional[float] = None,
-             stop_window: Optional[int] = None, stop_tolerance: Optional[float] = None,
-             max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, learning_rate: Optional[float] = None,
-             mse_weight: Optional[float] = None, device: str = "auto", seed: int = 0,
-             initial_networks: Optional[Sequence[dict]] = None,
              model: Optional[Union[str, os.PathLike, SavedModel]] = None,
-             progress: Optional[ProgressCallback] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> RegistrationOutput:
+             initial_networks: Optional[Sequence[dict]] = None, progress: Optional[ProgressCallback] = None,
+             should_stop: Optional[Callable[[], bool]] = None, config: Optional[RunConfiguration] = None,
+             preset: Optional[str] = None, **options) -> RegistrationOutput:
     """Register ``moving`` onto ``fixed`` with SSMSR (multi-scale test-time training).
 
     Args:
         fixed, moving: file paths (any SimpleITK format, or a DICOM series folder) or SimpleITK images,
-            2D or 3D, single channel. Both are resampled onto the working grid (below), the moving image through
-            the pre-alignment; where it has no data (outside its field of view) the similarity is not computed.
+            2D or 3D, single channel. Both are resampled onto the working grid (the ``spacing`` option), the moving
+            image through the pre-alignment; where it has no data (outside its field of view) the similarity is not
+            computed.
         initial: the pre-alignment (see ``initial_transform``): "auto" (affine in 3D, none in 2D), "none",
             "rigid", "affine", an ITK transform file (fixed point -> moving point, e.g. from Slicer's General
             Registration) or a SimpleITK transform. The returned field includes it.
         fixed_mask: optional mask (non-zero inside) restricting the similarity term.
         moving_labels: optional label map on the moving image's physical space, warped with the result.
-        preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps, precision, smoothness
-            weight and learning rate not given explicitly.
-        scales: schedule, e.g. "1/4,1/2,1" ("1" alone is the paper's SSR); default: the model's, or the preset's.
-        steps: test-time training steps per scale (0 with a model or ``initial_networks``: inference only,
-            the VoxelMorph-equivalent baseline); default: the preset's.
-        precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32"; default: the preset's.
-        smoothness_weight: lambda of Eq. 1 (default: the model's, or the preset's); the smoothness term is the squared
-            gradient of the field in mm per mm on the isotropic working grid. ncc_window: local NCC box side in
-            voxels of the working grid (default: the model's, or 5 in 3D and 6 in 2D: 5 mm on a 1 mm grid);
-            ncc_window_mm: the same in millimetres (overrides ``ncc_window``).
-        spacing: the working grid's voxel side in mm (default: the fixed image's finest spacing, coarsened to
-            ``max_voxels``; an isotropic fixed image that fits is registered on its own grid). The training's
-            memory is estimated first: an automatic grid is coarsened to fit the device, an explicit ``spacing``
-            that does not fit raises InputError. The field is written on the fixed grid either way.
-        stop_window, stop_tolerance: convergence-based stopping (``engine.multiscale.converged``): each scale ends
-            when the mean loss of the last ``stop_window`` steps fell by less than ``stop_tolerance``; the steps
-            are then a maximum (default: 0, train every step; tolerance ``presets.DEFAULT_STOP_TOLERANCE``).
-        learning_rate: Adam's learning rate (default: the preset's).
-        mse_weight: weight of the mean squared intensity difference (intensities normalised to [0, 1]) added to
-            Eq. 1's similarity inside the mask (default: the preset's; 0 is the paper's loss).
-        device: 'auto', 'cpu', 'cuda', 'cuda:N'. seed: random seed.
-        initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         model: a model file written by ``ssmsr train`` (or a loaded ``SavedModel``): test-time training starts
-            from its per-scale weights, with its channel widths; its dimension and schedule must fit.
+            from its per-scale weights, with its channel widths; its schedule, smoothness weight and NCC window are
+            then the defaults; its dimension and schedule must fit.
+        initial_networks: optional U-Net weights to start from (one per scale, or one for all).
         progress: callback receiving the engine's progress dicts. should_stop: polled; True cancels.
+        config, preset, options: the run configuration (``common.run_config``): ``config`` (default: the default
+            preset), another ``preset`` ("balanced", "fast" or "paper"), and any run option below as a keyword
+            (None: the preset's value; with ``steps=0`` and a model or ``initial_networks``: inference only, the
+            VoxelMorph-equivalent baseline).
+
+    Two frames of a real echocardiogram (shipped with the module), a short schedule:
+
+    >>> import tempfile, SSMSRRegistrationLib as ssmsr
+    >>> from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
+    >>> fixed, moving = shipped_echo_frames([0, 20])
+    >>> output = ssmsr.register(fixed, moving, preset="fast", scales="1/2,1", steps=10, device="cpu")
+    >>> bool(output.metrics["mse_after"] < output.metrics["mse_before"])
+    True
+    >>> written = output.save(tempfile.mkdtemp() + "/field.nii.gz", warped_path=None)
+    >>> sorted(name for name, path in written.items() if path)
+    ['field', 'provenance']
     """
     if model is not None and initial_networks is not None:
         raise InputError("Give either a model or initial network weights, not both.")
     model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
-    requested_scales = parse_scales(scales) if scales is not None else None
-    plan = budget(preset, steps=steps, precision=precision, stop_window=stop_window, stop_tolerance=stop_tolerance,
-                  learning_rate=learning_rate, mse_weight=mse_weight)
-    settings = RegistrationSettings(
-        scales=requested_scales or (model.scales if model is not None else parse_scales(plan.scales)),
-        steps_per_scale=plan.steps, mixed_precision=plan.mixed_precision,
-        stop_window=plan.stop_window, stop_tolerance=plan.stop_tolerance,
-        smoothness_weight=float(smoothness_weight if smoothness_weight is not None
-                                else model.smoothness_weight if model is not None else plan.smoothness_weight),
-        ncc_window=ncc_window if ncc_window is not None else (model.ncc_window if model is not None else None),
-        mse_weight=plan.mse_weight, learning_rate=plan.learning_rate, seed=int(seed))
+    configuration = combined(config, preset, **options)
+    run = configuration.resolve("pair")
+    settings = RegistrationSettings.from_run(run)
+    given = configuration.overrides
     if model is not None:
+        settings.scales = parse_scales(given["scales"]) if "scales" in given else model.scales
+        settings.smoothness_weight = float(given.get("smoothness_weight", model.smoothness_weight))
+        settings.ncc_window = given.get("ncc_window", model.ncc_window)
         settings.encoder_channels, settings.decoder_channels = model.encoder_channels, model.decoder_channels
     settings.validate()
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(run.device)
 
     fixed_image = read_image(fixed, "fixed image")
     check_image(fixed_image, "fixed image")
     if model is not None:
-        model.check_fits(fixed_image.GetDimension(), requested_scales, model_path)
+        model.check_fits(fixed_image.GetDimension(), settings.scales if "scales" in given else None, model_path)
         initial_networks = model.networks
     moving_image = read_image(moving, "moving image")
     check_image(moving_image, "moving image", fixed_image.GetDimension())
@@ -229,9 +216,9 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     if moving_labels is not None:
         labels_image = read_image(moving_labels, "moving labels")
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
-    working = plan_working_grid(fixed_image, settings, torch_device, spacing, max_voxels, ncc_window_mm)
+    working = plan_working_grid(fixed_image, settings, torch_device, run.spacing, run.max_voxels, run.ncc_window_mm)
     settings.ncc_window = working.window
-    if requested_scales is None and model is None:  # a preset's schedule: scales too coarse for a small image go
+    if "scales" not in given and model is None:  # a preset's schedule: scales too coarse for a small image go
         settings.scales = fitting_schedule(working.grid.size, settings.scales)
     grid = working.grid.reference
     mask_image = None  # on the working grid
@@ -241,7 +228,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         mask_image = resample_onto(mask_image, grid, labels=True) if working.grid.resampled else mask_image
     # The pre-alignment too runs on the isotropic grid (its pyramid shrinks every axis alike).
     fixed_on_grid = resample_onto(fixed_image, grid) if working.grid.resampled else fixed_image
-    affine = initial_transform(initial, fixed_on_grid, moving_image, int(seed), mask_image)
+    affine = initial_transform(initial, fixed_on_grid, moving_image, settings.seed, mask_image)
 
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
     fixed_tensor = as_tensor(normalised_on_grid(fixed_image, grid, "fixed image", "fixed image"))
@@ -291,12 +278,11 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
                "steps_trained": [len(losses) for losses in result.loss_history.values()],
                **folding_statistics(displacement.detach().cpu())}
     provenance = run_record(
-        "register", settings,
+        "register", settings, configuration,
         inputs={"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask, "moving_labels": moving_labels,
                 "initial": initial if metrics["pre_alignment"] == "file" else None,
                 "model": model_path if model is not None and model_path != "the model" else None},
-        options={"preset": preset, "initial": metrics["pre_alignment"], "pre_alignment": list(affine.GetParameters()),
-                 "spacing": spacing, "max_voxels": max_voxels, "ncc_window_mm": ncc_window_mm,
+        options={"initial": metrics["pre_alignment"], "pre_alignment": list(affine.GetParameters()),
                  "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size)},
         device=result.device)
     return RegistrationOutput(field=field, affine=affine, moving_grid=moving_image, warped=warped,

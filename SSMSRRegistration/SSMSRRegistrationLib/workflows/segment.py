@@ -1,9 +1,9 @@
 """Registration-based segmentation with atlas selection (paper Sec. III-B/C, ``ssmsr segment``).
 
-    >>> from SSMSRRegistrationLib.segmentation import segment
+    >>> from SSMSRRegistrationLib import segment
     >>> result = segment("target.nii.gz", [("atlas1.nii.gz", "atlas1-labels.nii.gz"),
-    ...                                    ("atlas2.nii.gz", "atlas2-labels.nii.gz")], top_k=1, steps=500)
-    >>> result.save("target-labels.nii.gz"); result.ranking
+    ...                                    ("atlas2.nii.gz", "atlas2-labels.nii.gz")], top_k=1, steps=500)  # doctest: +SKIP
+    >>> result.save("target-labels.nii.gz"); result.ranking  # doctest: +SKIP
 
 1. Every atlas image is brought onto the target's grid by world coordinates (linear interpolation, 0 outside)
    and scored by NLCC with the target: the mean squared local normalised cross-correlation of Eq. 2 (window:
@@ -33,7 +33,7 @@ from ..imaging.fields import write_image
 from ..imaging.images import ImageLike, check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model
 from .provenance import input_record, sidecar_path, with_outputs, write_sidecar
-from ..common.presets import DEFAULT_PRESET
+from ..common.run_config import RunConfiguration, combined, takes_run_options
 
 AtlasLike = Tuple[ImageLike, ImageLike]
 
@@ -125,14 +125,12 @@ def rank_atlases(target: sitk.Image, atlas_images: Sequence[sitk.Image], names: 
     return sorted(scores, key=lambda item: -item[1])  # sorted() is stable: ties keep the given order
 
 
+@takes_run_options("pair")
 def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             fixed_mask: Optional[ImageLike] = None, model: Optional[Union[str, os.PathLike, SavedModel]] = None,
-            preset: str = DEFAULT_PRESET, scales=None, steps: Optional[int] = None, precision: Optional[str] = None,
-            smoothness_weight: Optional[float] = None,
-            ncc_window: Optional[int] = None, learning_rate: Optional[float] = None,
-            mse_weight: Optional[float] = None, device: str = "auto", seed: int = 0,
-            progress: Optional[ProgressCallback] = None,
-            should_stop: Optional[Callable[[], bool]] = None) -> SegmentationOutput:
+            progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
+            config: Optional[RunConfiguration] = None, preset: Optional[str] = None,
+            **options) -> SegmentationOutput:
     """Segment ``target`` by registering the most similar atlas(es) onto it (see the module docstring).
 
     Args:
@@ -140,18 +138,29 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
         atlases: (image, label map) pairs; each label map lies in its atlas image's physical space.
         top_k: how many of the best-ranked atlases to register and fuse (1 <= top_k <= len(atlases)).
         fixed_mask: optional target mask for the ranking and the registrations' similarity term.
-        model, preset, scales, steps, precision, smoothness_weight, ncc_window, learning_rate, mse_weight, device,
-            seed: as for
-            ``api.register``.
+        model, config, preset, options: as for ``register`` (the NCC window also ranks the atlases).
         progress: receives {"event": "ranking", "ranking": [...]}, then for each registered atlas
             {"event": "atlas", "rank", "index" (0-based among those registered), "count", "atlas", "nlcc"}
             followed by that registration's events (with "atlas_index" and "atlas_count" added and "fraction"
             over all registrations).
+
+    A frame of a real echocardiogram segmented with two others as atlases (their bright regions as labels):
+
+    >>> import SimpleITK as sitk, SSMSRRegistrationLib as ssmsr
+    >>> from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
+    >>> target, first, second = shipped_echo_frames([0, 10, 20])
+    >>> atlases = [(image, sitk.Cast(image > 60, sitk.sitkUInt8)) for image in (first, second)]
+    >>> result = ssmsr.segment(target, atlases, scales="1/2,1", steps=5, device="cpu")
+    >>> [entry["rank"] for entry in result.ranking], result.labels.GetSize() == target.GetSize()
+    ([1, 2], True)
     """
+    configuration = combined(config, preset, **options)
+    ncc_window = configuration.resolve("pair").ncc_window
     if not atlases:
         raise InputError("Give at least one atlas (an image and its label map).")
     if not 1 <= int(top_k) <= len(atlases):
-        raise InputError(f"--top-k must be between 1 and the number of atlases ({len(atlases)}), got {top_k}.")
+        raise InputError(f"{{setting}} must be between 1 and the number of atlases ({len(atlases)}), got {top_k}.",
+                         setting="top_k")
     top_k = int(top_k)
     model_source = model
     if isinstance(model, (str, os.PathLike)):
@@ -201,10 +210,8 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
             progress(event)
 
         result = register(target_image, atlas_images[index], fixed_mask=fixed_mask, moving_labels=atlas_labels[index],
-                          preset=preset, scales=scales, steps=steps, precision=precision,
-                          smoothness_weight=smoothness_weight, ncc_window=ncc_window,
-                          learning_rate=learning_rate, mse_weight=mse_weight, device=device, seed=seed, model=model,
-                          progress=forward if progress is not None else None, should_stop=should_stop)
+                          model=model, config=configuration, progress=forward if progress is not None else None,
+                          should_stop=should_stop)
         warped_maps.append(sitk.GetArrayFromImage(result.warped_labels))
         registrations.append({"atlas": names[index], **result.metrics})
         provenance = result.provenance  # the same settings for every atlas
@@ -219,5 +226,5 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
               "model": model_source if isinstance(model_source, (str, os.PathLike)) else None}
     provenance = {**provenance, "kind": "segment",
                   "inputs": {name: input_record(value) for name, value in inputs.items()},
-                  "options": {"preset": preset, "top_k": top_k, "ranking": ranking}}
+                  "options": {"top_k": top_k, "ranking": ranking}}
     return SegmentationOutput(labels=labels, ranking=ranking, registrations=registrations, provenance=provenance)

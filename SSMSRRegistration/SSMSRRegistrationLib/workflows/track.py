@@ -5,8 +5,8 @@ frame t (fixed), all pairs share one U-Net per scale, each step trains on a rand
 and the steps per scale are counted for the sequence.
 
     >>> from SSMSRRegistrationLib.workflows.track import track
-    >>> result = track("echo.dcm", scales="1/4,1/2,1", steps=500)
-    >>> result.save("echo_tracking")  # files only; interfaces.api.save_tracking adds the figures
+    >>> result = track("echo.dcm", scales="1/4,1/2,1", steps=500)  # doctest: +SKIP
+    >>> result.save("echo_tracking")  # files only; interfaces.api.save_tracking adds the figures  # doctest: +SKIP
 
 Conventions: frames are numbered from 0; the field of pair t (t >= 1) is an ITK displacement field on the
 frame grid (millimetres, LPS, resampling direction) that warps frame t-1 onto frame t:
@@ -30,9 +30,9 @@ import SimpleITK as sitk
 import torch
 
 from ..common.errors import InputError
-from ..common.presets import DEFAULT_PRESET, budget
+from ..common.run_config import RunConfiguration, combined, takes_run_options
 from ..common.protocol import PAIR_METRIC_NAMES, ProgressCallback
-from ..common.schedule import fitting_schedule, format_scale, parse_scales
+from ..common.schedule import fitting_schedule, format_scale
 from ..engine.losses import local_ncc_map
 from ..engine.metrics import jacobian_determinant
 from ..engine.multiscale import RegistrationSettings, register_tensors, resolve_device
@@ -244,41 +244,39 @@ def frames_digest(cine: Cine) -> str:
     return digest.hexdigest()
 
 
-def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", preset: str = DEFAULT_PRESET,
-          scales=None, steps: Optional[int] = None, precision: Optional[str] = None, batch_size: int = 1,
-          smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
-          learning_rate: Optional[float] = None, mse_weight: Optional[float] = None, device: str = "auto",
-          seed: int = 0, progress: Optional[ProgressCallback] = None,
-          should_stop: Optional[Callable[[], bool]] = None) -> TrackingResult:
+@takes_run_options("cine")
+def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto",
+          progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
+          config: Optional[RunConfiguration] = None, preset: Optional[str] = None, **options) -> TrackingResult:
     """Track a 2D+t cine: SSMSR on all consecutive pairs with one test-time training for the sequence.
 
     Args:
         cine: see ``read_cine``, or a ``Cine`` already read.
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
-        preset: "balanced" (the default), "fast" or "paper" (``presets``): the schedule, steps, precision, loss
-            weights and learning rate not given explicitly (the preset's cine values, not its pairs').
-        scales: coarse-to-fine schedule, e.g. "1/8,1/4,1/2,1" (the paper's for echo); default: the preset's, without
-            the scales that would leave a frame axis under 8 pixels.
-        steps: training steps per scale for the whole sequence (each on ``batch_size`` pairs); default: the preset's.
-        precision: "mixed" or "float32", as for ``api.register``; default: the preset's.
-        batch_size: pairs per step, drawn at random with the seed; 0 uses all pairs every step.
-        smoothness_weight, ncc_window, learning_rate, mse_weight, device, seed: as for ``api.register``, with the
-            preset's cine values as defaults.
         progress, should_stop: the engine's progress callback and cancel poll.
+        config, preset, options: the run configuration, as for ``register``, with the preset's cine values (not its
+            pairs'); a preset's schedule drops the scales that would leave a frame axis under 8 pixels.
+
+    Four frames of a real echocardiogram (shipped with the module), a short schedule:
+
+    >>> import tempfile, SSMSRRegistrationLib as ssmsr
+    >>> from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
+    >>> tracking = ssmsr.track(shipped_echo_frames([0, 1, 2, 3]), scales="1/2,1", steps=10, batch_size=2, device="cpu")
+    >>> tracking.summary()["pairs"], tracking.field(1).GetNumberOfComponentsPerPixel()
+    (3, 2)
+    >>> written = ssmsr.save_tracking(tracking, tempfile.mkdtemp() + "/tracking", draw_figures=False)
+    >>> [name for name in ("fields", "metrics", "provenance") if written[name].endswith((".nii.gz", ".csv", ".json"))]
+    ['fields', 'metrics', 'provenance']
     """
-    plan = budget(preset, cine=True, scales=scales, steps=steps, precision=precision,
-                  smoothness_weight=smoothness_weight, learning_rate=learning_rate, mse_weight=mse_weight)
-    settings = RegistrationSettings(scales=parse_scales(plan.scales), steps_per_scale=plan.steps,
-                                    mixed_precision=plan.mixed_precision,
-                                    smoothness_weight=plan.smoothness_weight, mse_weight=plan.mse_weight,
-                                    ncc_window=ncc_window,
-                                    learning_rate=plan.learning_rate, seed=int(seed), batch_size=int(batch_size))
+    configuration = combined(config, preset, **options)
+    run = configuration.resolve("cine")
+    settings = RegistrationSettings.from_run(run)
     settings.validate()
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(run.device)
     source = cine if isinstance(cine, (str, os.PathLike, sitk.Image)) else None  # else: the frames' digest
     if not isinstance(cine, Cine):
         cine = read_cine(cine)
-    if scales is None:  # a preset's schedule: scales too coarse for small frames go
+    if "scales" not in configuration.overrides:  # a preset's schedule: scales too coarse for small frames go
         settings.scales = fitting_schedule(cine.frames.shape[1:], settings.scales)
     automatic = mask is None or (isinstance(mask, str) and mask == "auto")
     masks = default_masks(cine.frames) if automatic else read_masks(mask, cine)
@@ -291,9 +289,9 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     result = register_tensors(fixed, moving, settings, fixed_mask=fixed_masks, device=torch_device,
                               progress=progress, should_stop=should_stop)
     metrics = pair_metrics(fixed, moving, result.displacement, fixed_masks)
-    provenance = run_record("track", settings, inputs={"cine": source, "mask": None if automatic else mask},
-                            options={"preset": preset, "mask": mask_source, "frames_sha256": frames_digest(cine)},
-                            device=result.device)
+    provenance = run_record("track", settings, configuration,
+                            inputs={"cine": source, "mask": None if automatic else mask},
+                            options={"mask": mask_source, "frames_sha256": frames_digest(cine)}, device=result.device)
     return TrackingResult(cine=cine, masks=masks, displacements=result.displacement.cpu(),
                           displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
                           metrics=metrics, loss_history=result.loss_history, settings=settings,

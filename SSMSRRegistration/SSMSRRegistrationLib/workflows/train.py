@@ -1,8 +1,8 @@
 """Pretraining on a collection of image files (``ssmsr train``): pairs, validation split, checkpoints, resume.
 
-    >>> from SSMSRRegistrationLib.training import train
-    >>> result = train("pairs.csv", "model.pt", scales="1/2,1", steps=2000, batch_size=4)
-    >>> result.model.describe()
+    >>> from SSMSRRegistrationLib import train
+    >>> result = train("pairs.csv", "model.pt", scales="1/2,1", steps=2000, batch_size=4)  # doctest: +SKIP
+    >>> result.model.describe()  # doctest: +SKIP
 
 A collection is either
 
@@ -41,6 +41,7 @@ from ..engine.pretraining import PairSource, TrainingSettings, TrainingState, ch
 from ..common.schedule import format_scales, parse_scales
 from ..engine.unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS
 from ..common.errors import InputError, TrainingStopped
+from ..common.run_config import RunConfiguration, combined, takes_run_options
 from ..common.protocol import CHECKPOINT, ProgressCallback
 from ..imaging.images import check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model, model_summary, save_model
@@ -55,9 +56,6 @@ MAX_VALIDATION_PAIRS = 32
 DEFAULT_CACHE_BYTES = 2 * 2 ** 30
 
 #: Defaults of ``train`` (and ``ssmsr train``).
-DEFAULTS = {"scales": "1/2,1", "steps": 3500, "batch_size": 1, "validation_fraction": 0.2, "smoothness_weight": 10.0,
-            "ncc_window": None, "learning_rate": 1e-3, "seed": 0, "checkpoint_every": 500, "validation_every": 100}
-
 Pair = Tuple[str, str]
 
 
@@ -135,8 +133,8 @@ def collect_pairs(source: str, validation_fraction: float = 0.2, seed: int = 0,
             count = max(2, int(round(validation_fraction * len(images))))
             if len(images) - count < 2:
                 raise InputError(f"The folder {source!r} holds {len(images)} images: too few to hold out "
-                                 f"validation images (two or more) and keep two for training. Add images, or use "
-                                 "--validation-fraction 0 (no validation loss).")
+                                 f"validation images (two or more) and keep two for training. Add images, or set "
+                                 "{setting} to 0 (no validation loss).", setting="validation_fraction")
             held_out = sorted(shuffler.sample(images, count))
         kept = [image for image in images if image not in held_out]
         training = [(f, m) for f in kept for m in kept if f != m]
@@ -151,8 +149,8 @@ def collect_pairs(source: str, validation_fraction: float = 0.2, seed: int = 0,
     validation = []
     if validation_fraction > 0:
         if len(pairs) < 2:
-            raise InputError(f"{source!r} lists a single pair: nothing is left to validate on. Add pairs, or use "
-                             "--validation-fraction 0 (no validation loss).")
+            raise InputError(f"{source!r} lists a single pair: nothing is left to validate on. Add pairs, or set "
+                             "{setting} to 0 (no validation loss).", setting="validation_fraction")
         count = min(max(1, int(round(validation_fraction * len(pairs)))), len(pairs) - 1, max_validation_pairs)
         chosen = set(shuffler.sample(range(len(pairs)), count))
         validation = [pair for index, pair in enumerate(pairs) if index in chosen]
@@ -286,12 +284,12 @@ def _settings_for_resume(model: SavedModel, path: str, requested: Dict[str, Any]
     if any(value is None for value in stored.values()):
         raise InputError(f"{path!r} does not record its training settings, so it cannot be resumed.")
     for name, value in requested.items():
-        if value is None:
+        if name not in stored:  # device, precision: not part of what was trained
             continue
         same = format_scales(parse_scales(value)) == stored[name] if name == "scales" else value == stored[name]
         if not same:
-            raise InputError(f"The checkpoint {path!r} was trained with {name.replace('_', ' ')} {stored[name]}, "
-                             f"not {value}; leave the option out to resume, or start a new training without --resume.")
+            raise InputError(f"The checkpoint {path!r} was trained with {{setting}} {stored[name]}, not {value}; leave "
+                             "that option out to resume, or start a new training without resuming.", setting=name)
     settings = TrainingSettings(scales=model.scales, steps_per_scale=int(stored["steps"]),
                                 batch_size=int(stored["batch_size"]), smoothness_weight=model.smoothness_weight,
                                 ncc_window=model.ncc_window, learning_rate=float(stored["learning_rate"]),
@@ -302,63 +300,65 @@ def _settings_for_resume(model: SavedModel, path: str, requested: Dict[str, Any]
     return settings, float(stored["validation_fraction"])
 
 
-def train(pairs: Union[str, os.PathLike], output: Union[str, os.PathLike], *, scales: Optional[str] = None,
-          steps: Optional[int] = None, batch_size: Optional[int] = None, validation_fraction: Optional[float] = None,
-          smoothness_weight: Optional[float] = None, ncc_window: Optional[int] = None,
-          learning_rate: Optional[float] = None, seed: Optional[int] = None, checkpoint_every: Optional[int] = None,
-          validation_every: Optional[int] = None, encoder_channels: Sequence[int] = DEFAULT_ENCODER_CHANNELS,
-          decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, device: str = "auto",
+@takes_run_options("pretrain")
+def train(pairs: Union[str, os.PathLike], output: Union[str, os.PathLike], *,
+          encoder_channels: Sequence[int] = DEFAULT_ENCODER_CHANNELS,
+          decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
           resume: Optional[Union[str, os.PathLike]] = None, overwrite: bool = False,
           cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Optional[ProgressCallback] = None,
-          should_stop: Optional[Callable[[], bool]] = None) -> TrainingOutput:
+          should_stop: Optional[Callable[[], bool]] = None, config: Optional[RunConfiguration] = None,
+          preset: Optional[str] = None, **options) -> TrainingOutput:
     """Pretrain the per-scale networks on a collection and write the model file ``output``.
 
     Args:
         pairs: CSV file of fixed,moving paths, or a folder of images (see the module docstring).
         output: model file to write; checkpoints are written to it (atomically) during training. An existing
             file is only replaced when it is the ``resume`` file or ``overwrite`` is True.
-        scales, steps (per scale), batch_size, validation_fraction, smoothness_weight, ncc_window, learning_rate,
-        seed, checkpoint_every, validation_every: None takes the defaults (``DEFAULTS``), or, when resuming, the
-            checkpoint's values (an explicit value that differs from the checkpoint's is an error).
         encoder_channels, decoder_channels: U-Net widths (default: VoxelMorph's); ignored when resuming.
-        device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
         resume: a checkpoint written by an interrupted ``train`` on the same collection; training continues from
             its step count, weights and optimizer state (the result equals an uninterrupted run's).
         progress: receives the engine's events ("started", "progress", "validation") and
             {"event": "checkpoint", "path", "scale", "scale_index", "step"}.
         should_stop: polled after every step; True writes a checkpoint and raises TrainingStopped.
+        config, preset, options: the run configuration (the preset's pretraining values: the paper's settings);
+            when resuming, the checkpoint's values instead (an option given explicitly that differs from the
+            checkpoint's is an error).
+
+    Three frames of a real echocardiogram as a folder of images (their six ordered pairs), two steps:
+
+    >>> import os, tempfile, SimpleITK as sitk, SSMSRRegistrationLib as ssmsr
+    >>> from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
+    >>> images, models = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> for index, frame in enumerate(shipped_echo_frames([0, 10, 20])):
+    ...     sitk.WriteImage(frame, os.path.join(images, f"frame{index}.nrrd"))
+    >>> result = ssmsr.train(images, os.path.join(models, "model.pt"), scales="1", steps=2, validation_fraction=0,
+    ...                      device="cpu")
+    >>> result.model.complete, result.model.ndim
+    (True, 2)
     """
     output = os.path.abspath(os.fspath(output))
     if not os.path.isdir(os.path.dirname(output)):
         raise InputError(f"The folder of the model file {output!r} does not exist; create it first.")
-    requested = {"scales": scales, "steps": steps, "batch_size": batch_size, "validation_fraction": validation_fraction,
-                 "smoothness_weight": smoothness_weight, "ncc_window": ncc_window, "learning_rate": learning_rate,
-                 "seed": seed, "checkpoint_every": checkpoint_every, "validation_every": validation_every}
+    configuration = combined(config, preset, **options)
+    run = configuration.resolve("pretrain")
     state = None
     if resume is not None:
         resume = os.path.abspath(os.fspath(resume))
         checkpoint_model = load_model(resume)
         if checkpoint_model.complete:
             raise InputError(f"{resume!r} is a finished model ({checkpoint_model.describe()}); there is nothing to "
-                             "resume. Start a new training without --resume to train another model.")
-        settings, validation_fraction = _settings_for_resume(checkpoint_model, resume, requested)
+                             "resume. Start a new training without resuming to train another model.")
+        settings, validation_fraction = _settings_for_resume(checkpoint_model, resume, configuration.overrides)
         state = _state_from_model(checkpoint_model)
     else:
-        values = {name: DEFAULTS[name] if value is None else value for name, value in requested.items()}
-        validation_fraction = float(values["validation_fraction"])
-        settings = TrainingSettings(scales=parse_scales(values["scales"]), steps_per_scale=int(values["steps"]),
-                                    batch_size=int(values["batch_size"]),
-                                    smoothness_weight=float(values["smoothness_weight"]),
-                                    ncc_window=values["ncc_window"], learning_rate=float(values["learning_rate"]),
-                                    seed=int(values["seed"]), encoder_channels=tuple(encoder_channels),
-                                    decoder_channels=tuple(decoder_channels),
-                                    validation_every=int(values["validation_every"]),
-                                    checkpoint_every=int(values["checkpoint_every"]))
+        validation_fraction = float(run.validation_fraction)
+        settings = TrainingSettings.from_run(run, encoder_channels=tuple(encoder_channels),
+                                             decoder_channels=tuple(decoder_channels))
     if os.path.exists(output) and output != resume and not overwrite:
-        raise InputError(f"The model file {output!r} already exists; choose another name, pass --overwrite to "
-                         "replace it, or --resume it if it is a checkpoint of this training.")
+        raise InputError(f"The model file {output!r} already exists; choose another name, allow replacing it "
+                         "({setting}), or resume it if it is a checkpoint of this training.", setting="overwrite")
     settings.validate()
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(run.device)
 
     collection = collect_pairs(os.fspath(pairs), validation_fraction, settings.seed)
     if state is not None and checkpoint_model.training.get("collection_digest") != collection.digest:

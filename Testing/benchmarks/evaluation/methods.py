@@ -23,7 +23,7 @@ from SSMSRRegistrationLib.workflows.register import register
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, resolve_device
 from SSMSRRegistrationLib.common.schedule import format_scale, format_scales, parse_scales
 from SSMSRRegistrationLib.imaging.fields import voxel_field_to_image
-from SSMSRRegistrationLib.common.presets import budget, preset_named
+from SSMSRRegistrationLib.common.run_config import RunConfiguration
 from SSMSRRegistrationLib.imaging.cine import Cine
 from SSMSRRegistrationLib.workflows.track import track
 
@@ -161,7 +161,7 @@ def _run_ssr(case: Case, config: Config) -> List[MethodRun]:
 
 def _training_text(name: Optional[str], case: Case) -> str:
     """The loss weights and learning rate that preset ``name`` (None: the default) trains ``case`` with."""
-    plan = budget(name, cine=case.sequence)
+    plan = RunConfiguration.of(name).resolve("cine" if case.sequence else "pair")
     mse = f", MSE weight {plan.mse_weight:g}" if plan.mse_weight else ""
     return (f"Adam lr {plan.learning_rate:g}, lambda {plan.smoothness_weight:g}{mse}, local NCC window "
             f"{RegistrationSettings().window_for(case.dimension)}")
@@ -169,13 +169,13 @@ def _training_text(name: Optional[str], case: Case) -> str:
 
 def preset_method(name: str) -> Method:
     """SSMSR with a preset of ``presets`` (its pair schedule, steps and precision) on each pair (not a cine)."""
-    preset = preset_named(name)
+    preset = RunConfiguration.of(name).resolve("pair")
 
     def run(case: Case, config: Config) -> List[MethodRun]:
         return _register_each_pair(case, config, f"SSMSR {name} preset", preset=name)
 
     def parameters(case: Case, config: Config) -> str:
-        return (f"api.register(..., preset={name!r}) per pair: schedule {preset.pair_scales}, {preset.pair_steps} steps "
+        return (f"api.register(..., preset={name!r}) per pair: schedule {preset.scales}, {preset.steps} steps "
                 f"per scale, {preset.precision} precision; {_training_text(name, case)}, seed {config.seed}")
 
     return Method(f"SSMSR {name} preset", run, parameters)
