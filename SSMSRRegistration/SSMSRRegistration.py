@@ -170,7 +170,7 @@ class SSMSRRegistrationTest(ScriptedLoadableModuleTest):
         from SSMSRRegistrationLib.testing import scenarios
 
         measures = scenarios.runRealPairScenario(self._registrationLogic(), *self._echoPair(),
-                                                 stepsPerScale=self.STEPS_PER_SCALE)
+                                                 steps=self.STEPS_PER_SCALE)
         self.delayDisplay(f"Real echocardiogram pair: {measures}")
 
     @requiresTorch
@@ -183,7 +183,7 @@ class SSMSRRegistrationTest(ScriptedLoadableModuleTest):
                                                  scene_helpers.rotationMatrix("y", 30.0))
         measures = scenarios.runSegmentationPropagationScenario(
             self._registrationLogic(), fixed, scene_helpers.echocardiogramLabels(fixedFrame), amplitudeMm=3.0,
-            wavelengthMm=80.0, stepsPerScale=self.STEPS_PER_SCALE)
+            wavelengthMm=80.0, steps=self.STEPS_PER_SCALE)
         self.delayDisplay(f"Segmentation propagation: Dice {measures['diceBefore']:.3f} -> {measures['diceAfter']:.3f}")
 
     @requiresTorch
@@ -211,5 +211,5 @@ class SSMSRRegistrationTest(ScriptedLoadableModuleTest):
         others = [(frame, scene_helpers.echocardiogramLabels(frame)) for frame in frames[1:]]
         measures = scenarios.runAtlasSegmentationScenario(
             self._registrationLogic(), reference, scene_helpers.echocardiogramLabels(frames[0]), others,
-            amplitudeMm=3.0, wavelengthMm=80.0, stepsPerScale=self.STEPS_PER_SCALE)
+            amplitudeMm=3.0, wavelengthMm=80.0, steps=self.STEPS_PER_SCALE)
         self.delayDisplay(f"Atlas selection: Dice {measures['diceBefore']:.3f} -> {measures['diceAfter']:.3f}")

@@ -1,7 +1,8 @@
 """Stand-in for the registration worker, for failure and cancel tests only (never for a successful registration).
 
-Usage: ``python fake_worker.py MODE register FIXED MOVING -o FIELD ...`` (the arguments after MODE are the real
-worker's). Modes:
+Usage: ``python fake_worker.py MODE job JOB.json`` (the arguments after MODE are the real worker's: the job file the
+Slicer logic writes, whose "arguments" hold the output path) or ``python fake_worker.py MODE register FIXED MOVING -o
+FIELD ...``. Modes:
   crash        report start and one step, print to stderr, then die from SIGSEGV (exit code 139 on Windows)
   error        report an error event and exit with code 1
   no-result    exit with code 0 without reporting anything
@@ -28,7 +29,11 @@ def progress(step):
 
 def main():
     mode, arguments = sys.argv[1], sys.argv[2:]
-    fieldPath = arguments[arguments.index("-o") + 1]
+    if arguments[0] == "job":
+        with open(arguments[1], encoding="utf-8") as stream:
+            fieldPath = json.load(stream)["arguments"]["output"]
+    else:
+        fieldPath = arguments[arguments.index("-o") + 1]
     emit({"event": "started", "device": "cpu", "scales": ["1"], "steps_per_scale": 1000})
     if mode == "crash":
         progress(1)

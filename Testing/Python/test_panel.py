@@ -1,5 +1,6 @@
 """The panel's rules (``SSMSRRegistrationLib.gui.panel``, Qt-free) on real MRML nodes of the ``slicer-core`` wheel:
-what keeps Apply disabled, the status line, presets, versions, and the keyword arguments the logic receives."""
+what keeps Apply disabled, the status line, the run configuration it holds (a preset plus the user's overrides),
+versions, and the keyword arguments the logic receives."""
 
 import time
 from types import SimpleNamespace
@@ -9,6 +10,8 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (real MRML) is needed")
 
+from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+from SSMSRRegistrationLib.common.run_config import RunConfiguration  # noqa: E402
 from SSMSRRegistrationLib.gui import panel  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationLogic  # noqa: E402
 from SSMSRRegistrationLib.testing import scene_helpers  # noqa: E402
@@ -28,7 +31,9 @@ def pair(scene):
 
 def test_a_new_panel_starts_from_the_default_preset_and_says_what_is_missing():
     values = panel.PanelValues()
-    assert panel.matchingPresetName(values) == "balanced" and values.smoothnessWeight == 3.0
+    assert values.preset == DEFAULT_PRESET == "balanced" and values.smoothnessWeight == 3.0
+    assert panel.currentOverrides(values) == {} and panel.reconcile(values) == {}
+    assert panel.configuration(values) == RunConfiguration()
     text, enabled, toolTip = panel.applyButton(values, [], running=False)
     assert (text, enabled) == ("Apply", False)
     assert "Select a fixed volume." in toolTip and "Select a moving volume." in toolTip
@@ -45,7 +50,7 @@ def test_an_ncc_window_the_worker_refuses_keeps_apply_disabled(pair):
     """A window of 1 voxel used to pass the panel and fail in the worker (which needs at least 2)."""
     values = panel.PanelValues(fixedVolume=pair[0], movingVolume=pair[1], nccWindow=1)
     text, enabled, toolTip = panel.applyButton(values, [], running=False)
-    assert not enabled and "NCC window must be at least 2" in toolTip
+    assert not enabled and "NCC window (voxels) must be at least 2, got 1." in toolTip  # the panel's label
     for window in (0, 2, 9):
         values.nccWindow = window
         assert panel.applyButton(values, [], running=False)[1]
@@ -56,20 +61,66 @@ def test_the_jacobian_volume_must_not_be_an_input(pair):
     assert "The Jacobian volume must be a volume of its own" in panel.applyButton(values, [], running=False)[2]
 
 
-def test_presets_fill_the_budget_and_follow_the_mode():
-    values = panel.PanelValues()
-    for name, setting in panel.presetValues("paper", cineTracking=False).items():
-        setattr(values, name, setting)
-    assert (values.scales, values.stepsPerScale, values.mixedPrecision) == ("1/2,1", 3500, True)
-    assert panel.matchingPresetName(values) == "paper"
-    values.cineTracking = True
-    assert panel.presetAfterModeChange(values, cineTracking=True) == {
-        "scales": "1/8,1/4,1/2,1", "stepsPerScale": 3500, "mixedPrecision": True, "smoothnessWeight": 10.0}
-    values.smoothnessWeight = 3.0  # a preset's smoothness weight is part of its budget
-    assert panel.matchingPresetName(values) == ""
-    values.smoothnessWeight = 10.0
-    values.stepsPerScale = 123
-    assert panel.matchingPresetName(values) == "" and panel.presetAfterModeChange(values, cineTracking=False) is None
+def apply(values, changes: dict):
+    """What the widget does with the changes the panel asks for (``_setParameters``)."""
+    for name, value in changes.items():
+        setattr(values, name, value)
+    return values
+
+
+def test_the_panel_holds_a_preset_and_the_options_the_user_changed():
+    values = apply(panel.PanelValues(), panel.presetChosen(panel.PanelValues(), "paper"))
+    assert (values.preset, values.overrides, values.scales, values.stepsPerScale, values.smoothnessWeight) == (
+        "paper", "{}", "1/2,1", 3500, 10.0)
+    assert panel.reconcile(values) == {} and panel.configuration(values) == RunConfiguration.of("paper")
+
+    values.stepsPerScale, values.device = 123, "cpu"  # edited in the panel (the wrapper writes the parameters)
+    apply(values, panel.reconcile(values))
+    assert values.overrides == '{"device": "cpu", "steps": 123}' and panel.reconcile(values) == {}
+    assert panel.configuration(values) == RunConfiguration.of("paper", steps=123, device="cpu")
+
+    values.cineTracking = True  # the other kind shows its preset's values; the overrides stay
+    apply(values, panel.reconcile(values))
+    assert (values.shownKind, values.scales, values.stepsPerScale, values.smoothnessWeight, values.device) == (
+        "cine", PRESETS["paper"].value("cine", "scales"), 123, 10.0, "cpu")
+    assert panel.configuration(values) == RunConfiguration.of("paper", steps=123, device="cpu")
+
+    apply(values, panel.presetChosen(values, "fast"))  # clears the budget's overrides, keeps the device
+    fastCine = RunConfiguration.of("fast").resolve("cine")
+    assert (values.preset, values.scales, values.stepsPerScale, values.smoothnessWeight) == (
+        "fast", fastCine.scales, fastCine.steps, fastCine.smoothness_weight)
+    assert panel.configuration(values) == RunConfiguration.of("fast", device="cpu")
+
+    values.workingSpacing = 1.5  # a pair-only option, edited while tracking: kept for pairs, not sent with a cine
+    values.mixedPrecision = False
+    apply(values, panel.reconcile(values))
+    assert panel.configuration(values) == RunConfiguration.of("fast", device="cpu", precision="float32")
+    values.cineTracking = False
+    apply(values, panel.reconcile(values))
+    assert (values.scales, values.stepsPerScale, values.workingSpacing, values.mixedPrecision) == (
+        "1/4,1/2,1", 80, 1.5, False)
+    assert panel.configuration(values) == RunConfiguration.of("fast", device="cpu", precision="float32",
+                                                              spacing=1.5)
+
+    values.device, values.workingSpacing = "auto", 0.0  # back to the preset's value: no override
+    apply(values, panel.reconcile(values))
+    assert panel.overridesOf(values) == {"precision": "float32"}
+    assert "Changed here: Precision float32." in panel.presetDescription(values)
+
+
+def test_an_invalid_run_option_is_named_by_its_label_and_keeps_apply_disabled(pair):
+    values = panel.PanelValues(fixedVolume=pair[0], movingVolume=pair[1], scales="1,1/2")
+    text, enabled, toolTip = panel.applyButton(values, [], running=False)
+    assert not enabled and "coarse to fine" in toolTip
+    values.scales, values.smoothnessWeight = "1/2,1", -1.0
+    assert "Smoothness weight must be at least 0, got -1.0." in panel.applyButton(values, [], running=False)[2]
+    values.smoothnessWeight, values.stepsPerScale = 3.0, 0
+    assert "0 steps per scale (no test-time training) needs a pretrained model." in panel.problems(values, [])
+    values.stepsPerScale, values.device = 10, "tpu"
+    assert any(problem.startswith("Device ") for problem in panel.problems(values, []))
+    values.device, values.overrides = "auto", "not JSON"  # a damaged scene: the widgets' values count
+    assert panel.problems(values, []) == [] and panel.configuration(values) == RunConfiguration.of(
+        scales="1/2,1", steps=10)
 
 
 def test_the_status_line_of_a_registration_never_speaks_of_frame_pairs():
@@ -99,18 +150,21 @@ def test_the_logic_receives_the_panels_parameters(pair, scene):
     method, args, kwargs = panel.logicCall(values, [])
     assert method == "registerVolumes" and args == (pair[0], pair[1])
     assert kwargs["outputTransformNode"] is transform and kwargs["jacobianVolumeNode"] is jacobian
-    assert kwargs["precision"] == "float32" and kwargs["nccWindow"] is None and kwargs["modelFile"] is None
-    assert kwargs["workingSpacing"] is None  # 0 in the panel: automatic
-    assert (kwargs["scales"], kwargs["stepsPerScale"]) == (panel.GUI_PRESET.pair_scales, panel.GUI_PRESET.pair_steps)
+    assert kwargs["modelFile"] is None
+    # The run options travel as the configuration alone: the preset and what the user changed (the NCC window and
+    # the working spacing at 0 are automatic, the preset's, so no override).
+    assert kwargs["configuration"] == RunConfiguration.of(DEFAULT_PRESET, precision="float32")
+    assert not set(kwargs) & {"scales", "steps", "stepsPerScale", "precision", "nccWindow", "workingSpacing"}
     # Every keyword is one the logic's method accepts (it raises TypeError otherwise).
     logic = RegistrationLogic(scene)
     logic.workerCommandPrefix = ["python3", "-c", "raise SystemExit(0)"]
     job = logic.registerVolumes(*args, waitForCompletion=False, **kwargs)
     job.wait(timeoutSeconds=30)
     assert job.state is JobState.FAILED  # the stand-in worker reports nothing; the call itself was accepted
-    values.cineTracking, values.cine = True, pair[0]
+    values.cineTracking, values.cine, values.batchSize = True, pair[0], 3
     method, args, kwargs = panel.logicCall(values, [])
     assert method == "trackSequence" and args == (pair[0],) and "modelFile" not in kwargs
+    assert kwargs["configuration"] == RunConfiguration.of(DEFAULT_PRESET, precision="float32", batch_size=3)
 
 
 def test_the_completion_status_reports_folding():

@@ -71,9 +71,12 @@ def tracked(echo, tmp_path_factory):
     logic.sequencesLogic = sequencesLogic
     sequence, browser = addCineSequence(scene, *echo)
     events = []
-    job = logic.trackSequence(sequence, scales="1/2,1", stepsPerScale=20, batchSize=2, device="cpu", seed=0,
+    job = logic.trackSequence(sequence, scales="1/2,1", steps=20, batch_size=2, device="cpu", seed=0,
                               waitForCompletion=False, keepTemporaryFiles=True, progressCallback=events.append)
     assert isinstance(job, CineTrackingJob)
+    assert job.workerJob["command"] == "track" and job.workerJob["arguments"]["no_figures"] is True
+    assert job.workerJob["configuration"]["overrides"] == {"scales": "1/2,1", "steps": 20, "batch_size": 2,
+                                                           "device": "cpu", "seed": 0}
     assert job.wait(timeoutSeconds=300) is JobState.SUCCEEDED, job.errorMessage + "\n" + "\n".join(job.log)
     yield {"scene": scene, "logic": logic, "sequence": sequence, "browser": browser, "job": job, "events": events,
            "folder": job.temporaryDirectory / "tracking"}
@@ -154,7 +157,7 @@ def test_cancel_leaves_the_scene_unchanged_and_ends_the_worker(echo, tmp_path):
     logic.sequencesLogic = sequencesLogic
     sequence, _ = addCineSequence(scene, *echo)
     before = scene_helpers.sceneSnapshot(scene)
-    job = logic.trackSequence(sequence, scales="1/2,1", stepsPerScale=100000, device="cpu", waitForCompletion=False)
+    job = logic.trackSequence(sequence, scales="1/2,1", steps=100000, device="cpu", waitForCompletion=False)
     deadline = time.monotonic() + 120
     while job.lastProgressEvent is None and not job.isDone and time.monotonic() < deadline:
         job.poll(timeoutSeconds=0.1)
@@ -173,10 +176,10 @@ def test_single_frame_sequence_gives_a_clear_error(echo, tmp_path):
     frames, spacingMm = echo
     sequence, _ = addCineSequence(scene, frames[:1], spacingMm)
     before = scene_helpers.sceneSnapshot(scene)
-    problems = cineInputProblems(sequence, scales="1/2,1")
+    problems = cineInputProblems(sequence)
     assert problems and "at least two frames" in problems[0]
     with pytest.raises(ValueError, match="has 1 frame.*at least two frames"):
-        logic.trackSequence(sequence, scales="1/2,1", stepsPerScale=20, device="cpu")
+        logic.trackSequence(sequence, scales="1/2,1", steps=20, device="cpu")
     assert logic.activeJob is None and not any(tmp_path.iterdir())
     scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "A refused tracking")
     assert "Select a cine" in cineInputProblems(None)[0]
@@ -188,11 +191,11 @@ def test_volume_whose_third_axis_is_time_is_tracked_into_a_new_browser(echo, tmp
     logic.sequencesLogic = sequencesLogic
     frames, spacingMm = echo
     single = scene_helpers.addVolumeFromArray(scene, frames[0], "one frame", (spacingMm, spacingMm, 1.0))
-    assert any("single frame" in problem for problem in cineInputProblems(single, scales="1/2,1"))
+    assert any("single frame" in problem for problem in cineInputProblems(single))
     stack = scene_helpers.addVolumeFromArray(scene, np.stack(frames), "stack", (spacingMm, spacingMm, 2.0), ORIGIN,
                                          scene_helpers.OBLIQUE_DIRECTIONS)
-    assert cineInputProblems(stack, scales="1/2,1") == []
-    transforms = logic.trackSequence(stack, scales="1/2,1", stepsPerScale=5, device="cpu")
+    assert cineInputProblems(stack) == []
+    transforms = logic.trackSequence(stack, scales="1/2,1", steps=5, device="cpu")
     assert transforms.GetNumberOfDataNodes() == FRAMES
     browsers = [scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
                 for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode"))]

@@ -10,6 +10,8 @@ termination.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,9 @@ vtk = pytest.importorskip("vtk")
 sitk = pytest.importorskip("SimpleITK")
 
 from SSMSRRegistrationLib.testing import scenarios, scene_helpers  # noqa: E402
+from SSMSRRegistrationLib.common.errors import InputError  # noqa: E402
+from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
+from SSMSRRegistrationLib.common.run_config import OPTIONS, RunConfiguration  # noqa: E402
 from SSMSRRegistrationLib.common.schedule import parse_scales  # noqa: E402
 from SSMSRRegistrationLib.common.protocol import overall_fraction as overallFraction  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationError, RegistrationLogic  # noqa: E402
@@ -133,8 +138,6 @@ def test_input_problems_say_what_is_missing(scene):
     assert inputProblems(None, None) == ["Select a fixed volume.", "Select a moving volume."]
     assert inputProblems(fixed, moving) == []
     assert any("same node" in problem for problem in inputProblems(fixed, fixed))
-    assert any("coarse to fine" in problem for problem in inputProblems(fixed, moving, scales="1,1/2"))
-    assert any("device" in problem.lower() for problem in inputProblems(fixed, moving, device="tpu"))
     assert any("output volume" in problem for problem in inputProblems(fixed, moving, outputVolumeNode=moving))
 
     otherTransform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "other")
@@ -159,12 +162,22 @@ def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tm
     before = scene_helpers.sceneSnapshot(scene)
     with pytest.raises(ValueError, match="Select a moving volume"):
         logic.registerVolumes(fixed, None)
-    with pytest.raises(ValueError, match="Steps per scale"):
-        logic.registerVolumes(fixed, moving, stepsPerScale=0)
-    with pytest.raises(ValueError, match="Unknown precision 'half'"):
-        logic.registerVolumes(fixed, moving, precision="half")
-    with pytest.raises(ValueError, match="working spacing must be a positive number of millimetres"):
-        logic.registerVolumes(fixed, moving, workingSpacing=0.0)
+    with pytest.raises(ValueError, match="Steps per scale must be at least 1 .0 is allowed with a model"):
+        logic.registerVolumes(fixed, moving, steps=0)
+    # Run options are checked by the run configuration, named by their keywords (the console's vocabulary).
+    for options, message in ((dict(precision="half"), "precision must be one of mixed, float32, got 'half'."),
+                             (dict(spacing=0.0), "spacing must be greater than 0, got 0.0."),
+                             (dict(scales="1,1/2"), "coarse to fine"),
+                             (dict(device="tpu"), "tpu"),
+                             (dict(batch_size=2), "batch_size does not apply to a pair run."),
+                             (dict(preset="slow"), "Unknown preset 'slow'")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            logic.registerVolumes(fixed, moving, **options)
+    with pytest.raises(InputError, match=re.escape("spacing must be greater than 0")), \
+            pytest.warns(DeprecationWarning, match="workingSpacing= is deprecated; use spacing="):
+        logic.registerVolumes(fixed, moving, workingSpacing=0.0)  # a former keyword, still accepted
+    with pytest.raises(TypeError, match="name the same run option"), pytest.warns(DeprecationWarning):
+        logic.registerVolumes(fixed, moving, stepsPerScale=5, steps=6)
     scene_helpers.assertSceneUnchanged(before, scene_helpers.sceneSnapshot(scene), "Rejected parameters")
     assert list(tmp_path.iterdir()) == []
 
@@ -175,7 +188,7 @@ def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tm
 
 @pytest.mark.slow  # the echo segmentation test below also registers a real frame on an oblique plane (make test-all)
 def test_real_echocardiogram_pair_on_an_oblique_plane(scene, logic, echoFrames):
-    measures = scenarios.runRealPairScenario(logic, *addEchoPair(scene, echoFrames), stepsPerScale=STEPS_2D)
+    measures = scenarios.runRealPairScenario(logic, *addEchoPair(scene, echoFrames), steps=STEPS_2D)
     print(measures)
 
 
@@ -185,7 +198,7 @@ def test_segmentation_propagation_on_a_deformed_echocardiogram(scene, logic, ech
                                          (5.0, 8.0, -3.0), scene_helpers.rotationMatrix("y", 30.0))
     measures = scenarios.runSegmentationPropagationScenario(
         logic, fixed, scene_helpers.echocardiogramLabels(fixedFrame), amplitudeMm=3.0, wavelengthMm=80.0,
-        stepsPerScale=STEPS_2D)
+        steps=STEPS_2D)
     print({key: value for key, value in measures.items() if key != "transformNode"})
 
 
@@ -205,7 +218,7 @@ def test_segmentation_propagation_on_a_deformed_3d_brain(scene, logic):
     fixed = scene_helpers.addVolumeFromArray(scene, t1, "ICBM152 T1", (2.0, 2.0, 2.4), (-40.0, -60.0, -20.0),
                                          scene_helpers.OBLIQUE_DIRECTIONS)
     measures = scenarios.runSegmentationPropagationScenario(logic, fixed, whiteMatter, amplitudeMm=4.0,
-                                                            wavelengthMm=70.0, stepsPerScale=STEPS_3D)
+                                                            wavelengthMm=70.0, steps=STEPS_3D)
     print({key: value for key, value in measures.items() if key != "transformNode"})
 
 
@@ -213,7 +226,7 @@ def test_existing_output_transform_is_filled_and_moving_volume_may_already_be_un
     fixed, moving = addEchoPair(scene, echoFrames, directions=np.eye(3), origin=(0.0, 0.0, 0.0))
     outputTransform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "my result")
     moving.SetAndObserveTransformNodeID(outputTransform.GetID())
-    result = logic.registerVolumes(fixed, moving, outputTransformNode=outputTransform, stepsPerScale=5, device="cpu")
+    result = logic.registerVolumes(fixed, moving, outputTransformNode=outputTransform, steps=5, device="cpu")
     assert result is outputTransform
     assert outputTransform.GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
     assert gridMatchesVolume(outputTransform.GetTransformFromParent(), fixed)
@@ -289,7 +302,7 @@ def test_keep_temporary_files_keeps_the_job_folder(scene, logic, tmp_path):
     with pytest.raises(RegistrationError):
         fakeWorkerLogic(logic, "error").registerVolumes(fixed, moving, keepTemporaryFiles=True)
     (jobFolder,) = tmp_path.iterdir()
-    assert sorted(path.name for path in jobFolder.iterdir()) == ["fixed.nrrd", "moving.nrrd"]
+    assert sorted(path.name for path in jobFolder.iterdir()) == ["fixed.nrrd", "job.json", "moving.nrrd"]
     written = sitk.ReadImage(str(jobFolder / "fixed.nrrd"))
     np.testing.assert_allclose(sitk.GetArrayFromImage(written), scene_helpers.arrayFromVolume(fixed))
     np.testing.assert_allclose(written.GetSpacing(), (1.0, 1.2, 1.5))
@@ -306,7 +319,7 @@ def test_atlas_segmentation_picks_the_matching_atlas_and_propagates_its_segments
                                              (5.0, 8.0, -3.0), scene_helpers.rotationMatrix("y", 30.0))
     others = [(frame, scene_helpers.echocardiogramLabels(frame)) for frame in frames[1:]]
     measures = scenarios.runAtlasSegmentationScenario(logic, reference, scene_helpers.echocardiogramLabels(frames[0]), others,
-                                                      amplitudeMm=3.0, wavelengthMm=80.0, stepsPerScale=STEPS_2D)
+                                                      amplitudeMm=3.0, wavelengthMm=80.0, steps=STEPS_2D)
     print({key: value for key, value in measures.items() if key != "segmentationNode"})
 
 
@@ -337,25 +350,26 @@ def test_model_file_reaches_the_worker_and_zero_steps_is_inference(scene, logic,
     modelPath = str(tmp_path / "model.pt")
     trainTinyModel(modelPath, ndim=3, scales="1/2,1")
     with pytest.raises(RegistrationError, match="trained for the scales 1/2,1"):
-        logic.registerVolumes(fixed, moving, scales="1/4,1/2,1", modelFile=modelPath, stepsPerScale=1, device="cpu")
-    transform = logic.registerVolumes(fixed, moving, scales="1/2,1", modelFile=modelPath, stepsPerScale=0, device="cpu",
+        logic.registerVolumes(fixed, moving, scales="1/4,1/2,1", modelFile=modelPath, steps=1, device="cpu")
+    transform = logic.registerVolumes(fixed, moving, scales="1/2,1", modelFile=modelPath, steps=0, device="cpu",
                                       alignFirst="none")
     assert gridMatchesVolume(transform.GetTransformFromParent(), fixed)
 
 
 def test_precision_and_working_spacing_reach_the_worker(scene, logic):
-    """On a CPU without native bfloat16 the worker reports float32 either way: the command line is what shows that
+    """On a CPU without native bfloat16 the worker reports float32 either way: the job file is what shows that
     the choice reaches the worker. The volumes' 1 x 1.2 x 1.5 mm voxels are registered on an isotropic grid: 1 mm
     by default, 1.5 mm when asked for; the worker's plan reaches the job's log."""
     fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
     for precision, spacing in (("float32", None), ("mixed", 1.5)):
         events = []
-        job = logic.registerVolumes(fixed, moving, scales="1", stepsPerScale=2, precision=precision, device="cpu",
-                                    alignFirst="none", workingSpacing=spacing,
+        job = logic.registerVolumes(fixed, moving, scales="1", steps=2, precision=precision, device="cpu",
+                                    alignFirst="none", spacing=spacing,
                                     progressCallback=events.append, waitForCompletion=False)
         assert job.wait() is JobState.SUCCEEDED, job.errorMessage
-        assert job.command[job.command.index("--precision") + 1] == precision
-        assert ("--spacing" in job.command) == (spacing is not None)
+        overrides = job.workerJob["configuration"]["overrides"]
+        assert overrides["precision"] == precision and overrides.get("spacing") == spacing
+        assert job.parameters["resolved"]["precision"] == precision
         started = [event for event in events if event.get("event") == "started"]
         assert [event["precision"] for event in started] in (["float32"], ["bfloat16 mixed"])
         assert precision == "mixed" or started[0]["precision"] == "float32"
@@ -370,7 +384,7 @@ def test_the_result_records_its_inputs_as_registration_references_and_its_foldin
     fixed, moving = addSmallVolumes(scene, shape=(16, 20, 24))
     jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
     transform = logic.registerVolumes(fixed, moving, jacobianVolumeNode=jacobian, alignFirst="none", scales="1/2,1",
-                                      stepsPerScale=20,
+                                      steps=20,
                                       device="cpu")
     assert transform.GetNodeReference(transform.GetFixedNodeReferenceRole()) is fixed
     assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is moving
@@ -420,10 +434,10 @@ def test_an_initial_transform_node_is_the_pre_alignment_and_the_result_includes_
     toParent = vtk.vtkMatrix4x4()
     toParent.SetElement(0, 3, -12.0)  # moving volume under it: overlays the fixed one
     initial.SetMatrixTransformToParent(toParent)
-    job = logic.registerVolumes(fixed, moving, initialTransformNode=initial, scales="1/2,1", stepsPerScale=5,
+    job = logic.registerVolumes(fixed, moving, initialTransformNode=initial, scales="1/2,1", steps=5,
                                 device="cpu", waitForCompletion=False)
     assert job.wait() is JobState.SUCCEEDED, job.errorMessage
-    assert job.command[job.command.index("--initial") + 1].endswith("initial.tfm")
+    assert job.workerJob["arguments"]["initial"].endswith("initial.tfm")
     fromParent = job.outputTransformNode.GetTransformFromParent()
     centre = scene_helpers.ijkToRasArray(fixed) @ np.array([16.0, 20.0, 16.0, 1.0])
     assert np.linalg.norm(np.array(fromParent.TransformPoint(centre[:3])) - (centre[:3] + (12.0, 0.0, 0.0))) < 1.0
@@ -432,23 +446,91 @@ def test_an_initial_transform_node_is_the_pre_alignment_and_the_result_includes_
         logic.registerVolumes(fixed, moving, alignFirst="similarity")
 
 
-def test_a_preset_s_budget_names_the_preset_in_the_worker_command():
-    """The panel shows the scales, steps, precision and smoothness weight; a preset's learning rate and MSE weight
-    only reach the worker through ``--preset``, which the command line parses as ``ssmsr`` does."""
-    from SSMSRRegistrationLib.common.presets import PRESETS, budget
-    from SSMSRRegistrationLib.interfaces.cli import build_parser
-    from SSMSRRegistrationLib.mrml.worker_command import workerCommand
+def standInLogic(logic: RegistrationLogic) -> RegistrationLogic:
+    """The logic with a worker that exits at once: the job file it was given stays until the job is polled."""
+    logic.workerCommandPrefix = [sys.executable, "-c", "raise SystemExit(0)"]
+    return logic
 
-    def command(subcommand, scales, steps, smoothness_weight=10.0):
-        inputs = ["cine.nrrd"] if subcommand == "track" else ["f.nrrd", "m.nrrd"]
-        return workerCommand(["ssmsr"], subcommand, inputs, "out.h5", scales=scales,
-                             stepsPerScale=steps, precision="mixed", smoothnessWeight=smoothness_weight, device="cpu")
 
+def jobFileOf(job) -> dict:
+    """The job file of a job just started (the command ends with ``job JOB.json``); it is what ``workerJob`` says."""
+    assert job.command[-2] == "job"
+    written = json.loads(Path(job.command[-1]).read_text(encoding="utf-8"))
+    assert written == job.workerJob
+    return written
+
+
+def test_the_job_file_holds_the_panels_preset_and_exactly_its_overrides(scene, logic):
+    """The panel holds a preset and the options the user changed; the logic writes exactly that into the job file,
+    and the worker resolves it to the preset's values for the kind of run, including what the panel does not show
+    (learning rate, MSE weight). Every preset, pairs and cines."""
+    from SSMSRRegistrationLib.gui import panel
+
+    fixed, moving = addSmallVolumes(scene)
+    standInLogic(logic)
     for name, preset in PRESETS.items():
-        pair = command("register", preset.pair_scales, preset.pair_steps, budget(name).smoothness_weight)
-        assert pair[pair.index("--preset") + 1] == name
-        cine = command("track", preset.cine_scales, preset.cine_steps, budget(name, cine=True).smoothness_weight)
-        named = cine[cine.index("--preset") + 1]  # presets may share a cine budget: the first of them
-        assert budget(named, cine=True) == budget(name, cine=True)
-        assert build_parser().parse_args(cine[1:]).preset == named
-    assert "--preset" not in command("register", "1/2,1", 7)
+        for kind in ("pair", "cine"):
+            values = panel.PanelValues(fixedVolume=fixed, movingVolume=moving, cine=fixed, cineTracking=kind == "cine")
+            for parameter, value in {**panel.reconcile(values), **panel.presetChosen(values, name)}.items():
+                setattr(values, parameter, value)
+            values.stepsPerScale, values.device = 7, "cpu"  # two edits in the panel
+            method, args, kwargs = panel.logicCall(values, [])
+            job = getattr(logic, method)(*args, waitForCompletion=False, **kwargs)
+            written = jobFileOf(job)
+            assert written["command"] == ("track" if kind == "cine" else "register")
+            assert written["configuration"]["preset"] == name
+            assert written["configuration"]["overrides"] == {"steps": 7, "device": "cpu"}
+            assert not set(written["arguments"]) & set(OPTIONS), "run options belong in the configuration"
+            resolved = RunConfiguration.from_json(written["configuration"]).resolve(kind)
+            assert resolved.learning_rate == preset.value(kind, "learning_rate")
+            assert resolved.mse_weight == preset.value(kind, "mse_weight")
+            assert (resolved.scales, resolved.steps) == (preset.value(kind, "scales"), 7)
+            assert job.parameters["configuration"] == written["configuration"]
+            job.wait(timeoutSeconds=30)
+            assert logic.activeJob is None
+
+
+def test_the_workers_job_reader_accepts_the_job_files_the_logic_writes(scene, logic):
+    """``interfaces.cli.read_job`` (what ``python -m SSMSRRegistrationLib job`` runs) reads the register, segment and
+    track job files without error, with the inputs, outputs and run configuration the logic gave."""
+    from SSMSRRegistrationLib.interfaces import cli
+    from SSMSRRegistrationLib.mrml import worker_command
+
+    assert (worker_command.JOB_FORMAT, worker_command.JOB_FORMAT_VERSION) == (cli.JOB_FORMAT, cli.JOB_FORMAT_VERSION)
+    assert set(worker_command.JOB_COMMANDS) == set(cli.JOB_COMMANDS)
+    fixed, moving = addSmallVolumes(scene)
+    mask = scene_helpers.addVolumeFromArray(scene, np.ones((8, 10, 12), np.uint8), "mask", spacing=(1.0, 1.2, 1.5))
+    warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
+    atlas = scene_helpers.addSegmentationFromLabels(scene, (scene_helpers.arrayFromVolume(moving) > 0.5)
+                                                    .astype(np.uint8), moving, "atlas")
+    stack = scene_helpers.addVolumeFromArray(scene, np.random.default_rng(2).random((3, 16, 20), dtype=np.float32),
+                                             "cine")
+    standInLogic(logic)
+    starts = {
+        "register": lambda: logic.registerVolumes(fixed, moving, fixedMaskNode=mask, outputVolumeNode=warped,
+                                                  jacobianVolumeNode=jacobian, alignFirst="rigid", preset="fast",
+                                                  spacing=1.5, seed=3, waitForCompletion=False),
+        "segment": lambda: logic.segmentWithAtlases(fixed, [atlas], fixedMaskNode=mask, steps=4,
+                                                    waitForCompletion=False),
+        "track": lambda: logic.trackSequence(stack, configuration=RunConfiguration.of("paper", batch_size=0),
+                                             steps=9, waitForCompletion=False),
+    }
+    for command, start in starts.items():
+        job = start()
+        written = jobFileOf(job)
+        parsed = cli.read_job(job.command[-1])
+        assert parsed.command == command and parsed.progress == "jsonl"
+        assert parsed.config == RunConfiguration.from_json(written["configuration"])
+        assert os.path.isfile(getattr(parsed, {"register": "fixed", "segment": "target", "track": "cine"}[command]))
+        if command == "register":
+            assert (parsed.initial, parsed.fixed_mask.endswith("mask.nrrd"), parsed.warped.endswith("warped.nrrd"),
+                    parsed.jacobian.endswith("jacobian.nrrd")) == ("rigid", True, True, True)
+            assert parsed.config == RunConfiguration.of("fast", spacing=1.5, seed=3)
+        elif command == "segment":
+            assert parsed.top_k == 1 and len(parsed.atlas) == 1 and all(map(os.path.isfile, parsed.atlas[0]))
+            assert parsed.config == RunConfiguration.of(steps=4)
+        else:
+            assert parsed.no_figures is True and parsed.mask == "auto"
+            assert parsed.config == RunConfiguration.of("paper", batch_size=0, steps=9)
+        job.wait(timeoutSeconds=30)

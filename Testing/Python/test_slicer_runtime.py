@@ -19,6 +19,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (real MRML) is needed")
 
+from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from SSMSRRegistrationLib.gui import panel, torch_status  # noqa: E402
 from SSMSRRegistrationLib.gui.torch_status import TorchAction, torchSetupAction  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationLogic  # noqa: E402
@@ -366,6 +367,9 @@ def test_a_run_completes_with_its_parameter_node_while_the_panel_is_detached(mod
     panelDisplay = []
     job, run = runs.startFromPanel(parameterNode, [], completions=(panelDisplay.append,))
     assert run.mode == "pair" and run.status == "" and runs.isRunning
+    assert job.workerJob["configuration"]["preset"] == "balanced"  # the panel's edits are the overrides, no more
+    assert job.workerJob["configuration"]["overrides"] == {"scales": "1", "steps": 5, "precision": "float32",
+                                                           "device": "cpu"}
     del parameterNode  # the panel let go of it (the former exit() set it to None); the run holds its own
     deadline = time.monotonic() + 240
     while runs.poll():
@@ -474,8 +478,14 @@ def test_the_readme_panel_sketch_shows_the_current_defaults():
     readme = (MODULE_DIRECTORY.parent / "README.md").read_text(encoding="utf-8")
     start = readme.index("+- Inputs ---")
     sketch = readme[start:readme.index("```", start)]
-    preset = panel.GUI_PRESET
+    preset = PRESETS[DEFAULT_PRESET]
     assert f"[ {preset.name.capitalize()} " in sketch
-    assert f"[ {preset.pair_scales}" in sketch and f"Steps per scale:           [ {preset.pair_steps} ]" in sketch
-    assert f"Smoothness weight [{preset.pair_training.smoothness_weight:g}]" in sketch
+    assert f"[ {preset.value('pair', 'scales')}" in sketch
+    assert f"Steps per scale:           [ {preset.value('pair', 'steps')} ]" in sketch
+    assert f"Smoothness weight [{preset.value('pair', 'smoothness_weight'):g}]" in sketch
     assert "Mixed precision [x]" in sketch and panel.PARAMETERS["mixedPrecision"].default is True
+    defaults = panel.PanelValues()  # a new parameter node shows exactly those values, with no override
+    assert (defaults.preset, defaults.scales, defaults.stepsPerScale) == (
+        DEFAULT_PRESET, preset.value("pair", "scales"), preset.value("pair", "steps"))
+    assert defaults.smoothnessWeight == preset.value("pair", "smoothness_weight")
+    assert panel.currentOverrides(defaults) == {} and panel.reconcile(defaults) == {}

@@ -54,8 +54,10 @@ NEEDS_RANGE = {"ctkSliderWidget", "qMRMLSliderWidget", "QSlider"}
 #: raises "Unable to write value 'None'" when the parameter is emptied (and when it is given its default, None).
 #: device: GPU entries are added at run time; alignFirst: a combo box whose items are set in code (the wrapper
 #: binds a QComboBox only with a Choice annotation); modelFile: a ctkPathLineEdit (the wrapper binds it to pathlib.Path
-#: only, and "" must mean "no model").
-PARAMETERS_BOUND_IN_CODE = {"device", "modelFile", "alignFirst"}
+#: only, and "" must mean "no model"); preset: the preset combo box, filled in code; overrides, shownKind: the run
+#: configuration's overrides and the kind of run the run-option widgets show, shown by no widget of their own
+#: (``panel.reconcile``).
+PARAMETERS_BOUND_IN_CODE = {"device", "modelFile", "alignFirst", "preset", "overrides", "shownKind"}
 
 
 def nodeClasses(parameterType) -> list:

@@ -41,7 +41,7 @@ class SSMSRRegistrationLogic(ScriptedLoadableModuleLogic):
     on ``slicer.mrmlScene``. From the Python console::
 
         logic = slicer.util.getModuleLogic("SSMSRRegistration")
-        transformNode = logic.registerVolumes(fixedVolumeNode, movingVolumeNode, stepsPerScale=500)
+        transformNode = logic.registerVolumes(fixedVolumeNode, movingVolumeNode, steps=500, device="cpu")
     """
 
     def __init__(self) -> None:

@@ -1,11 +1,13 @@
 """The module panel's state and rules, without Qt or torch: the parameters it saves with the scene, what keeps Apply
-disabled, the status line, presets, and the mapping from the parameters to the logic's keyword arguments.
+disabled, the status line, the run configuration the panel holds (a preset plus the options the user changed), and
+the mapping from the parameters to the logic's keyword arguments.
 
 The widget (``gui.widget``) only wires Qt to this; the tests drive it on real MRML nodes (``slicer-core``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import field, make_dataclass
@@ -14,11 +16,13 @@ from typing import Any, NamedTuple, Optional, Union
 from slicer import (vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
                     vtkMRMLSequenceNode, vtkMRMLTransformNode)
 
-from ..common.presets import DEFAULT_PRESET, PRESETS, budget, matching_preset
+from ..common.errors import InputError
+from ..common.presets import DEFAULT_PRESET, PRESETS
 from ..common.protocol import overall_fraction
+from ..common.run_config import OPTIONS, RunConfiguration
 from ..mrml.jobs import JobState
-from ..mrml.parameters import (alignmentProblems, atlasInputProblems, cineInputProblems,
-                               inputProblems, modelFileProblems, nccWindowProblems)
+from ..mrml.parameters import (alignmentProblems, atlasInputProblems, cineInputProblems, inputProblems,
+                               modelFileProblems, stepProblems)
 from ..mrml.progress_text import describeProgress
 
 #: The oldest Slicer whose parameter-node wrapper binds every widget of the panel (checked by the tests against
@@ -35,6 +39,51 @@ GUI_PRESET = PRESETS[DEFAULT_PRESET]
 
 #: Node reference role, on the module's parameter node, of each checked atlas segmentation.
 ATLAS_REFERENCE_ROLE = "SSMSR.AtlasSegmentation"
+
+#: The run options the panel shows: panel parameter -> option name (``common.run_config.RUN_OPTIONS``). The widget
+#: of each shows the option's value for the current kind of run (the user's override, else the preset's).
+SHOWN_OPTIONS = {"scales": "scales", "stepsPerScale": "steps", "mixedPrecision": "precision",
+                 "smoothnessWeight": "smoothness_weight", "nccWindow": "ncc_window", "workingSpacing": "spacing",
+                 "device": "device", "batchSize": "batch_size"}
+#: The options a preset gives values to: choosing a preset clears the user's overrides of these (the budget), and
+#: keeps those of the others (device, precision, NCC window, working spacing, pairs per step).
+PRESET_OPTIONS = frozenset(name for preset in PRESETS.values() for values in preset.values.values() for name in values)
+
+
+def optionValue(parameter: str, shown: Any) -> Any:
+    """The run option's value of what the panel's ``parameter`` shows (mixed precision: a check box; the NCC window
+    and the working spacing: 0 for automatic)."""
+    if parameter == "mixedPrecision":
+        return "mixed" if shown else "float32"
+    if parameter in ("nccWindow", "workingSpacing"):
+        return shown or None
+    return shown
+
+
+def shownValue(parameter: str, value: Any) -> Any:
+    """What the panel's ``parameter`` shows for the run option's ``value`` (the inverse of :func:`optionValue`)."""
+    if parameter == "mixedPrecision":
+        return value == "mixed"
+    if parameter == "nccWindow":
+        return int(value) if value is not None else 0
+    if parameter == "workingSpacing":
+        return float(value) if value is not None else 0.0
+    return value
+
+
+def presetValue(preset: str, kind: str, name: str) -> Any:
+    """The value of option ``name`` in ``kind`` runs of ``preset`` when the user gives none (the option's default
+    where the preset gives none)."""
+    return PRESETS[preset].value(kind, name, OPTIONS[name].default)
+
+
+def _shown(preset: str, overrides: dict, kind: str) -> dict:
+    """{panel parameter: what it shows} for ``preset`` with ``overrides`` in ``kind`` runs."""
+    return {parameter: shownValue(parameter, overrides[name] if name in overrides else presetValue(preset, kind, name))
+            for parameter, name in SHOWN_OPTIONS.items()}
+
+
+_DEFAULT_PAIR = _shown(DEFAULT_PRESET, {}, "pair")
 
 
 class Parameter(NamedTuple):
@@ -54,10 +103,12 @@ class Parameter(NamedTuple):
 #: alignFirst - otherwise the pre-alignment the worker computes: "auto", "none", "rigid" or "affine".
 #: outputTransform - receives the displacement field (empty: a new node). outputVolume - the moving volume warped
 #: onto the fixed grid. jacobianVolume - the Jacobian determinant of the result on the fixed grid (QC).
-#: scales, stepsPerScale, mixedPrecision - the budget (the preset combo box fills them). smoothnessWeight - the
-#: weight of the displacement-gradient penalty. nccWindow - local NCC window in voxels (0: the default).
-#: workingSpacing - voxel side (mm) of the isotropic grid the registration runs on (0: automatic).
-#: device - "auto", "cpu", "cuda" or "cuda:N". modelFile - a model written by `ssmsr train` ("" : none).
+#: The run configuration: preset - the preset's name (``common.presets.PRESETS``); overrides - JSON of the run
+#: options the user changed ({option name: value}); shownKind - the kind of run ("pair" or "cine") whose values the
+#: widgets of the run options show. Those widgets (SHOWN_OPTIONS: scales, stepsPerScale, mixedPrecision,
+#: smoothnessWeight, nccWindow - 0: automatic, workingSpacing - 0: automatic, device, batchSize) each show the
+#: option's value, the override else the preset's; a widget edited records an override (``reconcile``).
+#: modelFile - a model written by `ssmsr train` ("" : none).
 #: atlasSelection, topK - segment the fixed volume with the most similar checked atlases. cineTracking, cine,
 #: batchSize - track the motion through a sequence of 2D images or a volume whose third axis is time.
 PARAMETERS = {
@@ -70,20 +121,23 @@ PARAMETERS = {
     "outputTransform": Parameter(vtkMRMLTransformNode),
     "outputVolume": Parameter(vtkMRMLScalarVolumeNode),
     "jacobianVolume": Parameter(vtkMRMLScalarVolumeNode),
-    "scales": Parameter(str, GUI_PRESET.pair_scales),
-    "stepsPerScale": Parameter(int, GUI_PRESET.pair_steps, (0, 100000)),
-    "mixedPrecision": Parameter(bool, GUI_PRESET.precision == "mixed"),
-    "smoothnessWeight": Parameter(float, GUI_PRESET.pair_training.smoothness_weight, (0.0, 10000.0)),
-    "nccWindow": Parameter(int, 0, (0, 99)),
-    "workingSpacing": Parameter(float, 0.0, (0.0, 100.0)),
-    "device": Parameter(str, "auto"),
+    "preset": Parameter(str, DEFAULT_PRESET),
+    "overrides": Parameter(str, "{}"),
+    "shownKind": Parameter(str, "pair"),
+    "scales": Parameter(str, _DEFAULT_PAIR["scales"]),
+    "stepsPerScale": Parameter(int, _DEFAULT_PAIR["stepsPerScale"], (0, 100000)),
+    "mixedPrecision": Parameter(bool, _DEFAULT_PAIR["mixedPrecision"]),
+    "smoothnessWeight": Parameter(float, _DEFAULT_PAIR["smoothnessWeight"], (0.0, 10000.0)),
+    "nccWindow": Parameter(int, _DEFAULT_PAIR["nccWindow"], (0, 99)),
+    "workingSpacing": Parameter(float, _DEFAULT_PAIR["workingSpacing"], (0.0, 100.0)),
+    "device": Parameter(str, _DEFAULT_PAIR["device"]),
     "keepTemporaryFiles": Parameter(bool, False),
     "modelFile": Parameter(str, ""),
     "atlasSelection": Parameter(bool, False),
     "topK": Parameter(int, 1, (1, 99)),
     "cineTracking": Parameter(bool, False),
     "cine": Parameter(Optional[Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]]),
-    "batchSize": Parameter(int, 1, (0, 999)),
+    "batchSize": Parameter(int, _shown(DEFAULT_PRESET, {}, "cine")["batchSize"], (0, 999)),
 }
 
 
@@ -121,33 +175,120 @@ def mode(values) -> str:
     return "cine" if values.cineTracking else "atlas" if values.atlasSelection else "pair"
 
 
-def precisionOf(values) -> str:
-    return "mixed" if values.mixedPrecision else "float32"
+def kindOf(values) -> str:
+    """The kind of run the panel asks for: "cine", else "pair" (a registration or an atlas segmentation)."""
+    return "cine" if values.cineTracking else "pair"
+
+
+def presetOf(values) -> str:
+    """The parameter node's preset (the default one if it names none that exists)."""
+    return values.preset if values.preset in PRESETS else DEFAULT_PRESET
+
+
+def overridesOf(values) -> dict:
+    """The overrides the parameter node records ({option name: value}; unreadable JSON and unknown names are
+    dropped)."""
+    try:
+        recorded = json.loads(values.overrides or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return {name: value for name, value in recorded.items() if name in OPTIONS} if isinstance(recorded, dict) else {}
+
+
+def _shownKindOf(values) -> str:
+    return values.shownKind if values.shownKind in ("pair", "cine") else "pair"
+
+
+def currentOverrides(values) -> dict:
+    """The overrides, with what the user edited since they were recorded: a run-option widget that shows another
+    value than the recorded configuration gives for the kind it shows was edited; an edit back to the preset's own
+    value removes the override."""
+    preset, overrides, kind = presetOf(values), overridesOf(values), _shownKindOf(values)
+    recorded = _shown(preset, overrides, kind)
+    for parameter, name in SHOWN_OPTIONS.items():
+        shown = getattr(values, parameter)
+        if shown == recorded[parameter]:
+            continue
+        value = optionValue(parameter, shown)
+        if value == presetValue(preset, kind, name):
+            overrides.pop(name, None)
+        else:
+            overrides[name] = value
+    return overrides
+
+
+def _changes(values, wanted: dict) -> dict:
+    return {name: value for name, value in wanted.items() if getattr(values, name) != value}
+
+
+def reconcile(values) -> dict:
+    """The parameter changes that bring the parameter node in line after any change (the widget applies them at
+    once): the user's edits recorded as overrides, and the run-option widgets showing the values of the current
+    kind of run (switching between pair and cine keeps the overrides and shows the other kind's preset values)."""
+    overrides, kind = currentOverrides(values), kindOf(values)
+    return _changes(values, {"preset": presetOf(values), "overrides": json.dumps(overrides, sort_keys=True),
+                             "shownKind": kind, **_shown(presetOf(values), overrides, kind)})
+
+
+def presetChosen(values, name: str) -> dict:
+    """The parameter changes when the user chooses preset ``name`` (again): the overrides of the options presets
+    set (``PRESET_OPTIONS``) are cleared, the others kept, and the widgets show the preset's values."""
+    overrides = {option: value for option, value in currentOverrides(values).items() if option not in PRESET_OPTIONS}
+    kind = kindOf(values)
+    return _changes(values, {"preset": name, "overrides": json.dumps(overrides, sort_keys=True), "shownKind": kind,
+                             **_shown(name, overrides, kind)})
+
+
+def configuration(values) -> RunConfiguration:
+    """The run configuration the panel asks for: its preset and the overrides of the options that the current kind
+    of run takes (the others are kept for when the mode changes back). InputError naming the option if one is
+    invalid."""
+    kind = kindOf(values)
+    return RunConfiguration.of(presetOf(values), **{name: value for name, value in currentOverrides(values).items()
+                                                    if kind in OPTIONS[name].kinds})
+
+
+def labelOf(name: str) -> str:
+    """How the panel names a run option (its field label)."""
+    return OPTIONS[name].label if name in OPTIONS else name.replace("_", " ").capitalize()
+
+
+def presetDescription(values) -> str:
+    """The preset combo box's tooltip: the preset's summary and what the user changed."""
+    preset = PRESETS[presetOf(values)]
+    overrides = currentOverrides(values)
+    changed = ", ".join(f"{labelOf(name)} {value}" for name, value in overrides.items())
+    return f"{preset.name.capitalize()}: {preset.summary}." + (f" Changed here: {changed}." if changed else "")
 
 
 def problems(values, atlases: list) -> list[str]:
     """Everything that keeps Apply disabled, as sentences (empty when a run can start).
 
-    ``atlases``: (source volume or None, segmentation node) of each checked atlas (atlas mode)."""
+    ``atlases``: (source volume or None, segmentation node) of each checked atlas (atlas mode). A run option is
+    named by its field label."""
     if values is None:
         return ["No parameter node."]
     current = mode(values)
     if current == "cine":
-        found = cineInputProblems(values.cine, values.fixedMask, values.scales, values.device, values.stepsPerScale,
-                                  values.batchSize)
+        found = cineInputProblems(values.cine, values.fixedMask)
         if values.modelFile:
             found.append("Cine tracking trains from scratch; clear the pretrained model.")
     elif current == "atlas":
-        found = atlasInputProblems(values.fixedVolume, atlases, values.topK, values.fixedMask, values.scales,
-                                   values.device, values.modelFile)
+        found = atlasInputProblems(values.fixedVolume, atlases, values.topK, values.fixedMask, values.modelFile)
     else:
         found = inputProblems(values.fixedVolume, values.movingVolume, values.fixedMask, values.segmentation,
-                              values.outputVolume, values.outputTransform, values.scales, values.device,
-                              values.jacobianVolume) + modelFileProblems(values.modelFile)
+                              values.outputVolume, values.outputTransform, values.jacobianVolume) \
+            + modelFileProblems(values.modelFile)
         found += alignmentProblems(values.alignFirst, values.initialTransform, values.outputTransform)
-    if current != "cine" and values.stepsPerScale == 0 and not values.modelFile:
+    try:
+        run = configuration(values).resolve(kindOf(values))
+    except InputError as error:
+        return found + [error.worded(labelOf)]
+    if current == "cine":
+        found += stepProblems(run.steps, cine=True)
+    elif run.steps == 0 and not values.modelFile:
         found.append("0 steps per scale (no test-time training) needs a pretrained model.")
-    return found + nccWindowProblems(values.nccWindow)
+    return found
 
 
 def applyButton(values, atlases: list, running: bool) -> tuple[str, bool, str]:
@@ -162,37 +303,14 @@ def applyButton(values, atlases: list, running: bool) -> tuple[str, bool, str]:
                            "pair": "Register the moving volume to the fixed volume in the background."}[mode(values)]
 
 
-def matchingPresetName(values) -> str:
-    """The preset whose budget the parameters hold ("" : custom)."""
-    return matching_preset(values.scales, values.stepsPerScale, precisionOf(values), cine=values.cineTracking,
-                           smoothness_weight=values.smoothnessWeight) or ""
-
-
-def presetValues(name: str, cineTracking: bool) -> dict:
-    """The parameters a preset sets: scales, stepsPerScale, mixedPrecision (of a pair, or of a cine) and
-    smoothnessWeight."""
-    plan = budget(name, cine=cineTracking)
-    return {"scales": plan.scales, "stepsPerScale": plan.steps, "mixedPrecision": plan.mixed_precision,
-            "smoothnessWeight": plan.smoothness_weight}
-
-
-def presetAfterModeChange(values, cineTracking: bool) -> Optional[dict]:
-    """When the mode changes, a preset chosen for the other mode follows (a cine has its own budget): its values
-    for the new mode, or None when the budget is custom."""
-    name = matching_preset(values.scales, values.stepsPerScale, precisionOf(values), cine=not cineTracking,
-                           smoothness_weight=values.smoothnessWeight)
-    return presetValues(name, cineTracking) if name else None
-
-
 def logicCall(values, atlases: list) -> tuple[str, tuple, dict]:
     """(``RegistrationLogic`` method name, positional arguments, keyword arguments) of the run the panel asks for,
-    with ``waitForCompletion`` left to the caller."""
-    common = dict(scales=values.scales, stepsPerScale=values.stepsPerScale, precision=precisionOf(values),
-                  smoothnessWeight=values.smoothnessWeight, nccWindow=values.nccWindow or None, device=values.device,
-                  keepTemporaryFiles=values.keepTemporaryFiles)
+    with ``waitForCompletion`` left to the caller. The run options travel as the ``configuration`` (the panel's
+    preset and overrides, :func:`configuration`), nothing else."""
+    common = dict(configuration=configuration(values), keepTemporaryFiles=values.keepTemporaryFiles)
     current = mode(values)
     if current == "cine":
-        return "trackSequence", (values.cine,), dict(common, maskNode=values.fixedMask, batchSize=values.batchSize)
+        return "trackSequence", (values.cine,), dict(common, maskNode=values.fixedMask)
     common["modelFile"] = values.modelFile or None
     if current == "atlas":
         return "segmentWithAtlases", (values.fixedVolume, atlases), dict(common, topK=values.topK,
@@ -201,7 +319,7 @@ def logicCall(values, atlases: list) -> tuple[str, tuple, dict]:
         common, outputTransformNode=values.outputTransform, fixedMaskNode=values.fixedMask,
         segmentationNode=values.segmentation, outputVolumeNode=values.outputVolume,
         jacobianVolumeNode=values.jacobianVolume, initialTransformNode=values.initialTransform,
-        alignFirst=values.alignFirst, workingSpacing=values.workingSpacing or None)
+        alignFirst=values.alignFirst)
 
 
 def eventStatus(event: dict, currentMode: str) -> Optional[str]:

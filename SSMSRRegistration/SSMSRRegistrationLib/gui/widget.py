@@ -48,7 +48,6 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for preset in PRESETS.values():
             self.ui.presetComboBox.addItem(preset.name.capitalize(), preset.name)
             self.ui.presetComboBox.setItemData(self.ui.presetComboBox.count - 1, preset.summary, qt.Qt.ToolTipRole)
-        self.ui.presetComboBox.addItem(_("Custom"), "")
         for schedule in SCALE_PRESETS:
             self.ui.scalePresetComboBox.addItem(schedule, schedule)
         self.ui.scalePresetComboBox.addItem(_("Custom"), "")
@@ -66,7 +65,6 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.presetComboBox.connect("activated(int)", self.onPresetActivated)
-        self.ui.cineTrackingCheckBox.connect("toggled(bool)", self.onCineTrackingToggled)
         self.ui.scalePresetComboBox.connect("activated(int)", self.onScalePresetActivated)
         self.ui.scalesLineEdit.connect("textChanged(QString)", self.updateScalePresetFromText)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
@@ -123,8 +121,14 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.updateGUIFromParameterNode()
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        """Show what the parameter node wrapper does not bind: device, presets, atlases, mode and Apply."""
+        """Record the user's edits of run options and show the current kind's values (``panel.reconcile``: the
+        parameter node holds the preset and the overrides), then show what the parameter node wrapper does not bind:
+        device, preset, atlases, mode and Apply."""
         if self._parameterNode is None:
+            return
+        changes = panel.reconcile(self._parameterNode)
+        if changes:
+            self._setParameters(changes)  # its ModifiedEvent shows the result
             return
         self._selectDevice(self._parameterNode.device)
         wasBlocked = self.ui.alignFirstComboBox.blockSignals(True)
@@ -132,8 +136,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.alignFirstComboBox.findData(self._parameterNode.alignFirst), 0)
         self.ui.alignFirstComboBox.blockSignals(wasBlocked)
         self.updateScalePresetFromText(self._parameterNode.scales)
-        self.ui.presetComboBox.currentIndex = self.ui.presetComboBox.findData(
-            panel.matchingPresetName(self._parameterNode))
+        self.ui.presetComboBox.currentIndex = self.ui.presetComboBox.findData(panel.presetOf(self._parameterNode))
+        self.ui.presetComboBox.toolTip = panel.presetDescription(self._parameterNode)
         if self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelFile:
             wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelFile
@@ -209,11 +213,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onPresetActivated(self, index: int) -> None:
         name = self.ui.presetComboBox.itemData(index)
         if name and self._parameterNode is not None:
-            self._setParameters(panel.presetValues(name, self._parameterNode.cineTracking))
-
-    def onCineTrackingToggled(self, cineTracking: bool) -> None:
-        if self._parameterNode is not None:
-            self._setParameters(panel.presetAfterModeChange(self._parameterNode, cineTracking))
+            self._setParameters(panel.presetChosen(self._parameterNode, name))
 
     def onScalePresetActivated(self, index: int) -> None:
         schedule = self.ui.scalePresetComboBox.itemData(index)

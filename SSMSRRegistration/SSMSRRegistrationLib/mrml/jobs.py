@@ -67,6 +67,8 @@ class SceneTransaction:
 class Job:
     """One run of the worker. Subclasses import the results (:meth:`_importResults`) and may describe events.
 
+    ``parameters``: what the job was asked for (the logic's: its run configuration as in the job file, what that
+    resolves to, and the other settings); ``workerJob``: the contents of the worker's job file, if it has one.
     After completion: ``state``, ``errorMessage``, ``metrics`` (the worker's metrics dict) and ``log`` (lines)
     describe the outcome. ``onEnded(job)`` is called once when the job ends, whatever the outcome.
     """
@@ -76,9 +78,10 @@ class Job:
 
     def __init__(self, scene, command: list[str], environment: dict[str, str], temporaryDirectory: Path,
                  parameters: dict, progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                 onEnded: Callable[[Job], None] | None = None):
+                 onEnded: Callable[[Job], None] | None = None, workerJob: dict | None = None):
         self.scene = scene
         self.parameters = parameters
+        self.workerJob = workerJob
         self.temporaryDirectory = temporaryDirectory
         self.keepTemporaryFiles = keepTemporaryFiles
         self.progressCallback = progressCallback
@@ -93,6 +96,14 @@ class Job:
         self._finishedEvent: dict | None = None
         self.startTime = time.monotonic()
         self._log("Starting: " + " ".join(command))
+        configuration = parameters.get("configuration")
+        if configuration:
+            given = ", ".join(f"{name} {value}" for name, value in (configuration.get("overrides") or {}).items())
+            self._log(f"Run configuration: preset {configuration.get('preset')}"
+                      + (f", with {given}" if given else ", no overrides"))
+        if parameters.get("resolved"):
+            self._log("Run settings: " + ", ".join(f"{name} {'automatic' if value is None else value}"
+                                                   for name, value in parameters["resolved"].items()))
         try:
             self.worker = WorkerProcess(command, environment=environment, workingDirectory=str(temporaryDirectory))
         except OSError as error:

@@ -4,28 +4,78 @@
 Coordinate systems: MRML nodes hold geometry in RAS millimetres; files exchanged with the worker are ITK images in
 LPS millimetres, converted by Slicer's storage nodes. Single-slice volumes (2D images such as ultrasound frames) are
 sent to the worker as 2D images in the fixed slice's own plane frame (``geometry.SlicePlane``).
+
+Run options: each method takes a ``configuration`` (``common.run_config.RunConfiguration``: a preset plus
+overrides), another ``preset``, and run options as keywords named as in the Python API (``scales``, ``steps``,
+``precision``, ``smoothness_weight``, ``ncc_window``, ``spacing``, ``device``, ``seed``, ``batch_size``, ...; see
+``common.run_config.RUN_OPTIONS``), combined by ``run_config.combined``; what is not given is the preset's value for
+the kind of run. The worker receives the configuration itself, in its job file (``worker_command.writeJob``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from ..common.errors import InputError
 from ..common.protocol import ProgressCallback
+from ..common.run_config import ResolvedRun, RunConfiguration, combined, takes_run_options
 from .cine import CineTrackingJob, cineFrames, writeCine
 from .geometry import SlicePlane, isSingleSlice
 from .jobs import Job, JobState, RegistrationCancelledError, RegistrationError
-from .parameters import (DEFAULT_PRECISION, DEFAULT_SCALES, DEFAULT_SMOOTHNESS_WEIGHT, DEFAULT_STEPS_PER_SCALE,
-                         DEFAULT_TRACKING_SCALES, alignmentProblems, atlasInputProblems, atlasVolumeNode,
-                         cineInputProblems,
-                         inputProblems, modelFileProblems, nccWindowProblems, precisionProblems, stepProblems,
-                         workingSpacingProblems)
+from .parameters import (alignmentProblems, atlasInputProblems, atlasVolumeNode, cineInputProblems, inputProblems,
+                         modelFileProblems, stepProblems)
 from .registration_jobs import AtlasSegmentationJob, RegistrationJob
 from .storage import writeAtlasLabels, writeInitialTransform, writeVolume
-from .worker_command import defaultWorkerPrefix, workerCommand, workerEnvironment
+from .worker_command import defaultWorkerPrefix, jobDocument, workerEnvironment, writeJob
+
+#: The logic's former keyword names of run options (camelCase, before the run configuration), still accepted so that
+#: existing scripts keep working; each gives a DeprecationWarning and stands for the option named here.
+DEPRECATED_OPTION_NAMES = {"stepsPerScale": "steps", "smoothnessWeight": "smoothness_weight",
+                           "nccWindow": "ncc_window", "workingSpacing": "spacing", "batchSize": "batch_size"}
+
+
+def runOptions(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the deprecated names (``DEPRECATED_OPTION_NAMES``) replaced by the options' names; a former
+    ``nccWindow=0`` meant the default window, as None does now. TypeError when a value is given under both names."""
+    renamed = dict(options)
+    for old, new in DEPRECATED_OPTION_NAMES.items():
+        if old not in renamed:
+            continue
+        warnings.warn(f"the keyword {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=_callerLevel())
+        value = renamed.pop(old)
+        if new in renamed:
+            raise TypeError(f"{old}= and {new}= name the same run option; give {new}= only")
+        renamed[new] = None if old == "nccWindow" and value == 0 else value
+    return renamed
+
+
+def _callerLevel() -> int:
+    """The ``stacklevel`` of a warning that names the first caller outside this file."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def resolvedConfiguration(kind: str, configuration: RunConfiguration | None, preset: str | None,
+                          options: dict[str, Any]) -> tuple[RunConfiguration | None, ResolvedRun | None, list[str]]:
+    """(configuration, what it resolves to for ``kind`` runs, []) or (None, None, [what is wrong]).
+
+    The logic is the console's API: a problem names the option by its keyword (``steps must be at least 0, got
+    -1.``), not by the panel's label (the panel checks its own values first, worded with its labels:
+    ``gui.panel.problems``)."""
+    try:
+        config = combined(configuration, preset, **runOptions(options))
+        return config, config.resolve(kind), []
+    except InputError as error:
+        return None, None, [error.worded(lambda name: name)]
 
 
 class RegistrationLogic:
@@ -33,7 +83,7 @@ class RegistrationLogic:
 
     ``pythonExecutable`` runs the worker (Slicer: PythonSlicer; default: ``sys.executable``).
     ``temporaryDirectoryRoot`` is where each job's private folder is created (default: the system's).
-    ``workerCommandPrefix`` can be replaced to run another worker with the same command line.
+    ``workerCommandPrefix`` can be replaced to run another worker with the same job file (``[..., "job", JOB]``).
     """
 
     def __init__(self, scene, pythonExecutable: str | None = None, temporaryDirectoryRoot: str | None = None):
@@ -52,14 +102,13 @@ class RegistrationLogic:
         """Environment of the worker (see ``worker_command.workerEnvironment``)."""
         return workerEnvironment()
 
+    @takes_run_options("pair")
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                         segmentationNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
-                        initialTransformNode=None, alignFirst: str = "auto", scales: str = DEFAULT_SCALES,
-                        stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                        smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
-                        nccWindow: int | None = None, device: str = "auto", waitForCompletion: bool = True,
-                        progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                        seed: int | None = None, modelFile: str | None = None, workingSpacing: float | None = None):
+                        initialTransformNode=None, alignFirst: str = "auto", modelFile: str | None = None,
+                        configuration: RunConfiguration | None = None, preset: str | None = None,
+                        waitForCompletion: bool = True, progressCallback: ProgressCallback | None = None,
+                        keepTemporaryFiles: bool = False, **options):
         """Deformably register ``movingVolumeNode`` onto ``fixedVolumeNode``.
 
         The result is a transform node holding a "from parent" displacement grid on the fixed volume's geometry
@@ -77,66 +126,60 @@ class RegistrationLogic:
         :param alignFirst: "auto" (affine for 3D volumes, none for single slices), "none", "rigid" or "affine": the
             pre-alignment the worker computes. The result includes it: the output transform alone overlays the moving
             volume on the fixed one.
-        :param scales: coarse-to-fine schedule, e.g. "1/4,1/2,1".
-        :param stepsPerScale: test-time training steps at each scale.
-        :param precision: "mixed" (bfloat16 convolutions where the device supports them) or "float32" (reference).
-        :param smoothnessWeight: weight (lambda) of the displacement-gradient penalty.
-        :param nccWindow: local NCC window in voxels; None uses the engine's default (5 in 3D, 6 in 2D).
-        :param device: "auto", "cpu", "cuda" or "cuda:N".
+        :param modelFile: a model written by ``ssmsr train``: test-time training starts from its weights (its schedule
+            must be the run's; its scales, smoothness weight and window are the defaults then, as for ``ssmsr
+            register --model``); None or "" trains from scratch. With a model, ``steps=0`` is inference only.
+        :param configuration: the run configuration (``common.run_config.RunConfiguration``: a preset and
+            overrides; None: the default preset); ``preset`` replaces its preset, the run options given as keywords
+            (below) add to its overrides.
         :param waitForCompletion: True blocks and returns the transform node (raises RegistrationError on failure,
             RegistrationCancelledError if cancelled); False returns the running :class:`RegistrationJob` at once,
             to be driven by ``job.poll()``.
         :param progressCallback: called with each worker event dict ("started", "progress", "finished", "error",
             and "log" carrying a stderr line in "message").
         :param keepTemporaryFiles: keep the job's temporary folder (its path is in the job's log), for debugging.
-        :param seed: random seed of the worker; None uses the engine's default.
-        :param modelFile: a model written by ``ssmsr train``: test-time training starts from its weights (its schedule
-            must be ``scales``); None or "" trains from scratch.
-        :param workingSpacing: voxel side (mm) of the isotropic grid the worker registers on; None chooses it from
-            the fixed volume's finest spacing, the voxel budget and the free memory (see the log's plan line).
+
+        Invalid inputs or run options raise ``common.errors.InputError`` (a ValueError) saying every problem (a run
+        option named by its keyword) before anything starts. The former camelCase keywords (``stepsPerScale``,
+        ``smoothnessWeight``, ``nccWindow``, ``workingSpacing``) are still accepted, deprecated
+        (``DEPRECATED_OPTION_NAMES``), so that existing scripts keep working.
         """
         job = self.startRegistration(fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
                                      fixedMaskNode=fixedMaskNode, segmentationNode=segmentationNode,
                                      outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode,
-                                     initialTransformNode=initialTransformNode, alignFirst=alignFirst, scales=scales, stepsPerScale=stepsPerScale,
-                                     precision=precision, smoothnessWeight=smoothnessWeight, nccWindow=nccWindow,
-                                     device=device, progressCallback=progressCallback,
-                                     keepTemporaryFiles=keepTemporaryFiles, seed=seed, modelFile=modelFile,
-                                     workingSpacing=workingSpacing)
+                                     initialTransformNode=initialTransformNode, alignFirst=alignFirst,
+                                     modelFile=modelFile, configuration=configuration, preset=preset,
+                                     progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles,
+                                     **options)
         return self._finish(job, waitForCompletion, lambda: job.outputTransformNode)
 
-    def trackSequence(self, cineNode, maskNode=None, scales: str | None = None,
-                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                      batchSize: int = 1,
-                      smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
-                      device: str = "auto", waitForCompletion: bool = True,
-                      progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                      seed: int | None = None):
+    @takes_run_options("cine")
+    def trackSequence(self, cineNode, maskNode=None, configuration: RunConfiguration | None = None,
+                      preset: str | None = None, waitForCompletion: bool = True,
+                      progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False, **options):
         """Track the motion through a 2D+t cine (``ssmsr track`` in the background); see ``cine_logic``.
 
         :param cineNode: a sequence node of single-slice volumes (e.g. an ultrasound cine from DICOM) or a scalar
             volume whose third axis is time. Colour frames are reduced to their first channel.
         :param maskNode: optional single-slice volume on the frames' grid (non-zero inside); None: the paper's
             automatic mask.
-        :param scales: coarse-to-fine schedule; None: the paper's echo schedule "1/8,1/4,1/2,1".
-        :param batchSize: frame pairs per training step (0: all pairs).
 
-        Other parameters as for :meth:`registerVolumes`. Blocking: returns the new sequence of transform nodes (one
-        per frame, in the cine's sequence browser); non-blocking: the running ``CineTrackingJob``, whose
+        The run options are those of a cine (the preset's cine values: e.g. its schedule ``1/8,1/4,1/2,1``, steps for
+        the whole sequence, ``batch_size`` frame pairs per step, 0: all); other parameters as for
+        :meth:`registerVolumes` (deprecated: ``batchSize``). Blocking: returns the new sequence of transform nodes
+        (one per frame, in the cine's sequence browser); non-blocking: the running ``CineTrackingJob``, whose
         ``transformSequenceNode``, ``browserNode``, ``metricsTableNode`` and ``chartNodes`` hold the results.
         """
-        job = self.startTracking(cineNode, maskNode=maskNode, scales=scales, stepsPerScale=stepsPerScale,
-                                 precision=precision, batchSize=batchSize, smoothnessWeight=smoothnessWeight,
-                                 nccWindow=nccWindow, device=device, progressCallback=progressCallback,
-                                 keepTemporaryFiles=keepTemporaryFiles, seed=seed)
+        job = self.startTracking(cineNode, maskNode=maskNode, configuration=configuration, preset=preset,
+                                 progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles, **options)
         return self._finish(job, waitForCompletion, lambda: job.transformSequenceNode)
 
-    def segmentWithAtlases(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
-                           stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                           smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
-                           nccWindow: int | None = None, device: str = "auto", modelFile: str | None = None,
-                           waitForCompletion: bool = True, progressCallback: ProgressCallback | None = None,
-                           keepTemporaryFiles: bool = False, seed: int | None = None):
+    @takes_run_options("pair")
+    def segmentWithAtlases(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None,
+                           modelFile: str | None = None, configuration: RunConfiguration | None = None,
+                           preset: str | None = None, waitForCompletion: bool = True,
+                           progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
+                           **options):
         """Segment ``targetVolumeNode`` with the most similar atlas(es) (``ssmsr segment`` in the background).
 
         The atlases are ranked by NLCC with the target (each brought onto the target grid by world coordinates); the
@@ -148,14 +191,14 @@ class RegistrationLogic:
         :param fixedMaskNode: optional mask on the target restricting the ranking and the registrations' similarity.
         :param modelFile: optional model written by ``ssmsr train`` to start each registration from.
 
-        Other parameters as for :meth:`registerVolumes`. Blocking: returns the new segmentation node (the ranking is
-        in ``lastAtlasRanking``); non-blocking: returns the running :class:`AtlasSegmentationJob`.
+        Other parameters and the run options as for :meth:`registerVolumes`. Blocking: returns the new segmentation
+        node (the ranking is in ``lastAtlasRanking``); non-blocking: returns the running
+        :class:`AtlasSegmentationJob`.
         """
         job = self.startAtlasSegmentation(targetVolumeNode, atlases, topK=topK, fixedMaskNode=fixedMaskNode,
-                                          scales=scales, stepsPerScale=stepsPerScale, precision=precision,
-                                          smoothnessWeight=smoothnessWeight, nccWindow=nccWindow, device=device,
-                                          modelFile=modelFile, progressCallback=progressCallback,
-                                          keepTemporaryFiles=keepTemporaryFiles, seed=seed)
+                                          modelFile=modelFile, configuration=configuration, preset=preset,
+                                          progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles,
+                                          **options)
         return self._finish(job, waitForCompletion, lambda: job.outputSegmentationNode)
 
     def cancel(self) -> None:
@@ -165,64 +208,58 @@ class RegistrationLogic:
 
     # Starting jobs -----------------------------------------------------------------------------------------
 
+    @takes_run_options("pair")
     def startRegistration(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, fixedMaskNode=None,
                           segmentationNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
-                          initialTransformNode=None, alignFirst: str = "auto", scales: str = DEFAULT_SCALES,
-                          stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                          smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
-                          device: str = "auto", progressCallback: ProgressCallback | None = None,
-                          keepTemporaryFiles: bool = False, seed: int | None = None,
-                          modelFile: str | None = None, workingSpacing: float | None = None) -> RegistrationJob:
-        """Write the inputs, start the worker and return the running job (see :meth:`registerVolumes`)."""
+                          initialTransformNode=None, alignFirst: str = "auto", modelFile: str | None = None,
+                          configuration: RunConfiguration | None = None, preset: str | None = None,
+                          progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
+                          **options) -> RegistrationJob:
+        """Write the inputs and the job file, start the worker and return the running job (see
+        :meth:`registerVolumes`)."""
         self._checkIdle()
-        self._refuse(inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode, segmentationNode, outputVolumeNode,
-                                   outputTransformNode, scales, device, jacobianVolumeNode) + modelFileProblems(modelFile)
+        config, run, problems = resolvedConfiguration("pair", configuration, preset, options)
+        self._refuse(inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode, segmentationNode,
+                                   outputVolumeNode, outputTransformNode, jacobianVolumeNode)
+                     + modelFileProblems(modelFile)
                      + alignmentProblems(alignFirst, initialTransformNode, outputTransformNode)
-                     + stepProblems(stepsPerScale, modelFile) + precisionProblems(precision)
-                     + nccWindowProblems(nccWindow) + workingSpacingProblems(workingSpacing))
-        parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
-                      "smoothnessWeight": float(smoothnessWeight), "nccWindow": nccWindow, "device": device,
-                      "seed": seed, "modelFile": modelFile or None, "alignFirst": alignFirst,
-                      "workingSpacing": workingSpacing,
-                      "initialTransform": initialTransformNode.GetName() if initialTransformNode is not None else None}
+                     + problems + (stepProblems(run.steps, modelFile) if run is not None else []))
+        parameters = self._parameters(config, run, modelFile=modelFile or None, alignFirst=alignFirst,
+                                      initialTransform=initialTransformNode.GetName()
+                                      if initialTransformNode is not None else None)
 
         def prepare(folder: Path) -> dict:
             slicePlane = SlicePlane(fixedVolumeNode) if isSingleSlice(fixedVolumeNode) else None
-            fixedPath = writeVolume(fixedVolumeNode, folder / "fixed.nrrd", slicePlane, "fixed volume")
-            movingPath = writeVolume(movingVolumeNode, folder / "moving.nrrd", slicePlane, "moving volume")
-            options = self._maskOption("--fixed-mask", fixedMaskNode, folder, slicePlane)
-            options += ["--initial", writeInitialTransform(initialTransformNode, folder / "initial.tfm", slicePlane)
-                        if initialTransformNode is not None else alignFirst]
-            if outputVolumeNode is not None:
-                options += ["--warped", str(folder / "warped.nrrd")]
-            if jacobianVolumeNode is not None:
-                options += ["--jacobian", str(folder / "jacobian.nrrd")]
-            if workingSpacing is not None:
-                options += ["--spacing", repr(float(workingSpacing))]
-            command = self._command("register", [fixedPath, movingPath], folder / "field.nrrd", parameters, options)
-            return dict(command=command, slicePlane=slicePlane)
+            arguments = {
+                "fixed": writeVolume(fixedVolumeNode, folder / "fixed.nrrd", slicePlane, "fixed volume"),
+                "moving": writeVolume(movingVolumeNode, folder / "moving.nrrd", slicePlane, "moving volume"),
+                "output": str(folder / "field.nrrd"),
+                "fixed_mask": self._mask(fixedMaskNode, folder, slicePlane),
+                "initial": writeInitialTransform(initialTransformNode, folder / "initial.tfm", slicePlane)
+                if initialTransformNode is not None else alignFirst,
+                "warped": str(folder / "warped.nrrd") if outputVolumeNode is not None else None,
+                "jacobian": str(folder / "jacobian.nrrd") if jacobianVolumeNode is not None else None,
+                "model": self._model(modelFile)}
+            return dict(self._job(folder, "register", arguments, config), slicePlane=slicePlane)
 
         return self._start(RegistrationJob, prepare, parameters, progressCallback, keepTemporaryFiles,
                            fixedVolumeNode=fixedVolumeNode, movingVolumeNode=movingVolumeNode,
                            segmentationNode=segmentationNode, outputTransformNode=outputTransformNode,
                            outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode)
 
+    @takes_run_options("pair")
     def startAtlasSegmentation(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None,
-                               scales: str = DEFAULT_SCALES, stepsPerScale: int = DEFAULT_STEPS_PER_SCALE,
-                               precision: str = DEFAULT_PRECISION,
-                               smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT, nccWindow: int | None = None,
-                               device: str = "auto", modelFile: str | None = None,
-                               progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                               seed: int | None = None) -> AtlasSegmentationJob:
-        """Write the target and atlases, start the worker and return the running job (see :meth:`segmentWithAtlases`)."""
+                               modelFile: str | None = None, configuration: RunConfiguration | None = None,
+                               preset: str | None = None, progressCallback: ProgressCallback | None = None,
+                               keepTemporaryFiles: bool = False, **options) -> AtlasSegmentationJob:
+        """Write the target, the atlases and the job file, start the worker and return the running job (see
+        :meth:`segmentWithAtlases`)."""
         self._checkIdle()
         pairs = [tuple(item) if isinstance(item, (tuple, list)) else (atlasVolumeNode(item), item) for item in atlases or []]
-        self._refuse(atlasInputProblems(targetVolumeNode, pairs, topK, fixedMaskNode, scales, device, modelFile)
-                     + stepProblems(stepsPerScale, modelFile) + precisionProblems(precision)
-                     + nccWindowProblems(nccWindow))
-        parameters = {"topK": int(topK), "scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
-                      "smoothnessWeight": float(smoothnessWeight), "nccWindow": nccWindow, "device": device,
-                      "seed": seed, "modelFile": modelFile or None}
+        config, run, problems = resolvedConfiguration("pair", configuration, preset, options)
+        self._refuse(atlasInputProblems(targetVolumeNode, pairs, topK, fixedMaskNode, modelFile)
+                     + problems + (stepProblems(run.steps, modelFile) if run is not None else []))
+        parameters = self._parameters(config, run, topK=int(topK), modelFile=modelFile or None)
         # One label value per segment name, in order of first appearance; colours from the first atlas that has it.
         segmentNames, segmentColors = [], []
         for _, segmentationNode in pairs:
@@ -237,43 +274,42 @@ class RegistrationLogic:
         def prepare(folder: Path) -> dict:
             slicePlane = SlicePlane(targetVolumeNode) if isSingleSlice(targetVolumeNode) else None
             targetPath = writeVolume(targetVolumeNode, folder / "target.nrrd", slicePlane, "volume to segment")
-            options = ["--top-k", str(int(topK))]
+            atlasPaths = []
             for number, (volumeNode, segmentationNode) in enumerate(pairs):
                 imagePath = writeVolume(volumeNode, folder / f"atlas{number}.nrrd", slicePlane,
                                         f"atlas volume '{volumeNode.GetName()}'")
                 labelsPath = writeAtlasLabels(self.scene, segmentationNode, volumeNode, segmentNames,
                                               folder / f"atlas{number}-labels.nrrd", slicePlane)
-                options += ["--atlas", imagePath, labelsPath]
+                atlasPaths.append([imagePath, labelsPath])
                 atlasFiles[os.path.normcase(os.path.abspath(imagePath))] = segmentationNode
-            options += self._maskOption("--fixed-mask", fixedMaskNode, folder, slicePlane)
-            return dict(command=self._command("segment", [targetPath], folder / "labels.nrrd", parameters, options))
+            arguments = {"target": targetPath, "atlas": atlasPaths, "output": str(folder / "labels.nrrd"),
+                         "top_k": int(topK), "fixed_mask": self._mask(fixedMaskNode, folder, slicePlane),
+                         "model": self._model(modelFile)}
+            return self._job(folder, "segment", arguments, config)
 
         return self._start(AtlasSegmentationJob, prepare, parameters, progressCallback, keepTemporaryFiles,
                            targetVolumeNode=targetVolumeNode, atlases=pairs, segmentNames=segmentNames,
                            segmentColors=segmentColors, atlasFiles=atlasFiles)
 
-    def startTracking(self, cineNode, maskNode=None, scales: str | None = None,
-                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, precision: str = DEFAULT_PRECISION,
-                      batchSize: int = 1, smoothnessWeight: float = DEFAULT_SMOOTHNESS_WEIGHT,
-                      nccWindow: int | None = None, device: str = "auto",
-                      progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
-                      seed: int | None = None) -> CineTrackingJob:
-        """Write the cine, start the ``track`` worker and return the running job (see :meth:`trackSequence`)."""
+    @takes_run_options("cine")
+    def startTracking(self, cineNode, maskNode=None, configuration: RunConfiguration | None = None,
+                      preset: str | None = None, progressCallback: ProgressCallback | None = None,
+                      keepTemporaryFiles: bool = False, **options) -> CineTrackingJob:
+        """Write the cine and the job file, start the ``track`` worker and return the running job (see
+        :meth:`trackSequence`)."""
         self._checkIdle()
-        scales = scales or DEFAULT_TRACKING_SCALES
-        self._refuse(cineInputProblems(cineNode, maskNode, scales, device, stepsPerScale, batchSize)
-                     + precisionProblems(precision) + nccWindowProblems(nccWindow))
+        config, run, problems = resolvedConfiguration("cine", configuration, preset, options)
+        self._refuse(cineInputProblems(cineNode, maskNode) + problems
+                     + (stepProblems(run.steps, cine=True) if run is not None else []))
         arrays, geometries, indexValues = cineFrames(cineNode)
-        parameters = {"scales": scales, "stepsPerScale": int(stepsPerScale), "precision": precision,
-                      "batchSize": int(batchSize), "smoothnessWeight": float(smoothnessWeight),
-                      "nccWindow": nccWindow, "device": device, "seed": seed}
+        parameters = self._parameters(config, run)
         slicePlane = SlicePlane(geometries[0])
 
         def prepare(folder: Path) -> dict:
-            cinePath = writeCine(arrays, slicePlane, geometries[0], folder / "cine.nrrd")
-            options = ["--no-figures", "--batch", str(int(batchSize))]
-            options += self._maskOption("--mask", maskNode, folder, slicePlane)
-            return dict(command=self._command("track", [cinePath], folder / "tracking", parameters, options))
+            arguments = {"cine": writeCine(arrays, slicePlane, geometries[0], folder / "cine.nrrd"),
+                         "output": str(folder / "tracking"), "no_figures": True,
+                         "mask": self._mask(maskNode, folder, slicePlane)}
+            return self._job(folder, "track", arguments, config)
 
         return self._start(CineTrackingJob, prepare, parameters, progressCallback, keepTemporaryFiles,
                            cineNode=cineNode, geometries=geometries, indexValues=indexValues, slicePlane=slicePlane,
@@ -288,21 +324,26 @@ class RegistrationLogic:
     @staticmethod
     def _refuse(problems: list[str]) -> None:
         if problems:
-            raise ValueError(" ".join(problems))
-
-    def _command(self, subcommand: str, arguments: list[str], output: Path, parameters: dict,
-                 options: list[str]) -> list[str]:
-        return workerCommand(self.workerCommandPrefix, subcommand, arguments, str(output),
-                             scales=parameters["scales"], stepsPerScale=parameters["stepsPerScale"],
-                             precision=parameters["precision"], smoothnessWeight=parameters["smoothnessWeight"],
-                             device=parameters["device"], nccWindow=parameters["nccWindow"], seed=parameters["seed"],
-                             modelFile=parameters.get("modelFile"), options=options)
+            raise InputError(" ".join(problems))
 
     @staticmethod
-    def _maskOption(option: str, maskNode, folder: Path, slicePlane: SlicePlane | None) -> list[str]:
-        if maskNode is None:
-            return []
-        return [option, writeVolume(maskNode, folder / "mask.nrrd", slicePlane, "mask")]
+    def _parameters(config: RunConfiguration, run: ResolvedRun, **inputs) -> dict:
+        """The job's ``parameters``: its run configuration (as in the job file), what it resolves to, and the
+        settings that are not run options (``inputs``)."""
+        return {"configuration": config.to_json(), "resolved": run.as_dict(), **inputs}
+
+    def _job(self, folder: Path, command: str, arguments: dict, config: RunConfiguration) -> dict:
+        """Write the job file of ``command`` into ``folder``; the job's ``command`` and ``workerJob``."""
+        return dict(command=writeJob(folder / "job.json", command, arguments, config, self.workerCommandPrefix),
+                    workerJob=jobDocument(command, arguments, config))
+
+    @staticmethod
+    def _mask(maskNode, folder: Path, slicePlane: SlicePlane | None) -> str | None:
+        return None if maskNode is None else writeVolume(maskNode, folder / "mask.nrrd", slicePlane, "mask")
+
+    @staticmethod
+    def _model(modelFile: str | None) -> str | None:
+        return str(Path(modelFile).resolve()) if modelFile else None
 
     def _start(self, jobClass, prepare: Callable[[Path], dict], parameters: dict,
                progressCallback: ProgressCallback | None, keepTemporaryFiles: bool, **jobInputs) -> Job:

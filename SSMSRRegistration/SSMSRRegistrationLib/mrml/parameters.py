@@ -1,76 +1,36 @@
-"""The logic's parameters: their defaults, and the checks that say, in sentences for the user, what prevents a run.
+"""The checks of a run's nodes and inputs that say, in sentences for the user, what prevents it.
 
-Used by the logic before it starts a worker and by the panel to explain a disabled Apply button.
+Used by the logic before it starts a worker and by the panel to explain a disabled Apply button. The run options
+(schedule, steps, precision, smoothness weight, NCC window, working spacing, device, ...) are not checked here: a
+``common.run_config.RunConfiguration`` checks them when it is built, once for every interface.
 """
 
 from __future__ import annotations
-
-import math
 
 import os
 
 import slicer
 
-from ..common.presets import DEFAULT_PRESET, PRECISIONS, PRESETS
-from ..common.protocol import check_device_name
-from ..common.schedule import parse_scales
+from ..common.run_config import RunConfiguration
 
 #: Schedules offered next to the free-text schedule.
 SCALE_PRESETS = ("1/2,1", "1/4,1/2,1", "1/8,1/4,1/2,1")
-#: The default preset's (``ssmsr register``'s and ``ssmsr track``'s defaults).
-DEFAULT_SCALES = PRESETS[DEFAULT_PRESET].pair_scales
-DEFAULT_STEPS_PER_SCALE = PRESETS[DEFAULT_PRESET].pair_steps
-DEFAULT_TRACKING_SCALES = PRESETS[DEFAULT_PRESET].cine_scales
-DEFAULT_SMOOTHNESS_WEIGHT = PRESETS[DEFAULT_PRESET].pair_training.smoothness_weight
-DEFAULT_PRECISION = PRESETS[DEFAULT_PRESET].precision
+#: What a run of each kind uses when nothing is given: the default preset's values (``ssmsr register``'s and
+#: ``ssmsr track``'s defaults).
+DEFAULT_PAIR_RUN = RunConfiguration().resolve("pair")
+DEFAULT_CINE_RUN = RunConfiguration().resolve("cine")
 #: Pre-alignments the worker runs before the deformable stage ("auto": affine for 3D volumes, none for 2D).
 ALIGNMENTS = ("auto", "none", "rigid", "affine")
-#: The smallest local NCC window the engine accepts (voxels); 0 or None means the engine's default.
-MINIMUM_NCC_WINDOW = 2
 
 
-def normalizeDevice(device: str) -> str:
-    """Return the worker's device string for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; raise ValueError otherwise."""
-    return check_device_name(device)
-
-
-def precisionProblems(precision: str) -> list[str]:
-    """A sentence for the user if ``precision`` is not one the worker accepts (empty when it is)."""
-    if precision in PRECISIONS:
+def stepProblems(steps: int | None, modelFile: str | None = None, cine: bool = False) -> list[str]:
+    """A sentence if the (resolved) steps are too few: at least 1, or 0 with a model (inference only; a cine
+    always trains)."""
+    if steps is not None and int(steps) >= (0 if modelFile and not cine else 1):
         return []
-    return [f"Unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}."]
-
-
-def nccWindowProblems(nccWindow: int | None) -> list[str]:
-    """A sentence for the user if the NCC window is one the worker refuses (None or 0: the default)."""
-    if nccWindow is None or int(nccWindow) == 0 or int(nccWindow) >= MINIMUM_NCC_WINDOW:
-        return []
-    return [f"The NCC window must be at least {MINIMUM_NCC_WINDOW} voxels (or 0 for the default)."]
-
-
-def workingSpacingProblems(workingSpacing: float | None) -> list[str]:
-    """A sentence for the user if the working grid's spacing is one the worker refuses (None: automatic)."""
-    if workingSpacing is None or (math.isfinite(float(workingSpacing)) and float(workingSpacing) > 0):
-        return []
-    return ["The working spacing must be a positive number of millimetres (or automatic)."]
-
-
-def scheduleAndDeviceProblems(scales: str, device: str) -> list[str]:
-    """What is wrong with a scale schedule and a device name, as sentences for the user (empty when fine)."""
-    problems = []
-    for check, value in ((parse_scales, scales), (normalizeDevice, device)):
-        try:
-            check(value)
-        except ValueError as error:
-            problems.append(str(error))
-    return problems
-
-
-def stepProblems(stepsPerScale: int | None, modelFile: str | None = None) -> list[str]:
-    """A sentence if the steps per scale are too few (0 is allowed with a model: inference only)."""
-    if stepsPerScale is None or int(stepsPerScale) < (0 if modelFile else 1):
-        return ["Steps per scale must be at least 1 (0 is allowed with a model: inference only)."]
-    return []
+    if cine:
+        return ["Tracking needs at least 1 training step."]
+    return ["Steps per scale must be at least 1 (0 is allowed with a model: inference only)."]
 
 
 def alignmentProblems(alignFirst: str, initialTransformNode=None, outputTransformNode=None) -> list[str]:
@@ -88,8 +48,7 @@ def alignmentProblems(alignFirst: str, initialTransformNode=None, outputTransfor
 
 
 def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segmentationNode=None, outputVolumeNode=None,
-                  outputTransformNode=None, scales: str = DEFAULT_SCALES, device: str = "auto",
-                  jacobianVolumeNode=None) -> list[str]:
+                  outputTransformNode=None, jacobianVolumeNode=None) -> list[str]:
     """Everything that prevents a registration with these inputs, as sentences for the user (empty when ready)."""
     problems = []
     if fixedVolumeNode is None:
@@ -117,7 +76,6 @@ def inputProblems(fixedVolumeNode, movingVolumeNode, fixedMaskNode=None, segment
         if parent is not None and parent is not outputTransformNode:
             problems.append(f"The {role} '{node.GetName()}' is under the transform '{parent.GetName()}'; harden or "
                             "remove it first (a transform that is the output transform itself is fine).")
-    problems += scheduleAndDeviceProblems(scales, device)
     return problems
 
 
@@ -139,8 +97,8 @@ def atlasVolumeNode(segmentationNode):
     return node if isinstance(node, slicer.vtkMRMLScalarVolumeNode) else None
 
 
-def atlasInputProblems(targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None, scales: str = DEFAULT_SCALES,
-                       device: str = "auto", modelFile: str | None = None) -> list[str]:
+def atlasInputProblems(targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None,
+                       modelFile: str | None = None) -> list[str]:
     """Everything that prevents an atlas-based segmentation, as sentences for the user (empty when ready).
 
     ``atlases`` is a list of (atlas volume node, atlas segmentation node) pairs; a None volume means the
@@ -169,8 +127,8 @@ def atlasInputProblems(targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=N
         problems.append(f"The number of atlases to register ({topK}) must be between 1 and the {len(atlases)} "
                         "checked atlases.")
     if targetVolumeNode is not None:
-        problems += [problem for problem in inputProblems(targetVolumeNode, None, fixedMaskNode, scales=scales,
-                                                          device=device) if problem != "Select a moving volume."]
+        problems += [problem for problem in inputProblems(targetVolumeNode, None, fixedMaskNode)
+                     if problem != "Select a moving volume."]
     return problems + modelFileProblems(modelFile)
 
 
@@ -178,8 +136,7 @@ def isCineNode(node) -> bool:
     return isinstance(node, (slicer.vtkMRMLSequenceNode, slicer.vtkMRMLScalarVolumeNode))
 
 
-def cineInputProblems(cineNode, maskNode=None, scales: str = DEFAULT_TRACKING_SCALES, device: str = "auto",
-                      stepsPerScale: int = DEFAULT_STEPS_PER_SCALE, batchSize: int = 1) -> list[str]:
+def cineInputProblems(cineNode, maskNode=None) -> list[str]:
     """Everything that prevents tracking with these inputs, as sentences for the user (empty when ready)."""
     problems = []
     if cineNode is None:
@@ -201,9 +158,4 @@ def cineInputProblems(cineNode, maskNode=None, scales: str = DEFAULT_TRACKING_SC
             problems.append(f"The mask '{maskNode.GetName()}' has no image data.")
         elif maskNode.GetImageData().GetDimensions()[2] != 1:
             problems.append(f"The mask '{maskNode.GetName()}' must be a single slice on the frames' grid.")
-    problems += scheduleAndDeviceProblems(scales, device)
-    if stepsPerScale is None or int(stepsPerScale) < 1:
-        problems.append("Steps per scale must be at least 1.")
-    if batchSize is None or int(batchSize) < 0:
-        problems.append("The batch size must be 0 (all pairs) or more.")
     return problems

@@ -1,19 +1,31 @@
-"""The one place where the Slicer logic spells the worker's command line (``python -m SSMSRRegistrationLib ...``)."""
+"""The one place where the Slicer logic tells the worker what to run: a job file (``python -m SSMSRRegistrationLib
+job JOB.json``) holding the command, its arguments and the run configuration.
+
+The job file's format is the worker's (``interfaces.cli.read_job``): ``{"format": "ssmsr-job", "format_version": 1,
+"command": "register" | "track" | "segment", "arguments": {argparse dest of that command: value},
+"configuration": RunConfiguration.to_json()}``. The run options travel only in "configuration" (a preset and the
+overrides the caller gave); the worker resolves them for the kind of run, so nothing is spelled twice here.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
-from ..common.presets import matching_preset
-from ..common.schedule import format_scales, parse_scales
-from .parameters import normalizeDevice
+from ..common.run_config import RunConfiguration
 
 #: Folder that holds the ``SSMSRRegistrationLib`` package; the worker needs it on its PYTHONPATH.
 MODULE_DIRECTORY = Path(__file__).resolve().parents[2]
 #: The worker: the package's ``__main__`` (the ``ssmsr`` command).
 WORKER_MODULE = "SSMSRRegistrationLib"
+#: Name and version of the job file format; the worker (``interfaces.cli``: JOB_FORMAT, JOB_FORMAT_VERSION) reads
+#: this version and older ones. Not imported from there: the Slicer logic never imports the worker's interfaces.
+JOB_FORMAT = "ssmsr-job"
+JOB_FORMAT_VERSION = 1
+#: The worker commands a job file may name.
+JOB_COMMANDS = ("register", "track", "segment")
 
 
 def workerEnvironment() -> dict[str, str]:
@@ -31,29 +43,28 @@ def defaultWorkerPrefix(pythonExecutable: str | None = None) -> list[str]:
     return [pythonExecutable or sys.executable, "-m", WORKER_MODULE]
 
 
-def workerCommand(prefix: list[str], subcommand: str, arguments: list[str], output: str, *, scales: str,
-                  stepsPerScale: int, precision: str, smoothnessWeight: float, device: str,
-                  nccWindow: int | None = None, seed: int | None = None, modelFile: str | None = None,
-                  options: list[str] = ()) -> list[str]:
-    """The full command of one ``register``, ``segment`` or ``track`` run with JSON-lines progress.
+def jobDocument(command: str, arguments: dict, configuration: RunConfiguration) -> dict:
+    """The contents of a job file: ``command`` with its ``arguments`` (the command's argparse destinations, e.g.
+    "fixed", "output", "fixed_mask", "no_figures"; None values are left out) and the run ``configuration``."""
+    if command not in JOB_COMMANDS:
+        raise ValueError(f"unknown worker command {command!r}; one of {', '.join(JOB_COMMANDS)}")
+    return {"format": JOB_FORMAT, "format_version": JOB_FORMAT_VERSION, "command": command,
+            "arguments": {name: value for name, value in arguments.items() if value is not None},
+            "configuration": configuration.to_json()}
 
-    ``arguments``: the subcommand's positional inputs; ``options``: its own further options (already spelled);
-    ``nccWindow`` 0 or None, ``seed`` None and ``modelFile`` empty leave the worker's defaults. When the budget is a
-    preset's, the command names that preset too, so that the worker also applies what the panel does not show (its
-    learning rate and MSE weight); any other budget takes those from the default preset.
-    """
-    command = list(prefix) + [subcommand, *map(str, arguments), "-o", str(output), "--progress", "jsonl",
-                              "--scales", format_scales(parse_scales(scales)), "--steps", str(int(stepsPerScale)),
-                              "--precision", precision, "--lambda", repr(float(smoothnessWeight)),
-                              "--device", normalizeDevice(device)]
-    preset = matching_preset(scales, stepsPerScale, precision, cine=subcommand == "track",
-                             smoothness_weight=smoothnessWeight)
-    if preset:
-        command += ["--preset", preset]
-    if nccWindow:
-        command += ["--window", str(int(nccWindow))]
-    if seed is not None:
-        command += ["--seed", str(int(seed))]
-    if modelFile:
-        command += ["--model", str(Path(modelFile).resolve())]
-    return command + [str(option) for option in options]
+
+def writeJob(path, command: str, arguments: dict, configuration: RunConfiguration,
+             prefix: list[str] | None = None) -> list[str]:
+    """Write the job file ``path`` (see :func:`jobDocument`) and return the command that runs it:
+    ``prefix + ["job", path]``, ``prefix`` being ``[python, "-m", "SSMSRRegistrationLib"]`` by default."""
+    path = str(Path(path).resolve())
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(jobDocument(command, arguments, configuration), stream, indent=1, sort_keys=True)
+        stream.write("\n")
+    return list(prefix or defaultWorkerPrefix()) + ["job", path]
+
+
+def readJob(path) -> dict:
+    """The contents of a job file written by :func:`writeJob` (for the log and for tests)."""
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)

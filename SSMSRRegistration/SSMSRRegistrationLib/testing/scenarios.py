@@ -42,7 +42,7 @@ def runLeavingNoTemporaryFiles(logic: RegistrationLogic, run):
     return result
 
 
-def runRealPairScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeNode, stepsPerScale: int,
+def runRealPairScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeNode, steps: int,
                         scales: str = "1/2,1", device: str = "cpu") -> dict:
     """Register two real images through the background worker and check the transform node and warped volume.
 
@@ -55,7 +55,7 @@ def runRealPairScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeN
     outputVolumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
     events = []
     job = logic.registerVolumes(fixedVolumeNode, movingVolumeNode, outputVolumeNode=outputVolumeNode, scales=scales,
-                                stepsPerScale=stepsPerScale, device=device, waitForCompletion=False,
+                                steps=steps, device=device, waitForCompletion=False,
                                 progressCallback=events.append, keepTemporaryFiles=True)
     try:
         job.wait()
@@ -92,7 +92,7 @@ def runRealPairScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeN
 
 
 def runSegmentationPropagationScenario(logic: RegistrationLogic, fixedVolumeNode, fixedLabels: np.ndarray,
-                                       amplitudeMm: float, wavelengthMm: float, stepsPerScale: int,
+                                       amplitudeMm: float, wavelengthMm: float, steps: int,
                                        scales: str = "1/2,1", device: str = "cpu") -> dict:
     """Deform a real image and its labels by a known smooth field, register back, and propagate the labels.
 
@@ -117,7 +117,7 @@ def runSegmentationPropagationScenario(logic: RegistrationLogic, fixedVolumeNode
 
     transformNode = runLeavingNoTemporaryFiles(logic, lambda: logic.registerVolumes(
         fixedVolumeNode, movingVolumeNode, segmentationNode=segmentationNode, scales=scales,
-        stepsPerScale=stepsPerScale, device=device))
+        steps=steps, device=device))
     propagated = scene.GetNodesByClass("vtkMRMLSegmentationNode")
     propagatedNodes = [propagated.GetItemAsObject(index) for index in range(propagated.GetNumberOfItems())
                        if propagated.GetItemAsObject(index) is not segmentationNode]
@@ -143,7 +143,7 @@ def runCancelScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeNod
     """
     scene = logic.scene
     before = sceneSnapshot(scene)
-    job = logic.registerVolumes(fixedVolumeNode, movingVolumeNode, outputVolumeNode=None, stepsPerScale=100000,
+    job = logic.registerVolumes(fixedVolumeNode, movingVolumeNode, outputVolumeNode=None, steps=100000,
                                 device=device, waitForCompletion=False)
     deadline = time.monotonic() + 120
     while job.lastProgressEvent is None and not job.isDone and time.monotonic() < deadline:
@@ -163,7 +163,7 @@ def runCancelScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolumeNod
             logic.cancel()
 
     try:
-        logic.registerVolumes(fixedVolumeNode, movingVolumeNode, stepsPerScale=100000, device=device,
+        logic.registerVolumes(fixedVolumeNode, movingVolumeNode, steps=100000, device=device,
                               progressCallback=cancelAtFirstProgress)
         raise AssertionError("blocking registerVolumes returned although it was cancelled")
     except RegistrationCancelledError:
@@ -179,7 +179,7 @@ def runWorkerErrorScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolu
     emptyMaskNode.CopyOrientation(fixedVolumeNode)
     before = sceneSnapshot(scene)
     try:
-        logic.registerVolumes(fixedVolumeNode, movingVolumeNode, fixedMaskNode=emptyMaskNode, stepsPerScale=5, device=device)
+        logic.registerVolumes(fixedVolumeNode, movingVolumeNode, fixedMaskNode=emptyMaskNode, steps=5, device=device)
         raise AssertionError("registration with an empty mask succeeded")
     except RegistrationCancelledError:
         raise
@@ -192,7 +192,7 @@ def runWorkerErrorScenario(logic: RegistrationLogic, fixedVolumeNode, movingVolu
 
 
 def runAtlasSegmentationScenario(logic: RegistrationLogic, referenceVolumeNode, referenceLabels: np.ndarray,
-                                 otherAtlases: list, amplitudeMm: float, wavelengthMm: float, stepsPerScale: int,
+                                 otherAtlases: list, amplitudeMm: float, wavelengthMm: float, steps: int,
                                  topK: int = 1, scales: str = "1/2,1", device: str = "cpu", modelFile: str | None = None,
                                  segmentName: str = "tissue") -> dict:
     """Segment a deformed copy of a real image with several atlases, one of which is the undeformed image.
@@ -233,7 +233,7 @@ def runAtlasSegmentationScenario(logic: RegistrationLogic, referenceVolumeNode, 
     atlasesBefore = {node.GetID(): nodeFingerprint(node) for node in atlases}
 
     segmentationNode = runLeavingNoTemporaryFiles(logic, lambda: logic.segmentWithAtlases(
-        targetVolumeNode, atlases, topK=topK, scales=scales, stepsPerScale=stepsPerScale, device=device,
+        targetVolumeNode, atlases, topK=topK, scales=scales, steps=steps, device=device,
         modelFile=modelFile))
     ranking = logic.lastAtlasRanking
     assert [entry["atlasName"] for entry in ranking][0] == matchingAtlas.GetName(), f"wrong atlas ranked first: {ranking}"
