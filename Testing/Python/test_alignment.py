@@ -37,8 +37,12 @@ def misaligned(image: sitk.Image, matrix: np.ndarray, shift_mm, scale: float) ->
 
 @pytest.fixture(scope="module")
 def brain_pair():
+    return make_brain_pair()
+
+
+def make_brain_pair():
     """ICBM152 T1 (2 mm crop) with its grey/white matter labels, and a 'subject': the same under a smooth
-    deformation (fixed)."""
+    deformation (fixed). Returns fixed, fixed labels, moving, moving labels."""
     t1 = sample_data.crop_and_shrink(sample_data.brain_t1(), [58, 70, 66], [80, 96, 80], 2)
     labels = sample_data.crop_and_shrink(sample_data.brain_tissue_labels(), [58, 70, 66], [80, 96, 80], 2, labels=True)
     deformation = displacement_transform(voxel_field_to_image(

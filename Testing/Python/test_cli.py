@@ -211,7 +211,7 @@ def test_unknown_preset_or_precision_is_refused(pair, capsys):
         code = main(["register", fixed, moving, "-o", str(out / "field.nii.gz"), "--progress", "jsonl", *option])
         event = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert code == EXIT_INPUT and option[1] in event["message"]
-    with pytest.raises(InputError, match="Unknown preset 'slow'; preset must be one of: balanced, paper, fast"):
+    with pytest.raises(InputError, match="Unknown preset 'slow'; preset must be one of balanced, paper, fast"):
         api.register(fixed, moving, preset="slow")
     assert fingerprint(out) == {}
 

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bat = commands.add_parser("batch", help="run a cohort of register/segment/track cases on Dask, resumably",
                               description="Run every case of JOBS.csv (columns case, kind and that kind's inputs; "
-                                          "see the README) into OUTDIR/CASE on an embedded Dask cluster or on "
+                                          "see docs/batch.md) into OUTDIR/CASE on an embedded Dask cluster or on "
                                           "--scheduler, skipping the cases already done, and write "
                                           "OUTDIR/results.csv. Exit code 1 when a case failed.")
     bat.add_argument("jobs", metavar="JOBS.csv", help="one line per case (relative paths: relative to the CSV)")

@@ -1,0 +1,66 @@
+"""The run-to-run spread over seeds of the accuracy tests' own scenarios, which their margins come from.
+
+Each scenario is the one a test in Testing/Python runs (same images, schedule and options), repeated with seeds
+0..N-1; the table gives each seed's measures and the spread (mean, standard deviation, range) of what the test
+bounds. Same seed, same inputs, same thread count: the same result (Testing/Python/test_reproducibility.py), so the
+spread below is the seeds', not noise.
+
+    python Testing/benchmarks/seed_spread.py --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Python"))
+
+from test_alignment import BRAIN_OPTIONS, far_labels_on_fixed, make_brain_pair, mean_dice, misaligned, rotation
+
+from SSMSRRegistrationLib import register
+from SSMSRRegistrationLib.workflows.provenance import cpu_model
+
+
+def alignment_scenario(seed: int) -> dict:
+    """test_alignment.test_a_pair_misaligned_by_a_known_affine_reaches_the_dice_of_the_aligned_pair with ``seed``:
+    the Dice of the aligned pair, of the misaligned pair after the default pre-alignment, and their difference."""
+    fixed, fixed_labels, moving, moving_labels = make_brain_pair()
+    matrix, shift, scale = rotation((1, 2, 1), 12.0), (12.0, -8.0, 9.0), 1.07
+    far, far_labels = misaligned(moving, matrix, shift, scale), misaligned(moving_labels, matrix, shift, scale)
+    aligned = register(fixed, moving, moving_labels=moving_labels, seed=seed, **BRAIN_OPTIONS)
+    recovered = register(fixed, far, moving_labels=far_labels, seed=seed, **BRAIN_OPTIONS)
+    dice_aligned = mean_dice(aligned.warped_labels, fixed_labels)
+    dice_recovered = mean_dice(recovered.warped_labels, fixed_labels)
+    return {"aligned": dice_aligned, "misaligned": dice_recovered, "difference": dice_aligned - dice_recovered,
+            "unregistered": mean_dice(far_labels_on_fixed(far_labels, fixed_labels), fixed_labels)}
+
+
+SCENARIOS = {"alignment": alignment_scenario}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = parser.parse_args()
+    print(f"# Seed spread, {cpu_model()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    for name in args.scenarios.split(","):
+        rows = []
+        for seed in range(args.seeds):
+            start = time.perf_counter()
+            rows.append(SCENARIOS[name](seed))
+            print(f"{name} seed {seed}: " + ", ".join(f"{key} {value:.4f}" for key, value in rows[-1].items())
+                  + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"\n| {name} | mean | sd | min | max |\n|---|---|---|---|---|")
+        for key in rows[0]:
+            values = np.array([row[key] for row in rows])
+            print(f"| {key} | {values.mean():.4f} | {values.std(ddof=1):.4f} | {values.min():.4f} | "
+                  f"{values.max():.4f} |")
+
+
+if __name__ == "__main__":
+    main()
