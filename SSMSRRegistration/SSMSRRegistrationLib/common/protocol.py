@@ -23,6 +23,7 @@ Standard library only: imported by the engine, the command line and the Slicer l
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Dict, Sequence
 
@@ -38,10 +39,15 @@ ProgressCallback = Callable[[dict], None]
 #: Default interval between progress reports (and cancel checks), seconds of wall time.
 REPORT_SECONDS = 0.2
 
+#: The one name of each quality measure (``engine.metrics``): mean squared difference, mean squared local NCC,
+#: percentage of the grid where the field folds (Jacobian determinant <= 0); IDENTITY_SUFFIX marks a measure taken
+#: before the registration (the images as given).
+MSE, NLCC, FOLDED_PERCENT, IDENTITY_SUFFIX = "mse", "nlcc", "folded_percent", "_identity"
+
 #: Per-pair metrics of a cine tracking, in the order of ``metrics.csv``'s columns after ``pair``,
 #: ``moving_frame`` and ``fixed_frame``: MSE and NLCC without (identity) and with the registration, and the
 #: percentage of the frame's pixels where the field folds (Jacobian determinant <= 0).
-PAIR_METRIC_NAMES = ("mse_identity", "mse", "nlcc_identity", "nlcc", "folded_percent")
+PAIR_METRIC_NAMES = (MSE + IDENTITY_SUFFIX, MSE, NLCC + IDENTITY_SUFFIX, NLCC, FOLDED_PERCENT)
 
 #: Relative tolerance when two image grids (spacing, origin, direction) are compared, on either side.
 GRID_TOLERANCE = 1e-4
@@ -77,6 +83,20 @@ def progress_event(scale: str, scale_index: int, num_scales: int, step: int, ste
             "eta_s": rate * (total - finished)}
 
 
+def json_safe(value):
+    """``value`` as plain JSON (for ``json.dumps(..., allow_nan=False)``): NaN and infinities become null, numpy
+    (and other array-library) scalars Python numbers, tuples lists, dict keys strings."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if not isinstance(value, (str, bytes)) and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()  # a numpy scalar (numpy is not imported here: the Slicer side imports this module)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def finished_event(outputs: Dict[str, object], metrics: Dict[str, object]) -> dict:
     return {"event": FINISHED, "outputs": outputs, "metrics": metrics}
 
@@ -95,3 +115,9 @@ def overall_fraction(event: dict) -> float:
     if "atlas_count" in event:  # one of several atlas registrations
         fraction = (int(event.get("atlas_index", 0)) + fraction) / max(int(event["atlas_count"]), 1)
     return min(max(fraction, 0.0), 1.0)
+
+
+#: The worker's job file (``ssmsr job JOB.json``, written by the Slicer logic): its format name and version, and the
+#: commands a job may run with the kind of run (``common.run_config``) of each.
+JOB_FORMAT, JOB_FORMAT_VERSION = "ssmsr-job", 1
+JOB_COMMANDS = {"register": "pair", "track": "cine", "segment": "pair"}

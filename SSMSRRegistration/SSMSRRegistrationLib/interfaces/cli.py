@@ -16,17 +16,13 @@ from typing import List, Optional
 
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
 from ..common.presets import DEFAULT_PRESET, PRESETS
+from ..common.protocol import JOB_COMMANDS, JOB_FORMAT, JOB_FORMAT_VERSION
 from ..common.run_config import OPTIONS, RunConfiguration, default_text, options_for
 from ..report.progress import Reporter, make_reporter
 from . import apply_command
 from .threads import configure_threads
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 2, 3, 4, 130
-
-#: Format name and version of a job file (``ssmsr job``), written by the Slicer logic (``mrml.worker_command``).
-JOB_FORMAT, JOB_FORMAT_VERSION = "ssmsr-job", 1
-#: The commands a job file may run, and the kind of run of each.
-JOB_COMMANDS = {"register": "pair", "track": "cine", "segment": "pair"}
 
 #: Options of ``register`` and ``track`` that name what they write; ``rerun`` redirects them into its folder.
 OUTPUT_OPTIONS = {"register": ("output", "warped", "warped_labels", "jacobian", "affine_output", "inverse"),

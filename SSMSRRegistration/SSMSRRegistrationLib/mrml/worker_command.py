@@ -14,18 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from ..common.protocol import JOB_COMMANDS, JOB_FORMAT, JOB_FORMAT_VERSION
 from ..common.run_config import RunConfiguration
 
 #: Folder that holds the ``SSMSRRegistrationLib`` package; the worker needs it on its PYTHONPATH.
 MODULE_DIRECTORY = Path(__file__).resolve().parents[2]
 #: The worker: the package's ``__main__`` (the ``ssmsr`` command).
 WORKER_MODULE = "SSMSRRegistrationLib"
-#: Name and version of the job file format; the worker (``interfaces.cli``: JOB_FORMAT, JOB_FORMAT_VERSION) reads
-#: this version and older ones. Not imported from there: the Slicer logic never imports the worker's interfaces.
-JOB_FORMAT = "ssmsr-job"
-JOB_FORMAT_VERSION = 1
-#: The worker commands a job file may name.
-JOB_COMMANDS = ("register", "track", "segment")
 
 
 def workerEnvironment() -> dict[str, str]:
