@@ -138,7 +138,7 @@ def test_register_output_matches_the_engine_on_a_known_oblique_deformation(tmp_p
     dice = lambda a, b: 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())  # noqa: E731
     fixed_brain, moving_brain = array > 0.45, moving_array > 0.45
     assert dice(sitk.GetArrayFromImage(warped_labels) > 0, fixed_brain) > dice(moving_brain, fixed_brain)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nrrd", "l.nii.gz", "w.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nrrd", "f.provenance.json", "l.nii.gz", "w.nii.gz"]
 
 
 @pytest.mark.slow

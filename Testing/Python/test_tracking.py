@@ -259,7 +259,7 @@ def test_command_writes_the_outputs_and_reports_json_lines(cine_path, tmp_path):
     assert finished["metrics"]["pairs"] == 5 and finished["metrics"]["nlcc_radius"] == 10
     expected = {f"field_{p:04d}.nii.gz" for p in range(1, 6)} | {f"accumulated_{p:04d}.nii.gz" for p in range(1, 6)}
     expected |= {"fields.nii.gz", "accumulated.nii.gz", "mask.nii.gz", "metrics.csv", "summary.json",
-                 "tracking.gif", "tracking.png"}
+                 "provenance.json", "tracking.gif", "tracking.png"}
     assert {p.name for p in out.iterdir()} == expected
     assert (sitk.GetArrayFromImage(sitk.ReadImage(str(out / "mask.nii.gz")))[3] == mask).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "tracked"]
