@@ -35,6 +35,8 @@ from evaluation.echo import echo_cine
 from evaluation.methods import cine_of, mask_stack
 from evaluation.metrics import evaluate_pair
 from SSMSRRegistrationLib import register, track
+from SSMSRRegistrationLib.common.protocol import FOLDED_PERCENT
+from SSMSRRegistrationLib.engine.metrics import REGISTER_FOLDED_KEY
 from SSMSRRegistrationLib.workflows.provenance import cpu_model
 
 #: One change each: register() keyword arguments on top of the preset in float32; a variant joins them with "+"
@@ -74,7 +76,7 @@ def pair_metrics(case, pair, field) -> dict:
     metrics, labels, _ = evaluate_pair(pair, field, case.label_names, case.nlcc_radius)
     dice = float(np.mean([values["dice"] for values in labels.values()])) if labels else float("nan")
     return {"mse": metrics["mse"], "nlcc": metrics["nlcc"], "dice": dice,
-            "folded_percent": metrics["percent_non_positive_jacobian"]}
+            FOLDED_PERCENT: metrics[REGISTER_FOLDED_KEY]}
 
 
 def with_window(case, options: dict) -> dict:

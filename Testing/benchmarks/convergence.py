@@ -28,7 +28,9 @@ from evaluation.config import QUICK
 from evaluation.echo import echo_cine
 from evaluation.metrics import evaluate_pair
 from SSMSRRegistrationLib import register
+from SSMSRRegistrationLib.common.protocol import FOLDED_PERCENT
 from SSMSRRegistrationLib.common.run_config import RunConfiguration
+from SSMSRRegistrationLib.engine.metrics import REGISTER_FOLDED_KEY
 
 
 def run_pair(case, pair, precision, steps, rule):
@@ -41,7 +43,7 @@ def run_pair(case, pair, precision, steps, rule):
     metrics, labels, _ = evaluate_pair(pair, output.field, case.label_names, case.nlcc_radius)
     dice = float(np.mean([values["dice"] for values in labels.values()])) if labels else float("nan")
     return {"steps": sum(output.metrics["steps_trained"]), "seconds": seconds, "dice": dice, "mse": metrics["mse"],
-            "nlcc": metrics["nlcc"], "folded_percent": metrics["percent_non_positive_jacobian"]}
+            "nlcc": metrics["nlcc"], FOLDED_PERCENT: metrics[REGISTER_FOLDED_KEY]}
 
 
 def main() -> None:

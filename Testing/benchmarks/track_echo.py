@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from SSMSRRegistrationLib.imaging import sample_data
 from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET
 from SSMSRRegistrationLib.interfaces.api import save_tracking
-from SSMSRRegistrationLib.workflows.track import pair_metrics, track
+from SSMSRRegistrationLib.engine.metrics import pair_metrics
+from SSMSRRegistrationLib.workflows.track import track
 
 
 def main() -> None:

@@ -13,11 +13,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..common.errors import InputError
+from ..common.protocol import GRID_TOLERANCE
 
 ImageLike = Union[str, os.PathLike, sitk.Image]
-
-#: Relative tolerance used to decide that two grids are the same.
-GRID_TOLERANCE = 1e-4
 
 
 def read_image(source: ImageLike, role: str) -> sitk.Image:

@@ -4,21 +4,10 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Optional, TextIO
 
-from ..common.protocol import ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
+from ..common.protocol import ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, json_safe
 
 
 class Reporter:
@@ -41,7 +30,7 @@ class JsonLinesReporter(Reporter):
         self.stream = stream or sys.stdout
 
     def _emit(self, event: dict) -> None:
-        self.stream.write(json.dumps(_json_safe(event)) + "\n")
+        self.stream.write(json.dumps(json_safe(event)) + "\n")
         self.stream.flush()
 
     def handle(self, event: dict) -> None:

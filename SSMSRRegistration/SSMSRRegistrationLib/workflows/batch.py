@@ -7,22 +7,19 @@ blank lines and lines starting with ``#`` are ignored. Mistakes in the file itse
 empty cells) are reported at once for the whole file; a missing or unreadable input file fails that case alone.
 
 A case writes into ``OUTDIR/.CASE.partial-XXXXXXXX`` and, once everything including ``case.json`` (inputs,
-options, metrics and the results row) is written, renames it to ``OUTDIR/CASE``: a case folder exists only when
-complete, and such a folder is skipped when the batch runs again.
+options, metrics and the results row) is written, renames it to ``OUTDIR/CASE`` (``imaging.atomic.publish_folder``):
+a case folder exists only when complete, and such a folder is skipped when the batch runs again.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
 import re
-import shutil
 import socket
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,8 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..common.errors import InputError
+from ..common.protocol import FOLDED_PERCENT, json_safe
 from ..common.run_config import RunConfiguration
-from ..imaging.atomic import write_atomically
+from ..engine.metrics import REGISTER_FOLDED_KEY
+from ..imaging import atomic
+from ..imaging.atomic import publish_folder, write_atomically
 from ..imaging.images import check_image, read_image, resample_onto, same_grid
 from .register import register
 from .segment import segment
@@ -45,11 +45,10 @@ INPUT_COLUMNS = tuple(dict.fromkeys(column for required, optional in KINDS.value
 
 RECORD = "case.json"
 RESULTS = "results.csv"
-STAGING = ".partial-"
 CASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 #: Results columns before the per-label Dice columns (dice_LABEL, label order) and "error".
-COLUMNS = ("case", "kind", "status", "seconds", "device", "final_loss", "folded_percent", "ncc_before", "ncc_after",
+COLUMNS = ("case", "kind", "status", "seconds", "device", "final_loss", FOLDED_PERCENT, "ncc_before", "ncc_after",
            "mse_before", "mse_after", "dice_mean")
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
@@ -187,7 +186,7 @@ def _dice_against(path: str, labels: sitk.Image) -> Dict[str, float]:
 
 def _registration_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {"device": metrics["device"], "final_loss": metrics["final_loss"],
-            "folded_percent": metrics["percent_non_positive_jacobian"],
+            FOLDED_PERCENT: metrics[REGISTER_FOLDED_KEY],
             **{name: metrics[name] for name in ("ncc_before", "ncc_after", "mse_before", "mse_after")}}
 
 
@@ -216,7 +215,7 @@ def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Opti
     result.save(os.path.join(staging, files["labels"]))
     per_atlas = [_registration_values(metrics) for metrics in result.registrations]
     values = {name: float(np.mean([entry[name] for entry in per_atlas])) for name in per_atlas[0] if name != "device"}
-    values.update(device=per_atlas[0]["device"], folded_percent=max(entry["folded_percent"] for entry in per_atlas))
+    values.update({"device": per_atlas[0]["device"], FOLDED_PERCENT: max(entry[FOLDED_PERCENT] for entry in per_atlas)})
     if inputs.get("fixed_labels"):
         values.update(_dice_against(inputs["fixed_labels"], result.labels))
     return files, result.metrics, values
@@ -225,30 +224,16 @@ def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Opti
 def _run_track(job: Job, staging: str, options: CaseOptions, should_stop: Optional[StopPoll]):
     result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), config=options.config.only_for("cine"),
                    should_stop=should_stop)
-    written = result.save(staging)
-    files = {key: os.path.basename(path) for key, path in written.items() if path and key != "folder"}
+    files = {key: name for key, name in result.write_files(staging).items() if name}
     summary = result.summary()
     last_scale = list(result.loss_history.values())[-1]
     values = {"device": summary["device"], "final_loss": last_scale[-1] if last_scale else float("nan"),
-              "folded_percent": summary["max_folded_percent"],
+              FOLDED_PERCENT: summary["max_folded_percent"],
               **{name: summary[name] for name in ("ncc_before", "ncc_after", "mse_before", "mse_after")}}
     return files, summary, values
 
 
 RUNNERS = {"register": _run_register, "segment": _run_segment, "track": _run_track}
-
-
-def _json_safe(value):
-    """Plain JSON values: NaN and infinities become null, numpy scalars Python numbers, tuples lists."""
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def case_folder(output: str, case: str) -> str:
@@ -266,13 +251,9 @@ def finished_row(output: str, case: str) -> Optional[Dict[str, Any]]:
 
 
 def remove_staging(output: str, cases: Sequence[str]) -> None:
-    """Remove the hidden staging folders of ``cases`` left by interrupted attempts (none may be running), with
-    those that ``TrackingResult.save`` stages beside them."""
-    folder = glob.escape(os.path.abspath(output))
+    """Remove the hidden staging folders of ``cases`` left by interrupted attempts (none may be running)."""
     for case in cases:
-        for prefix in (".", ".."):
-            for staging in glob.glob(os.path.join(folder, f"{prefix}{glob.escape(case)}{STAGING}*")):
-                shutil.rmtree(staging, ignore_errors=True)
+        atomic.remove_staging(case_folder(output, case))
 
 
 def failed_row(job: Job, message: str) -> Dict[str, Any]:
@@ -295,26 +276,23 @@ def run_case(job: Job, output: str, options: CaseOptions, should_stop: Optional[
         return failed_row(job, f"{folder!r} exists but is not a finished case of a batch (no {RECORD}); move it "
                                "away or remove it, then run the batch again.")
     remove_staging(output, [job.case])
-    staging = os.path.join(os.path.dirname(folder), f".{job.case}{STAGING}{uuid.uuid4().hex[:8]}")
-    os.mkdir(staging)
     start = time.perf_counter()
     try:
-        files, metrics, values = RUNNERS[job.kind](job, staging, options, should_stop)
-        row = {"case": job.case, "kind": job.kind, "status": OK, "seconds": time.perf_counter() - start, **values,
-               "error": ""}
-        record = {"case": job.case, "kind": job.kind, "jobs_line": job.line, "inputs": job.inputs,
-                  "options": asdict(options), "files": files, "metrics": metrics, "row": row,
-                  "host": socket.gethostname(), "pid": os.getpid(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with open(os.path.join(staging, RECORD), "w", encoding="utf-8") as stream:
-            json.dump(_json_safe(record), stream, indent=2)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.rename(staging, folder)
+        with publish_folder(folder) as staging:
+            files, metrics, values = RUNNERS[job.kind](job, staging, options, should_stop)
+            row = {"case": job.case, "kind": job.kind, "status": OK, "seconds": time.perf_counter() - start,
+                   **values, "error": ""}
+            record = {"case": job.case, "kind": job.kind, "jobs_line": job.line, "inputs": job.inputs,
+                      "options": asdict(options), "files": files, "metrics": metrics, "row": row,
+                      "host": socket.gethostname(), "pid": os.getpid(),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            with open(os.path.join(staging, RECORD), "w", encoding="utf-8") as stream:
+                json.dump(json_safe(record), stream, indent=2)
+                stream.flush()
+                os.fsync(stream.fileno())
         return row
     except InputError as error:
         return failed_row(job, f"{error} (case {job.case}, line {job.line} of the jobs file)")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cell(value: Any) -> str:

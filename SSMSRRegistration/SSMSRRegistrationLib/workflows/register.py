@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..common.errors import InputError
-from ..common.run_config import RunConfiguration, combined, takes_run_options
+from ..common.run_config import ResolvedRun, RunConfiguration, combined, takes_run_options
 from ..common.protocol import STARTED, ProgressCallback
 from ..common.schedule import fitting_schedule, parse_scales
 from ..engine.metrics import folding_statistics
@@ -188,6 +188,71 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
     >>> sorted(name for name, path in written.items() if path)
     ['field', 'provenance']
     """
+    resolved = _resolve_options(model, initial_networks, config, preset, options)
+    images = _read_inputs(fixed, moving, moving_labels, resolved)
+    working = _plan_grid(images.fixed, resolved)
+    mask_image = _working_mask(fixed_mask, images.fixed, working)
+    affine = _pre_align(initial, images, working, mask_image, resolved.settings.seed)
+    tensors = _build_tensors(images, working, affine, mask_image)
+    networks = initial_networks if resolved.model is None else resolved.model.networks
+    result = _train(tensors, working, resolved, networks, progress, should_stop)
+    field, warped, warped_labels = _compose_and_warp(result.displacement, working, affine, images)
+    metrics = _measure(tensors, result, images, working, resolved, initial)
+    provenance = _record(resolved, working, affine, metrics, result,
+                         {"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask, "moving_labels": moving_labels,
+                          "initial": initial if metrics["pre_alignment"] == "file" else None})
+    return RegistrationOutput(field=field, affine=affine, moving_grid=images.moving, warped=warped,
+                              warped_labels=warped_labels,
+                              loss_history=result.loss_history, metrics=metrics, engine_result=result,
+                              fixed_grid=images.fixed, plan=working, provenance=provenance)
+
+
+# The stages of ``register``, in the order it runs them.
+
+@dataclass
+class _Options:
+    """The run's configuration resolved into engine settings (with a model's defaults), and its model."""
+
+    configuration: RunConfiguration
+    run: ResolvedRun
+    settings: RegistrationSettings
+    device: torch.device
+    model: Optional[SavedModel]
+    model_path: str  # the model file, or "the model" for a loaded one (named so in messages)
+
+    @property
+    def model_file(self) -> Optional[str]:
+        """The model file the run started from (None without one, or for a model given loaded)."""
+        return self.model_path if self.model is not None and self.model_path != "the model" else None
+
+
+@dataclass
+class _Images:
+    """The inputs as read and checked (the moving labels: None when not given)."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    labels: Optional[sitk.Image]
+
+
+@dataclass
+class _Tensors:
+    """The engine's inputs on the working grid, (1, 1, *S) each: normalised fixed and moving (through the
+    pre-alignment) images, the moving image without it for the "before" measures (None when the images do not
+    overlap), the fixed mask and the moving image's field of view (None: everywhere)."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    unaligned: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    view: Optional[torch.Tensor]
+
+
+def _resolve_options(model: Optional[Union[str, os.PathLike, SavedModel]],
+                     initial_networks: Optional[Sequence[dict]], config: Optional[RunConfiguration],
+                     preset: Optional[str], options: dict) -> _Options:
+    """Resolve the run configuration and load the model; its schedule, smoothness weight, NCC window and channel
+    widths are the defaults."""
     if model is not None and initial_networks is not None:
         raise InputError("Give either a model or initial network weights, not both.")
     model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
@@ -203,89 +268,132 @@ def register(fixed: ImageLike, moving: ImageLike, *, fixed_mask: Optional[ImageL
         settings.ncc_window = given.get("ncc_window", model.ncc_window)
         settings.encoder_channels, settings.decoder_channels = model.encoder_channels, model.decoder_channels
     settings.validate()
-    torch_device = resolve_device(run.device)
+    return _Options(configuration=configuration, run=run, settings=settings, device=resolve_device(run.device),
+                    model=model, model_path=model_path)
 
+
+def _read_inputs(fixed: ImageLike, moving: ImageLike, moving_labels: Optional[ImageLike],
+                 options: _Options) -> _Images:
+    """Read and check the images (the model must fit the fixed image's dimension)."""
     fixed_image = read_image(fixed, "fixed image")
     check_image(fixed_image, "fixed image")
-    if model is not None:
-        model.check_fits(fixed_image.GetDimension(), settings.scales if "scales" in given else None, model_path)
-        initial_networks = model.networks
+    settings, given = options.settings, options.configuration.overrides
+    if options.model is not None:
+        options.model.check_fits(fixed_image.GetDimension(), settings.scales if "scales" in given else None,
+                                 options.model_path)
     moving_image = read_image(moving, "moving image")
     check_image(moving_image, "moving image", fixed_image.GetDimension())
     labels_image = None
     if moving_labels is not None:
         labels_image = read_image(moving_labels, "moving labels")
         check_image(labels_image, "moving labels", fixed_image.GetDimension())
-    working = plan_working_grid(fixed_image, settings, torch_device, run.spacing, run.max_voxels, run.ncc_window_mm)
-    settings.ncc_window = working.window
-    if "scales" not in given and model is None:  # a preset's schedule: scales too coarse for a small image go
-        settings.scales = fitting_schedule(working.grid.size, settings.scales)
-    grid = working.grid.reference
-    mask_image = None  # on the working grid
-    if fixed_mask is not None:
-        mask_image = sitk.GetImageFromArray(_prepare_mask(fixed_mask, fixed_image).astype(np.uint8))
-        mask_image.CopyInformation(fixed_image)
-        mask_image = resample_onto(mask_image, grid, labels=True) if working.grid.resampled else mask_image
-    # The pre-alignment too runs on the isotropic grid (its pyramid shrinks every axis alike).
-    fixed_on_grid = resample_onto(fixed_image, grid) if working.grid.resampled else fixed_image
-    affine = initial_transform(initial, fixed_on_grid, moving_image, settings.seed, mask_image)
+    return _Images(fixed=fixed_image, moving=moving_image, labels=labels_image)
 
+
+def _plan_grid(fixed_image: sitk.Image, options: _Options) -> WorkingPlan:
+    """The working grid and the NCC window on it; a preset's schedule loses the scales too coarse for it."""
+    settings, run = options.settings, options.run
+    working = plan_working_grid(fixed_image, settings, options.device, run.spacing, run.max_voxels,
+                                run.ncc_window_mm)
+    settings.ncc_window = working.window
+    if "scales" not in options.configuration.overrides and options.model is None:
+        settings.scales = fitting_schedule(working.grid.size, settings.scales)
+    return working
+
+
+def _working_mask(fixed_mask: Optional[ImageLike], fixed_image: sitk.Image,
+                  working: WorkingPlan) -> Optional[sitk.Image]:
+    """The fixed mask (uint8) on the working grid, or None."""
+    if fixed_mask is None:
+        return None
+    mask_image = sitk.GetImageFromArray(_prepare_mask(fixed_mask, fixed_image).astype(np.uint8))
+    mask_image.CopyInformation(fixed_image)
+    return resample_onto(mask_image, working.grid.reference, labels=True) if working.grid.resampled else mask_image
+
+
+def _pre_align(initial: InitialTransform, images: _Images, working: WorkingPlan, mask_image: Optional[sitk.Image],
+               seed: int) -> sitk.AffineTransform:
+    """The pre-alignment; it too runs on the isotropic grid (its pyramid shrinks every axis alike)."""
+    grid = working.grid.reference
+    fixed_on_grid = resample_onto(images.fixed, grid) if working.grid.resampled else images.fixed
+    return initial_transform(initial, fixed_on_grid, images.moving, seed, mask_image)
+
+
+def _build_tensors(images: _Images, working: WorkingPlan, affine: sitk.AffineTransform,
+                   mask_image: Optional[sitk.Image]) -> _Tensors:
+    grid = working.grid.reference
     as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))[None, None]  # noqa: E731
-    fixed_tensor = as_tensor(normalised_on_grid(fixed_image, grid, "fixed image", "fixed image"))
+    fixed_tensor = as_tensor(normalised_on_grid(images.fixed, grid, "fixed image", "fixed image"))
     aligned = not is_identity(affine)
-    moving_tensor = as_tensor(normalised_on_grid(moving_image, grid, "moving image", "fixed image",
+    moving_tensor = as_tensor(normalised_on_grid(images.moving, grid, "moving image", "fixed image",
                                                  affine if aligned else None))
     # The "before" measures: the images as given (none when they do not even overlap before the pre-alignment).
     unaligned_tensor = moving_tensor if not aligned else (
-        as_tensor(normalised_on_grid(moving_image, grid, "moving image", "fixed image"))
-        if overlaps(moving_image, fixed_image) else None)
+        as_tensor(normalised_on_grid(images.moving, grid, "moving image", "fixed image"))
+        if overlaps(images.moving, images.fixed) else None)
     mask_tensor = as_tensor(sitk.GetArrayFromImage(mask_image).astype(np.float32)) if mask_image is not None else None
-    view = field_of_view(moving_image, grid, affine if aligned else None)
+    view = field_of_view(images.moving, grid, affine if aligned else None)
     view_tensor = None if view.all() else as_tensor(view.astype(np.float32))
+    return _Tensors(fixed=fixed_tensor, moving=moving_tensor, unaligned=unaligned_tensor, mask=mask_tensor,
+                    view=view_tensor)
+
+
+def _train(tensors: _Tensors, working: WorkingPlan, options: _Options, initial_networks: Optional[Sequence[dict]],
+           progress: Optional[ProgressCallback], should_stop: Optional[Callable[[], bool]]) -> RegistrationResult:
+    """The test-time training; the "started" event carries the working grid."""
 
     def report(event: dict) -> None:
         progress({**event, **working.started_fields()} if event.get("event") == STARTED else event)
 
-    result = register_tensors(fixed_tensor, moving_tensor, settings, fixed_mask=mask_tensor,
-                              initial_networks=initial_networks, device=torch_device,
-                              progress=report if progress is not None else None,
-                              should_stop=should_stop, moving_mask=view_tensor)
+    return register_tensors(tensors.fixed, tensors.moving, options.settings, fixed_mask=tensors.mask,
+                            initial_networks=initial_networks, device=options.device,
+                            progress=report if progress is not None else None,
+                            should_stop=should_stop, moving_mask=tensors.view)
 
-    displacement = result.displacement
-    deformable = field_onto(voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64), grid),
-                            fixed_image)
+
+def _compose_and_warp(displacement: torch.Tensor, working: WorkingPlan, affine: sitk.AffineTransform,
+                      images: _Images) -> Tuple[sitk.Image, sitk.Image, Optional[sitk.Image]]:
+    """The physical field on the fixed grid (with the pre-alignment), the warped image and the warped labels."""
+    deformable = field_onto(voxel_field_to_image(displacement[0].cpu().numpy().astype(np.float64),
+                                                 working.grid.reference), images.fixed)
     field = through_transform(affine, deformable)
     transform = displacement_transform(field)
-    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped = sitk.Resample(images.moving, images.fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     warped_labels = None
-    if labels_image is not None:
-        warped_labels = sitk.Resample(labels_image, fixed_image, transform, sitk.sitkNearestNeighbor, 0,
-                                      labels_image.GetPixelID())
+    if images.labels is not None:
+        warped_labels = sitk.Resample(images.labels, images.fixed, transform, sitk.sitkNearestNeighbor, 0,
+                                      images.labels.GetPixelID())
+    return field, warped, warped_labels
 
+
+def _measure(tensors: _Tensors, result: RegistrationResult, images: _Images, working: WorkingPlan,
+             options: _Options, initial: InitialTransform) -> Dict[str, Any]:
+    """``RegistrationOutput.metrics``: similarity before and after (normalised intensities, inside the mask, on the
+    working grid), the run's facts, and the field's folding (``engine.metrics.folding_statistics``)."""
+    displacement = result.displacement
     device_of = lambda tensor: tensor.to(displacement.device) if tensor is not None else None  # noqa: E731
-    fixed_eval, mask_eval = device_of(fixed_tensor), device_of(mask_tensor)
-    before = (similarity(fixed_eval, device_of(unaligned_tensor), None, result.window, mask_eval)
-              if unaligned_tensor is not None else {"ncc": float("nan"), "mse": float("nan")})
-    after = similarity(fixed_eval, device_of(moving_tensor), displacement, result.window, mask_eval)
-    metrics = {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
-               "mse_before": before["mse"], "mse_after": after["mse"],
-               "final_loss": (next(reversed(result.loss_history.values()))[-1] if settings.steps_per_scale
-                              else float("nan")),
-               "seconds": result.seconds, "device": result.device,
-               "model": os.path.abspath(model_path) if model is not None and model_path != "the model" else None,
-               "pre_alignment": initial_kind(initial, fixed_image.GetDimension()),
-               "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size),
-               "steps_trained": [len(losses) for losses in result.loss_history.values()],
-               **folding_statistics(displacement.detach().cpu())}
-    provenance = run_record(
-        "register", settings, configuration,
-        inputs={"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask, "moving_labels": moving_labels,
-                "initial": initial if metrics["pre_alignment"] == "file" else None,
-                "model": model_path if model is not None and model_path != "the model" else None},
+    fixed_eval, mask_eval = device_of(tensors.fixed), device_of(tensors.mask)
+    before = (similarity(fixed_eval, device_of(tensors.unaligned), None, result.window, mask_eval)
+              if tensors.unaligned is not None else {"ncc": float("nan"), "mse": float("nan")})
+    after = similarity(fixed_eval, device_of(tensors.moving), displacement, result.window, mask_eval)
+    model_file = options.model_file
+    return {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
+            "mse_before": before["mse"], "mse_after": after["mse"],
+            "final_loss": (next(reversed(result.loss_history.values()))[-1] if options.settings.steps_per_scale
+                           else float("nan")),
+            "seconds": result.seconds, "device": result.device,
+            "model": os.path.abspath(model_file) if model_file is not None else None,
+            "pre_alignment": initial_kind(initial, images.fixed.GetDimension()),
+            "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size),
+            "steps_trained": [len(losses) for losses in result.loss_history.values()],
+            **folding_statistics(displacement.detach().cpu())}
+
+
+def _record(options: _Options, working: WorkingPlan, affine: sitk.AffineTransform, metrics: Dict[str, Any],
+            result: RegistrationResult, inputs: Dict[str, Any]) -> dict:
+    """The provenance record (``provenance.run_record``) of the run."""
+    return run_record(
+        "register", options.settings, options.configuration, inputs={**inputs, "model": options.model_file},
         options={"initial": metrics["pre_alignment"], "pre_alignment": list(affine.GetParameters()),
                  "working_spacing_mm": working.grid.spacing, "working_size": list(working.grid.size)},
         device=result.device)
-    return RegistrationOutput(field=field, affine=affine, moving_grid=moving_image, warped=warped,
-                              warped_labels=warped_labels,
-                              loss_history=result.loss_history, metrics=metrics, engine_result=result,
-                              fixed_grid=fixed_image, plan=working, provenance=provenance)

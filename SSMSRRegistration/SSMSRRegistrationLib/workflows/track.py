@@ -20,8 +20,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
@@ -29,63 +27,23 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..common.errors import InputError
+from ..common.protocol import PAIR_METRIC_NAMES, ProgressCallback, json_safe
 from ..common.run_config import RunConfiguration, combined, takes_run_options
-from ..common.protocol import PAIR_METRIC_NAMES, ProgressCallback
 from ..common.schedule import fitting_schedule, format_scale
-from ..engine.losses import local_ncc_map
-from ..engine.metrics import jacobian_determinant
+from ..engine.metrics import NLCC_RADIUS, pair_metrics
 from ..engine.multiscale import RegistrationSettings, register_tensors, resolve_device
-from ..engine.spatial import compose, warp
+from ..engine.spatial import compose
+from ..imaging.atomic import check_output_folder, publish_folder
 from ..imaging.cine import (MASK_DILATION_RADIUS, MASK_HIGH, MASK_LOW, Cine, CineSource, default_masks, read_cine,
                             read_masks)
 from ..imaging.fields import voxel_field_to_image, write_field, write_image
 from ..imaging.images import ImageLike
 from .provenance import file_digest, image_digest, run_record
 
+__all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", "frames_digest", "track"]
+
 #: Writes extra files into a results folder before it is published; returns {output name: file name}.
 ExtraFiles = Callable[[str], Dict[str, str]]
-
-#: Radius in pixels of the local NCC window of the evaluation metric NLCC (Sec. III-B): window 2r+1.
-NLCC_RADIUS = 10
-
-#: Pairs evaluated at once when computing the metrics.
-METRIC_CHUNK = 8
-
-
-
-def _masked_means(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) values and masks -> (N,) means inside each mask (NaN where a mask is empty)."""
-    inside = masks.sum(dim=(1, 2, 3))
-    return (values * masks).sum(dim=(1, 2, 3)) / inside.where(inside > 0, torch.nan)
-
-
-def pair_metrics(fixed: torch.Tensor, moving: torch.Tensor, displacements: torch.Tensor,
-                 masks: torch.Tensor, radius: int = NLCC_RADIUS) -> Dict[str, np.ndarray]:
-    """MSE and NLCC inside the masks of each pair, for the identity and for the fields (paper Sec. III-B).
-
-    Args:
-        fixed, moving, masks: (N, 1, H, W) frames in [0, 1] and fixed-frame masks (non-zero inside).
-        displacements: (N, 2, H, W) voxel fields warping ``moving`` onto ``fixed``.
-        radius: NLCC window radius in pixels (window 2r+1); NLCC is the mean squared local NCC of Eq. 2.
-    Returns:
-        PAIR_METRIC_NAMES -> (N,) float64 arrays: MSE and NLCC (NaN for an empty mask), and the percentage of the
-        frame's pixels where the field folds (Jacobian determinant <= 0; over the whole frame).
-    """
-    window = 2 * radius + 1
-    device = displacements.device
-    results: Dict[str, List[torch.Tensor]] = {name: [] for name in PAIR_METRIC_NAMES}
-    with torch.no_grad():
-        for start in range(0, fixed.shape[0], METRIC_CHUNK):
-            chunk = slice(start, start + METRIC_CHUNK)
-            fixed_c, moving_c = fixed[chunk].to(device), moving[chunk].to(device)
-            masks_c = (masks[chunk].to(device) > 0).float()
-            for suffix, warped in (("_identity", moving_c), ("", warp(moving_c, displacements[chunk]))):
-                results["mse" + suffix].append(_masked_means((fixed_c - warped) ** 2, masks_c).cpu())
-                results["nlcc" + suffix].append(_masked_means(local_ncc_map(fixed_c, warped, window), masks_c).cpu())
-            folded = (jacobian_determinant(displacements[chunk]) <= 0).float()
-            results["folded_percent"].append(100.0 * folded.mean(dim=(1, 2)).cpu())
-    return {name: torch.cat(values).double().numpy() for name, values in results.items()}
 
 
 def accumulate(displacements: torch.Tensor) -> torch.Tensor:
@@ -95,19 +53,6 @@ def accumulate(displacements: torch.Tensor) -> torch.Tensor:
     for index in range(1, displacements.shape[0]):
         accumulated.append(compose(accumulated[-1], displacements[index:index + 1]))
     return torch.cat(accumulated)
-
-
-def check_output_folder(folder: str) -> str:
-    """Absolute path of an output folder that does not exist yet, or is empty, in an existing folder."""
-    folder = os.path.abspath(os.fspath(folder))
-    parent = os.path.dirname(folder)
-    if not os.path.isdir(parent):
-        raise InputError(f"The folder {parent!r} that should hold the output folder does not exist; create it "
-                         "first.")
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise InputError(f"The output folder {folder!r} already exists and is not an empty folder; choose a new "
-                         "folder (it is created) or remove the old results.")
-    return folder
 
 
 @dataclass
@@ -171,30 +116,32 @@ class TrackingResult:
              extra_files: Optional[ExtraFiles] = None) -> Dict[str, Optional[str]]:
         """Write the results into ``folder`` (created; it must not exist or be empty).
 
-        Everything is written into a hidden sibling folder that is renamed onto ``folder`` at the end, so a
-        failure or cancel leaves no partial results. Writes field_NNNN.nii.gz (pair NNNN), fields.nii.gz (2D+t,
-        see ``stacked_field``), mask.nii.gz (2D+t), metrics.csv, summary.json and, optionally,
-        accumulated_NNNN.nii.gz + accumulated.nii.gz (from frame 0), provenance.json (``provenance``, with the
-        digests of the fields, the mask and the metrics) and what ``extra_files`` writes (the figures of
-        ``interfaces.api.save_tracking``). Returns the paths of the written files (None for those not asked for).
+        Everything is written into a hidden sibling folder that is renamed onto ``folder`` at the end
+        (``imaging.atomic.publish_folder``), so a failure or cancel leaves no partial results. The files are those of
+        ``write_files``. Returns the paths of the written files (None for those not asked for) and the "folder".
         """
-        folder = check_output_folder(folder)
-        staging = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.partial-{uuid.uuid4().hex[:8]}")
-        os.mkdir(staging)
-        try:
-            self._write(staging, accumulated)
-            extra = extra_files(staging) if extra_files is not None else {}
-            if os.path.isdir(folder):
-                os.rmdir(folder)
-            os.rename(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        outputs = {"fields": "fields.nii.gz", "mask": "mask.nii.gz", "metrics": "metrics.csv",
-                   "summary": "summary.json", "accumulated": "accumulated.nii.gz" if accumulated else None,
-                   "provenance": "provenance.json", **extra}
+        with publish_folder(folder) as staging:
+            names = self.write_files(staging, accumulated, extra_files)
+        folder = os.path.abspath(os.fspath(folder))
         return {"folder": folder, **{key: os.path.join(folder, name) if name is not None else None
-                                     for key, name in outputs.items()}}
+                                     for key, name in names.items()}}
+
+    def write_files(self, folder: str, accumulated: bool = False,
+                    extra_files: Optional[ExtraFiles] = None) -> Dict[str, Optional[str]]:
+        """Write the results into an existing, empty ``folder`` as they are (``save`` publishes them atomically;
+        a batch case writes them into the folder it publishes).
+
+        Writes field_NNNN.nii.gz (pair NNNN), fields.nii.gz (2D+t, see ``stacked_field``), mask.nii.gz (2D+t),
+        metrics.csv, summary.json and, optionally, accumulated_NNNN.nii.gz + accumulated.nii.gz (from frame 0),
+        provenance.json (``provenance``, with the digests of the fields, the mask and the metrics) and what
+        ``extra_files`` writes (the figures of ``interfaces.api.save_tracking``). Returns {output name: file name}
+        (None for those not asked for).
+        """
+        self._write(folder, accumulated)
+        extra = extra_files(folder) if extra_files is not None else {}
+        return {"fields": "fields.nii.gz", "mask": "mask.nii.gz", "metrics": "metrics.csv",
+                "summary": "summary.json", "accumulated": "accumulated.nii.gz" if accumulated else None,
+                "provenance": "provenance.json", **extra}
 
     def _write(self, folder: str, accumulated: bool) -> None:
         for pair in self.pairs:
@@ -225,10 +172,8 @@ class TrackingResult:
                 writer.writerow([pair, pair - 1, pair, *(f"{self.metrics[name][index]:.6g}" for name in PAIR_METRIC_NAMES)])
 
     def _description(self) -> dict:
-        summary = {key: (None if isinstance(value, float) and not np.isfinite(value) else value)
-                   for key, value in self.summary().items()}
         settings = self.settings
-        return {**summary, "cine": self.cine.name, "frame_size": list(self.cine.frame_grid.GetSize()),
+        return {**json_safe(self.summary()), "cine": self.cine.name, "frame_size": list(self.cine.frame_grid.GetSize()),
                 "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
                 "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
                 "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,

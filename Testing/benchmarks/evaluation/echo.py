@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from SSMSRRegistrationLib.imaging import sample_data
 from SSMSRRegistrationLib.imaging.cine import MASK_DILATION_RADIUS, default_masks
-from SSMSRRegistrationLib.workflows.track import NLCC_RADIUS
+from SSMSRRegistrationLib.engine.metrics import NLCC_RADIUS
 
 from .cases import Case, Pair
 from .config import Config

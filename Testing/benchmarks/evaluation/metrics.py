@@ -1,8 +1,9 @@
 """Metrics of one registration field, computed the same way for every method.
 
 The field (ITK displacement field on the fixed grid, mm) resamples the moving image (linear) and the moving
-labels (nearest neighbour) onto the fixed grid with SimpleITK; its Jacobian determinant comes from the engine
-(``engine.metrics``: central differences in voxel units, one-sided at the border, over the whole grid).
+labels (nearest neighbour) onto the fixed grid with SimpleITK; MSE, NLCC and the folding measures are the
+product's (``engine.metrics``: the Jacobian determinant by central differences in voxel units, one-sided at the
+border, over the whole grid).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import SimpleITK as sitk
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from SSMSRRegistrationLib.engine.losses import local_ncc_map
-from SSMSRRegistrationLib.engine.metrics import folding_statistics
+from SSMSRRegistrationLib.engine.metrics import folding_statistics, masked_mse, masked_nlcc
 from SSMSRRegistrationLib.imaging.fields import displacement_transform, image_to_voxel_field
 
 from .cases import Pair
@@ -77,10 +77,9 @@ def intensity_agreement(fixed: sitk.Image, warped: sitk.Image, mask: Optional[si
     """MSE and NLCC (mean squared local NCC, window 2 radius + 1, paper Eq. 2) inside ``mask`` (everywhere if
     None), on the [0, 1] intensities."""
     fixed_t, warped_t = _tensor(fixed), _tensor(warped)
-    inside = _tensor(mask) > 0 if mask is not None else torch.ones_like(fixed_t, dtype=torch.bool)
-    with torch.no_grad():
-        ncc = local_ncc_map(fixed_t, warped_t, 2 * radius + 1)
-    return {"mse": float(((fixed_t - warped_t) ** 2)[inside].mean()), "nlcc": float(ncc[inside].mean())}
+    inside = (_tensor(mask) > 0).float() if mask is not None else torch.ones_like(fixed_t)
+    return {"mse": float(masked_mse(fixed_t, warped_t, inside)[0]),
+            "nlcc": float(masked_nlcc(fixed_t, warped_t, inside, radius)[0])}
 
 
 def field_regularity(field: sitk.Image) -> Dict[str, float]:
