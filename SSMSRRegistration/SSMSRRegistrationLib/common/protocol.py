@@ -18,14 +18,21 @@ the workflows emit the same dicts to their ``progress`` callbacks. The Slicer lo
     finished    {"outputs": {name: path or null}, "metrics": {...}}
     error       {"message", "kind": one of ERROR_KINDS}
 
+Each event is a class below (``Started``, ``Progress``, ...): emitters build one and send ``to_dict()`` (the
+callbacks and the JSON lines carry plain dicts), readers turn a dict back into its class with ``parse_event``,
+which says what is wrong with a malformed event. Fields beyond a class's own (e.g. ``register``'s working grid in
+"started") are kept in its ``extra``.
+
 Standard library only: imported by the engine, the command line and the Slicer logic alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Callable, Dict, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 STARTED, PROGRESS, VALIDATION, CHECKPOINT = "started", "progress", "validation", "checkpoint"
 RANKING, ATLAS, FINISHED, ERROR = "ranking", "atlas", "finished", "error"
@@ -64,11 +71,122 @@ def check_device_name(name: str) -> str:
     raise ValueError(f"Unknown device {name!r}; use {DEVICE_HELP}.")
 
 
+@dataclass(frozen=True)
+class Event:
+    """A protocol event; ``extra`` holds the fields a subclass does not declare."""
+
+    name: ClassVar[str] = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.name != "extra"}
+        return {"event": self.name, **values, **self.extra}
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    name: ClassVar[str] = STARTED
+    device: str = ""
+    scales: List[str] = field(default_factory=list)
+    steps_per_scale: int = 0
+    image_size: List[int] = field(default_factory=list)  # (x, y[, z])
+    pairs: int = 1
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    name: ClassVar[str] = PROGRESS
+    scale: str = ""
+    scale_index: int = 0
+    num_scales: int = 1
+    step: int = 0
+    steps: int = 0
+    loss: float = math.nan
+    fraction: float = 0.0
+    elapsed_s: float = 0.0
+    eta_s: float = math.nan
+
+
+@dataclass(frozen=True)
+class Validation(Event):
+    name: ClassVar[str] = VALIDATION
+    scale: str = ""
+    scale_index: int = 0
+    step: int = 0
+    loss: float = math.nan
+
+
+@dataclass(frozen=True)
+class Checkpoint(Event):
+    name: ClassVar[str] = CHECKPOINT
+    path: str = ""
+    complete: bool = False
+    scale_index: int = 0
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class Ranking(Event):
+    name: ClassVar[str] = RANKING
+    ranking: List[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Atlas(Event):
+    name: ClassVar[str] = ATLAS
+    rank: int = 1
+    index: int = 0
+    count: int = 1
+    atlas: str = ""
+    nlcc: float = math.nan
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    name: ClassVar[str] = FINISHED
+    outputs: Dict[str, Optional[str]] = field(default_factory=dict)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    name: ClassVar[str] = ERROR
+    message: str = ""
+    kind: str = "internal"
+
+
+#: Event name -> class.
+EVENT_TYPES = {kind.name: kind for kind in (Started, Progress, Validation, Checkpoint, Ranking, Atlas, Finished,
+                                            Error)}
+#: Fields an event of each kind must carry.
+REQUIRED_FIELDS = {STARTED: ("device", "scales", "steps_per_scale"),
+                   PROGRESS: ("scale_index", "num_scales", "step", "steps", "fraction"),
+                   VALIDATION: ("scale_index", "step", "loss"), CHECKPOINT: ("path", "complete"),
+                   RANKING: ("ranking",), ATLAS: ("index", "count", "atlas"), FINISHED: ("outputs", "metrics"),
+                   ERROR: ("message", "kind")}
+
+
+def parse_event(data: Mapping[str, Any]) -> Event:
+    """The event a dict describes, as its class; ValueError naming the event and what is missing or unknown."""
+    kind = data.get("event") if isinstance(data, Mapping) else None
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"unknown protocol event {kind!r}; the events are {', '.join(EVENT_TYPES)}")
+    missing = [name for name in REQUIRED_FIELDS[kind] if name not in data]
+    if missing:
+        raise ValueError(f"the {kind!r} event lacks {', '.join(missing)}")
+    declared = {item.name for item in dataclasses.fields(EVENT_TYPES[kind])} - {"extra"}
+    return EVENT_TYPES[kind](**{name: value for name, value in data.items() if name in declared},
+                             extra={name: value for name, value in data.items()
+                                    if name not in declared and name != "event"})
+
+
 def started_event(device: str, scales: Sequence[str], steps_per_scale: int, image_size: Sequence[int], pairs: int,
                   batch_size: int, **extra) -> dict:
     """A "started" event; ``image_size`` in (x, y[, z]) order."""
-    return {"event": STARTED, "device": str(device), "scales": list(scales), "steps_per_scale": int(steps_per_scale),
-            "image_size": [int(n) for n in image_size], "pairs": int(pairs), "batch_size": int(batch_size), **extra}
+    return Started(device=str(device), scales=list(scales), steps_per_scale=int(steps_per_scale),
+                   image_size=[int(n) for n in image_size], pairs=int(pairs), batch_size=int(batch_size),
+                   extra=extra).to_dict()
 
 
 def progress_event(scale: str, scale_index: int, num_scales: int, step: int, steps: int, loss: float,
@@ -78,9 +196,9 @@ def progress_event(scale: str, scale_index: int, num_scales: int, step: int, ste
     total = max(1, steps * num_scales)
     finished = scale_index * steps + step
     rate = elapsed_s / max(finished - done_before, 1)
-    return {"event": PROGRESS, "scale": scale, "scale_index": scale_index, "num_scales": num_scales, "step": step,
-            "steps": steps, "loss": float(loss), "fraction": finished / total, "elapsed_s": elapsed_s,
-            "eta_s": rate * (total - finished)}
+    return Progress(scale=scale, scale_index=scale_index, num_scales=num_scales, step=step, steps=steps,
+                    loss=float(loss), fraction=finished / total, elapsed_s=elapsed_s,
+                    eta_s=rate * (total - finished)).to_dict()
 
 
 def json_safe(value):
@@ -98,13 +216,13 @@ def json_safe(value):
 
 
 def finished_event(outputs: Dict[str, object], metrics: Dict[str, object]) -> dict:
-    return {"event": FINISHED, "outputs": outputs, "metrics": metrics}
+    return Finished(outputs=dict(outputs), metrics=dict(metrics)).to_dict()
 
 
 def error_event(message: str, kind: str) -> dict:
     if kind not in ERROR_KINDS:
         raise ValueError(f"unknown error kind {kind!r}")
-    return {"event": ERROR, "message": message, "kind": kind}
+    return Error(message=message, kind=kind).to_dict()
 
 
 def overall_fraction(event: dict) -> float:

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..common.errors import InputError, TrainingStopped
-from ..common.protocol import REPORT_SECONDS, VALIDATION, ProgressCallback, progress_event, started_event
+from ..common.protocol import REPORT_SECONDS, ProgressCallback, Validation, progress_event, started_event
 from ..common.schedule import check_schedule, format_scale, scaled_size
 from .losses import registration_loss
 from .multiscale import RegistrationSettings, coarse_to_fine_field, scale_pair
@@ -281,7 +281,7 @@ def train_networks(training: PairSource, validation: Optional[PairSource], setti
             record = {"scale": key, "scale_index": index, "step": step, "loss": loss}
             state.validation_history.append(record)
             if progress is not None:
-                progress({"event": VALIDATION, **record})
+                progress(Validation(**record).to_dict())
 
         network.eval()
         validate_now(state.step)

@@ -26,7 +26,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from ..common.protocol import GRID_TOLERANCE, PAIR_METRIC_NAMES
+from ..common.protocol import GRID_TOLERANCE, PAIR_METRIC_NAMES, Started
 from .geometry import SlicePlane, gridMatchesVolume, ijkToRas
 from .jobs import Job, RegistrationError, SceneTransaction
 from .storage import PROVENANCE_ATTRIBUTE, readDisplacementFieldTransform, readProvenance
@@ -171,11 +171,11 @@ class CineTrackingJob(Job):
         self._slicePlane = slicePlane
         super().__init__(scene, **jobOptions)
 
-    def _describeStarted(self, event: dict) -> str:
-        size = event.get("image_size") or ["?", "?"]
-        return (f"Tracking {event.get('pairs')} frame pairs of {size[0]}x{size[1]} pixels, {event.get('batch_size')} "
-                f"per step, on {event.get('device')}: scales {', '.join(map(str, event.get('scales', [])))}, "
-                f"{event.get('steps_per_scale')} steps per scale, {event.get('precision', 'float32')} precision.")
+    def _describeStarted(self, event: Started) -> str:
+        size = event.image_size or ["?", "?"]
+        return (f"Tracking {event.pairs} frame pairs of {size[0]}x{size[1]} pixels, {event.batch_size} "
+                f"per step, on {event.device}: scales {', '.join(map(str, event.scales))}, "
+                f"{event.steps_per_scale} steps per scale, {event.extra.get('precision', 'float32')} precision.")
 
     def _importResults(self) -> None:
         outputs = self.outputs

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..common.protocol import ERROR, FINISHED, PROGRESS, STARTED, ProgressCallback
+from ..common.protocol import Error, Finished, Progress, ProgressCallback, Started, parse_event
 from .worker_process import WorkerProcess
 
 
@@ -156,25 +156,29 @@ class Job:
     def _log(self, text: str) -> None:
         self.log.append(text)
 
-    def _describeStarted(self, event: dict) -> str:
-        return (f"Worker started on {event.get('device')}: scales {', '.join(map(str, event.get('scales', [])))}, "
-                f"{event.get('steps_per_scale')} steps per scale, {event.get('precision', 'float32')} precision."
-                + (f" Plan: {event['plan']}." if event.get("plan") else ""))
+    def _describeStarted(self, event: Started) -> str:
+        return (f"Worker started on {event.device}: scales {', '.join(map(str, event.scales))}, "
+                f"{event.steps_per_scale} steps per scale, {event.extra.get('precision', 'float32')} precision."
+                + (f" Plan: {event.extra['plan']}." if event.extra.get("plan") else ""))
 
-    def _handleEvent(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == STARTED:
+    def _handleEvent(self, data: dict) -> None:
+        try:
+            event = parse_event(data)
+        except ValueError as error:  # a worker of another version, or a bug: say so, and go on
+            self._log(f"Ignored a malformed worker event ({error}): {data}")
+            return
+        if isinstance(event, Started):
             self._log(self._describeStarted(event))
-        elif kind == PROGRESS:
-            self.lastProgressEvent = event
-        elif kind == ERROR:
-            self._workerError = str(event.get("message", "unknown error"))
+        elif isinstance(event, Progress):
+            self.lastProgressEvent = data
+        elif isinstance(event, Error):
+            self._workerError = event.message or "unknown error"
             self._log("Worker error: " + self._workerError)
-        elif kind == FINISHED:
-            self._finishedEvent = event
-            self.metrics = dict(event.get("metrics") or {})
+        elif isinstance(event, Finished):
+            self._finishedEvent = data
+            self.metrics = dict(event.metrics or {})
             self._log("Worker finished. " + ", ".join(f"{key} = {value}" for key, value in self.metrics.items()))
-        self._notify(event)
+        self._notify(data)
 
     def _complete(self, returnCode: int) -> None:
         if returnCode != 0 or self._finishedEvent is None:

@@ -28,7 +28,7 @@ import torch
 from .register import register
 from ..engine.losses import local_ncc
 from ..common.errors import InputError
-from ..common.protocol import ATLAS, RANKING, ProgressCallback
+from ..common.protocol import Atlas, ProgressCallback, Ranking
 from ..imaging.fields import write_image
 from ..imaging.images import ImageLike, check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model
@@ -195,13 +195,12 @@ def segment(target: ImageLike, atlases: Sequence[AtlasLike], *, top_k: int = 1,
     ranking = [{"rank": rank + 1, "atlas": names[index], "labels": label_names[index], "nlcc": score,
                 "registered": rank < top_k} for rank, (index, score) in enumerate(order)]
     if progress is not None:
-        progress({"event": RANKING, "ranking": ranking})
+        progress(Ranking(ranking=ranking).to_dict())
 
     warped_maps, registrations, provenance = [], [], {}
     for position, (index, score) in enumerate(order[:top_k]):
         if progress is not None:
-            progress({"event": ATLAS, "rank": position + 1, "index": position, "count": top_k,
-                      "atlas": names[index], "nlcc": score})
+            progress(Atlas(rank=position + 1, index=position, count=top_k, atlas=names[index], nlcc=score).to_dict())
 
         def forward(event: dict, position: int = position) -> None:
             event = dict(event, atlas_index=position, atlas_count=top_k)

@@ -42,7 +42,7 @@ from ..common.schedule import format_scales, parse_scales
 from ..engine.unet import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS
 from ..common.errors import InputError, TrainingStopped
 from ..common.run_config import RunConfiguration, combined, takes_run_options
-from ..common.protocol import CHECKPOINT, ProgressCallback
+from ..common.protocol import Checkpoint, ProgressCallback
 from ..imaging.images import check_image, normalised_on_grid, read_image
 from .models import SavedModel, load_model, model_summary, save_model
 
@@ -375,9 +375,9 @@ def train(pairs: Union[str, os.PathLike], output: Union[str, os.PathLike], *,
                    output)
         if progress is not None:
             finished = current.finished(len(settings.scales))
-            progress({"event": CHECKPOINT, "path": output, "complete": finished,
-                      "scale_index": min(current.scale_index, len(settings.scales) - 1),
-                      "step": settings.steps_per_scale if finished else current.step})
+            progress(Checkpoint(path=output, complete=finished,
+                                scale_index=min(current.scale_index, len(settings.scales) - 1),
+                                step=settings.steps_per_scale if finished else current.step).to_dict())
 
     try:
         state = train_networks(training_pairs, validation_pairs, settings, state=state, device=torch_device,
