@@ -134,7 +134,9 @@ def test_baseline_fields_recover_a_translation_in_mm_lps(method):
 
 def test_a_preset_runs_as_a_method_of_the_harness(monkeypatch):
     """speed.py compares the presets through ``preset_method``: same fields, metrics and per-scale rows."""
-    monkeypatch.setitem(PRESETS, "fast", replace(PRESETS["fast"], pair_scales="1/2,1", pair_steps=3))
+    fast = PRESETS["fast"]
+    monkeypatch.setitem(PRESETS, "fast", replace(fast, values={**fast.values, "pair": {**fast.values["pair"],
+                                                                                       "scales": "1/2,1", "steps": 3}}))
     case = cases.hippocampus_crop(TINY)
     result = run_case(case, TINY, [preset_method("fast")], log=lambda message: None)
     parameters = result.parameters["SSMSR fast preset"]

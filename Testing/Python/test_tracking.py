@@ -287,7 +287,7 @@ def bad_inputs(folder: Path):
         ("mask of the wrong size", cine, ["--mask", str(folder / "small_mask.nii.gz")], "the mask is 70x60"),
         ("mask of the wrong frame count", cine, ["--mask", str(folder / "mask_3.nii.gz")], "is 160x144x3"),
         ("missing cine", str(folder / "absent.nii.gz"), [], "does not exist"),
-        ("negative batch", cine, ["--batch", "-1"], "batch size"),
+        ("negative batch", cine, ["--batch", "-1"], "--batch must be at least 0"),
         ("impossible schedule", cine, ["--scales", "1/32,1"], "every axis needs at least"),
     ]
 
