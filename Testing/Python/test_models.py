@@ -375,7 +375,7 @@ def test_register_with_a_model_from_the_command_line(pretrained, tmp_path, capsy
     code = main(["register", fixed_path, moving_path, "-o", str(tmp_path / "f2.nii.gz"), "--model", model_path,
                  "--scales", "1/4,1/2,1", "--progress", "jsonl"])
     error = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert code == EXIT_INPUT and "--scales 1/2,1" in error["message"]
+    assert code == EXIT_INPUT and "leave --scales out" in error["message"] and "set it to 1/2,1" in error["message"]
     (tmp_path / "bad.pt").write_text("junk")
     code = main(["register", fixed_path, moving_path, "-o", str(tmp_path / "f3.nii.gz"), "--model",
                  str(tmp_path / "bad.pt"), "--progress", "jsonl"])

@@ -11,6 +11,8 @@ class InputError(ValueError):
     (``worded``); ``str()`` gives the keyword with spaces ("smoothness weight").
     """
 
+    setting: Optional[str] = None  # also for subclasses whose __init__ does not call this one
+
     def __init__(self, message: str, setting: Optional[str] = None):
         super().__init__(message)
         self.setting = setting
