@@ -29,10 +29,13 @@ Standard library only: imported by the engine, the command line and the Slicer l
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
+
+from .errors import InputError
 
 STARTED, PROGRESS, VALIDATION, CHECKPOINT = "started", "progress", "validation", "checkpoint"
 RANKING, ATLAS, FINISHED, ERROR = "ranking", "atlas", "finished", "error"
@@ -239,3 +242,22 @@ def overall_fraction(event: dict) -> float:
 #: commands a job may run with the kind of run (``common.run_config``) of each.
 JOB_FORMAT, JOB_FORMAT_VERSION = "ssmsr-job", 1
 JOB_COMMANDS = {"register": "pair", "track": "cine", "segment": "pair"}
+
+
+def read_json_document(path: str, what: str, format_name: str, version: int) -> dict:
+    """The JSON object at ``path`` written in the format ``format_name`` (version ``version`` or older): a job file,
+    a provenance file. InputError naming ``what`` when it cannot be read, is not JSON, is another format or is
+    newer than this SSMSR."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            document = json.load(stream)
+    except OSError as error:
+        raise InputError(f"Cannot read the {what} {path!r} ({error.strerror}).") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"The {what} {path!r} is not JSON ({error.msg}, line {error.lineno}).") from None
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        raise InputError(f"{path!r} is not an SSMSR {what} (format {format_name!r}).")
+    if int(document.get("format_version", 0)) > version:
+        raise InputError(f"The {what} {path!r} was written by a newer SSMSR (format version "
+                         f"{document['format_version']}); update SSMSR to read it.")
+    return document

@@ -7,7 +7,6 @@ from the recorded ones, 130 cancelled.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -16,7 +15,7 @@ from typing import List, Optional
 
 from ..common.errors import InputError, RegistrationCancelled, TrainingStopped
 from ..common.presets import DEFAULT_PRESET, PRESETS
-from ..common.protocol import JOB_COMMANDS, JOB_FORMAT, JOB_FORMAT_VERSION
+from ..common.protocol import JOB_COMMANDS, JOB_FORMAT, JOB_FORMAT_VERSION, read_json_document
 from ..common.run_config import OPTIONS, RunConfiguration, default_text, options_for
 from ..report.progress import Reporter, make_reporter
 from . import apply_command
@@ -277,18 +276,7 @@ def command_record(args) -> dict:
 def read_job(path: str) -> argparse.Namespace:
     """The parsed command of a job file: the command's defaults, its arguments, and its run configuration
     (``args.config``); InputError naming what is wrong with the file."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            job = json.load(stream)
-    except OSError as error:
-        raise InputError(f"Cannot read the job file {path!r} ({error.strerror}).") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"The job file {path!r} is not JSON ({error.msg}, line {error.lineno}).") from None
-    if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
-        raise InputError(f"{path!r} is not an SSMSR job file (format {JOB_FORMAT!r}).")
-    if int(job.get("format_version", 0)) > JOB_FORMAT_VERSION:
-        raise InputError(f"The job file {path!r} was written by a newer SSMSR (format version "
-                         f"{job['format_version']}); update the SSMSR worker.")
+    job = read_json_document(path, "job file", JOB_FORMAT, JOB_FORMAT_VERSION)
     command = job.get("command")
     if command not in JOB_COMMANDS:
         raise InputError(f"The job file {path!r} asks for the command {command!r}; a job runs one of: "

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..common.errors import InputError
+from ..common.protocol import read_json_document
 from ..common.run_config import RunConfiguration
 from ..imaging.atomic import write_atomically
 
@@ -185,18 +185,5 @@ def write_sidecar(path: str, record: Mapping[str, Any]) -> str:
 
 def read_sidecar(path: str) -> Dict[str, Any]:
     """A sidecar written by ``write_sidecar``; InputError if it is missing or is not one."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            record = json.load(stream)
-    except OSError as error:
-        raise InputError(f"Cannot read the provenance file {path!r} ({error.strerror}).") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path!r} is not a provenance file (not JSON: {error.msg}).") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise InputError(f"{path!r} is not an SSMSR provenance file (written next to a result as "
-                         "NAME.provenance.json).")
-    if record.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"{path!r} was written by a newer SSMSR (format version {record['format_version']}); "
-                         "update SSMSR to read it.")
-    return record
+    return read_json_document(path, "provenance file", FORMAT, FORMAT_VERSION)
 
