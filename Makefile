@@ -49,10 +49,10 @@ lint: $(STAMP)
 test: lint test-main test-slicer
 
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(SLICER_TESTS))
+	$(BIN)/python -m pytest -q --durations=20 $(addprefix --ignore=,$(SLICER_TESTS))
 
 test-slicer: $(SLICER_STAMP)
-	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider $(SLICER_TESTS) $(SLICER_ALSO)
+	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider --durations=10 $(SLICER_TESTS) $(SLICER_ALSO)
 
 test-all: $(STAMP) $(SLICER_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(addprefix --ignore=,$(SLICER_TESTS))
