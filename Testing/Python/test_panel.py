@@ -160,7 +160,11 @@ def test_the_logic_receives_the_panels_parameters(pair, scene):
     logic.workerCommandPrefix = ["python3", "-c", "raise SystemExit(0)"]
     job = logic.registerVolumes(*args, waitForCompletion=False, **kwargs)
     job.wait(timeoutSeconds=30)
-    assert job.state is JobState.FAILED  # the stand-in worker reports nothing; the call itself was accepted
+    # What reached the worker: the job file holds the panel's configuration and the jacobian output it asked for (the
+    # stand-in worker then exits without a result, so the job fails and the scene is left as it was).
+    assert RunConfiguration.from_json(job.workerJob["configuration"]) == kwargs["configuration"]
+    assert job.workerJob["command"] == "register" and job.workerJob["arguments"]["jacobian"].endswith(".nrrd")
+    assert job.state is JobState.FAILED and transform.GetTransformFromParent() is None
     values.cineTracking, values.cine, values.batchSize = True, pair[0], 3
     method, args, kwargs = panel.logicCall(values, [])
     assert method == "trackSequence" and args == (pair[0],) and "modelFile" not in kwargs
