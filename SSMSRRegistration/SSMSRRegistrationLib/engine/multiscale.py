@@ -52,15 +52,15 @@ class RegistrationSettings:
 
     @classmethod
     def from_run(cls, run: ResolvedRun, **engine_only) -> "RegistrationSettings":
-        """The engine's settings for a resolved run configuration (``common.run_config``); ``engine_only``: fields
-        no run option sets (network widths, progress interval). Options of another kind of run keep the defaults."""
+        """The engine's settings for a resolved run configuration (``common.run_config``): every run option whose
+        name is a field of these settings sets it (a new option with a field of its name needs nothing here), three
+        are converted (scales, steps, precision); ``engine_only``: fields no run option sets (network widths, progress
+        interval)."""
         values = run.as_dict()
-        mapped = {"scales": parse_scales(values["scales"]), "steps_per_scale": values["steps"],
-                  "mixed_precision": values["precision"] == "mixed"}
-        for name in ("smoothness_weight", "mse_weight", "ncc_window", "learning_rate", "seed", "batch_size",
-                     "stop_window", "stop_tolerance", "validation_every", "checkpoint_every"):
-            if name in values and name in {known.name for known in dataclasses.fields(cls)}:
-                mapped[name] = values[name]
+        fields = {known.name for known in dataclasses.fields(cls)}
+        mapped = {name: value for name, value in values.items() if name in fields}
+        mapped.update(scales=parse_scales(values["scales"]), steps_per_scale=values["steps"],
+                      mixed_precision=values["precision"] == "mixed")
         return cls(**mapped, **engine_only)
 
     def pairs_per_step(self, pairs: int) -> int:
