@@ -5,7 +5,7 @@ Each scenario is the one a test in Testing/Python runs (same images, schedule an
 bounds. Same seed, same inputs, same thread count: the same result (Testing/Python/test_reproducibility.py), so the
 spread below is the seeds', not noise.
 
-    python Testing/benchmarks/seed_spread.py --seeds 5
+    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking
 """
 
 from __future__ import annotations
@@ -39,7 +39,31 @@ def alignment_scenario(seed: int) -> dict:
             "unregistered": mean_dice(far_labels_on_fixed(far_labels, fixed_labels), fixed_labels)}
 
 
-SCENARIOS = {"alignment": alignment_scenario}
+def tracking_scenario(seed: int) -> dict:
+    """test_tracking's ``tracked`` fixture with ``seed`` and what test_identical_consecutive_frames_give_a_near_zero_field
+    bounds: the duplicate pair's mean field length where the frame has texture (px), its ratio to the other pairs'
+    mean, and its MSE after registration relative to the other pairs' identity MSE."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from test_tracking import DUPLICATE_PAIR, FRAME_INDICES, cine_image, echo_pixels, heart, textured
+    from SSMSRRegistrationLib import track
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "echo.nii.gz")
+        sitk.WriteImage(cine_image(heart(echo_pixels()[list(FRAME_INDICES)])), path)
+        result = track(path, scales="1/4,1/2,1", steps=120, batch_size=2, device="cpu", seed=seed)
+    lengths = result.displacements.norm(dim=1)
+    motion = {pair: float(lengths[pair - 1][textured(result.cine.frames[pair], result.masks[pair])].mean())
+              for pair in result.pairs}
+    duplicate = motion.pop(DUPLICATE_PAIR)
+    others_mse = np.delete(result.metrics["mse_identity"], DUPLICATE_PAIR - 1)
+    return {"duplicate_px": duplicate, "ratio_to_others": duplicate / np.mean(list(motion.values())),
+            "relative_mse": float(result.metrics["mse"][DUPLICATE_PAIR - 1] / others_mse.mean())}
+
+
+SCENARIOS = {"alignment": alignment_scenario, "tracking": tracking_scenario}
 
 
 def main() -> None:
