@@ -5,7 +5,7 @@ Each scenario is the one a test in Testing/Python runs (same images, schedule an
 bounds. Same seed, same inputs, same thread count: the same result (Testing/Python/test_reproducibility.py), so the
 spread below is the seeds', not noise.
 
-    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking
+    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking,pretraining
 """
 
 from __future__ import annotations
@@ -63,7 +63,38 @@ def tracking_scenario(seed: int) -> dict:
             "relative_mse": float(result.metrics["mse"][DUPLICATE_PAIR - 1] / others_mse.mean())}
 
 
-SCENARIOS = {"alignment": alignment_scenario, "tracking": tracking_scenario}
+def pretraining_scenario(seed: int) -> dict:
+    """test_models' ``pretrained`` fixture (training seed ``seed``, one thread as there) and what its tests bound: the
+    coarse scale's validation-loss gain, the fine scale's rise, and on the held-out pair the NCC after 80 steps from
+    the pretrained networks minus from scratch (test-time seed ``seed``)."""
+    import pathlib
+    import tempfile
+
+    import torch
+
+    from test_models import HELD_OUT_LEVEL, STEPS, pair, write_collection
+    from SSMSRRegistrationLib import train
+    from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors, similarity
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        pairs_csv = write_collection(pathlib.Path(folder) / "collection", amplitude=6.0)
+        result = train(pairs_csv, os.path.join(folder, "model.pt"), scales="1/2,1", steps=STEPS, batch_size=4,
+                       validation_fraction=0.2, validation_every=50, checkpoint_every=100, device="cpu", seed=seed)
+    history = result.model.training["validation_history"]
+    losses = {scale: [r["loss"] for r in history if r["scale"] == scale] for scale in ("1/2", "1")}
+    fixed, moving = pair(HELD_OUT_LEVEL, seed=999)
+
+    def ncc_after(networks) -> float:
+        settings = RegistrationSettings(scales=result.model.scales, steps_per_scale=80, seed=seed)
+        output = register_tensors(fixed, moving, settings, initial_networks=networks, device="cpu")
+        return similarity(fixed, moving, output.displacement, 6)["ncc"]
+
+    return {"coarse_gain": losses["1/2"][0] - losses["1/2"][-1], "fine_rise": losses["1"][-1] - losses["1"][0],
+            "warm_minus_scratch_80": ncc_after(result.model.networks) - ncc_after(None)}
+
+
+SCENARIOS = {"alignment": alignment_scenario, "tracking": tracking_scenario, "pretraining": pretraining_scenario}
 
 
 def main() -> None:
