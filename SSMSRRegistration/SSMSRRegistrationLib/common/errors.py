@@ -24,8 +24,8 @@ class InputError(ValueError):
 
     def __str__(self) -> str:
         text = self.worded(lambda name: name.replace("_", " "))
-        return text[:1].upper() + text[1:] if text.startswith(self.setting.replace("_", " ") if self.setting
-                                                              else "\0") else text
+        starts_with_setting = bool(self.setting) and bool(self.args) and str(self.args[0]).startswith("{setting}")
+        return text[:1].upper() + text[1:] if starts_with_setting else text
 
 
 class RegistrationCancelled(RuntimeError):
