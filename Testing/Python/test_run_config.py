@@ -10,7 +10,7 @@ from SSMSRRegistrationLib.common.errors import InputError
 from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, KINDS, PRESETS
 from SSMSRRegistrationLib.common.run_config import OPTIONS, RUN_OPTIONS, RunConfiguration, options_for
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings
-from SSMSRRegistrationLib.interfaces.cli import build_parser, flag_of, main, read_job
+from SSMSRRegistrationLib.interfaces.cli import command_parsers, flag_of, main, read_job
 
 
 def test_the_paper_preset_is_the_paper_s_settings_for_every_kind_of_run():
@@ -81,7 +81,7 @@ def test_the_engine_settings_are_the_resolved_values():
 
 
 def test_every_command_offers_exactly_the_options_of_its_kind_under_their_flags():
-    commands = build_parser()._subparsers._group_actions[0].choices
+    commands = command_parsers()
     for command, kind in (("register", "pair"), ("segment", "pair"), ("track", "cine"), ("train", "pretrain")):
         flags = {action.dest: action.option_strings for action in commands[command]._actions}
         for option in RUN_OPTIONS:

@@ -60,6 +60,11 @@ def run_configuration(args, kind: str) -> RunConfiguration:
                                                for option in options_for(kind)})
 
 
+def command_parsers() -> dict:
+    """The subcommands' parsers by name (``register``, ``track``, ...)."""
+    return build_parser()._subparsers._group_actions[0].choices
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="ssmsr", description="SSMSR: test-time trained multi-scale deformable "
                                                        "registration of 2D and 3D images.")
@@ -281,7 +286,7 @@ def read_job(path: str) -> argparse.Namespace:
     if command not in JOB_COMMANDS:
         raise InputError(f"The job file {path!r} asks for the command {command!r}; a job runs one of: "
                          f"{', '.join(JOB_COMMANDS)}.")
-    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    parser = command_parsers()[command]
     defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
     arguments = job.get("arguments") or {}
     run_options = {option.name for option in options_for(JOB_COMMANDS[command])} | {"preset", "progress"}
@@ -295,11 +300,16 @@ def read_job(path: str) -> argparse.Namespace:
     return namespace
 
 
+def run_job_command(args, reporter: Reporter) -> None:
+    """Run ``args.command`` (one of JOB_COMMANDS) with its parsed arguments: for ``job`` and ``rerun``."""
+    {"register": run_register, "track": run_track, "segment": run_segment}[args.command](args, reporter)
+
+
 def run_job(args, reporter: Reporter) -> None:
     """``ssmsr job``: the job file's command, with its run configuration."""
     job = read_job(args.job)
     job.threads, job.argv = args.threads, ["job", os.path.abspath(args.job)]
-    {"register": run_register, "track": run_track, "segment": run_segment}[job.command](job, reporter)
+    run_job_command(job, reporter)
 
 
 def run_rerun(args, reporter: Reporter) -> int:
@@ -330,7 +340,7 @@ def run_rerun(args, reporter: Reporter) -> int:
             if getattr(rerun, name):
                 setattr(rerun, name, os.path.join(folder, os.path.basename(getattr(rerun, name))))
     use_threads(args.threads if args.threads is not None else int(command["arguments"]["threads"]))
-    {"register": run_register, "track": run_track, "segment": run_segment}[command["name"]](rerun, reporter)
+    run_job_command(rerun, reporter)
     new_record = read_sidecar(os.path.join(folder, "provenance.json") if command["name"] == "track" else
                               sidecar_path(rerun.output))
     different = sorted(name for name, output in record.get("outputs", {}).items()
@@ -389,7 +399,7 @@ def flag_of(setting: str) -> str:
     """How the command line names ``setting`` (an API keyword): its flag, e.g. "--lambda" for smoothness_weight."""
     if setting in OPTIONS:
         return OPTIONS[setting].flag
-    for command in build_parser()._subparsers._group_actions[0].choices.values():
+    for command in command_parsers().values():
         for action in command._actions:
             if action.dest == setting and action.option_strings:
                 return action.option_strings[-1]
