@@ -18,13 +18,13 @@ SLICER_TESTS := Testing/Python/test_slicer_logic.py Testing/Python/test_slicer_c
 # Also run by the main suite: the regeneration check needs pydicom 3; the runtime checks meet both torch versions.
 SLICER_ALSO := Testing/Python/test_test_data.py $(wildcard Testing/Python/test_slicer_runtime.py)
 
-.PHONY: setup setup-slicer demo lint test test-main test-slicer test-all clean
+.PHONY: setup setup-slicer demo lint test lint-and-test-main test-main test-slicer test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -m venv $(VENV) || { echo "Could not create a virtual environment: install Python >= 3.10 with venv (Debian/Ubuntu: apt-get install python3-venv)."; exit 1; }
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[test]'
 	@touch $@
 
 setup: $(STAMP)
@@ -36,8 +36,8 @@ $(SLICER_STAMP): constraints-slicer.txt
 	@py="$(SLICER_PYTHON)"; if [ -z "$$py" ]; then py=python3; \
 	  echo "WARNING: no Python 3.10 found; building $(SLICER_VENV) with $$(python3 --version) instead (slicer-core needs >= 3.10; Slicer 5.6 runs 3.9)."; fi; \
 	  rm -rf $(SLICER_VENV) && $$py -m venv $(SLICER_VENV)
-	$(SLICER_BIN)/python -m pip install --quiet --upgrade pip
-	$(SLICER_BIN)/python -m pip install --quiet -c constraints-slicer.txt numpy SimpleITK pydicom Pillow torch slicer-core pytest
+	$(SLICER_BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(SLICER_BIN)/python -m pip install --quiet --no-compile -c constraints-slicer.txt numpy SimpleITK pydicom Pillow torch slicer-core pytest
 	@touch $@
 
 setup-slicer: $(SLICER_STAMP)
@@ -46,10 +46,17 @@ setup-slicer: $(SLICER_STAMP)
 lint: $(STAMP)
 	VENV=$(VENV) Testing/scripts/lint.sh
 
-test: lint test-main test-slicer
+# The two suites run side by side (their set-ups too), the main one in two pytest-xdist processes, a test file per
+# process; each suite's output is printed when it ends. -k (as .ci/run gives) runs the other suite when one fails.
+test:
+	@echo "Setting up and running the main and the Slicer-side suites side by side; each prints its report when it ends."
+	@$(MAKE) --no-print-directory -j2 --output-sync=target lint-and-test-main test-slicer
+
+lint-and-test-main: lint
+	@$(MAKE) --no-print-directory test-main
 
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=20 $(addprefix --ignore=,$(SLICER_TESTS))
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(addprefix --ignore=,$(SLICER_TESTS))
 
 test-slicer: $(SLICER_STAMP)
 	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider --durations=10 $(SLICER_TESTS) $(SLICER_ALSO)

@@ -1,13 +1,25 @@
 """Make the ``SSMSRRegistrationLib`` package importable from a source checkout (before ``pip install -e .``), and let
 the test process's OpenMP threads sleep while they wait, as the ``ssmsr`` command does (``interfaces.threads``):
-many tests start worker processes that share the cores with this one."""
+many tests start worker processes that share the cores with this one. When pytest-xdist runs two test processes
+side by side (``make test``), each computes with one torch thread, so that the two do not fight over the cores."""
 
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported by any test module
 
 MODULE_DIRECTORY = Path(__file__).resolve().parents[2] / "SSMSRRegistration"
 if str(MODULE_DIRECTORY) not in sys.path:
     sys.path.insert(0, str(MODULE_DIRECTORY))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread_per_xdist_worker():
+    """Under pytest-xdist, one torch thread in this process for every test (a test may have changed it, e.g. through
+    the command line's ``--threads``). Processes a test starts choose their own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    yield

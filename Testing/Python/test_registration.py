@@ -35,9 +35,16 @@ def fixed():
     return torch.from_numpy(brain_slice())[None, None]
 
 
-def test_recovers_a_known_deformation(fixed):
+@pytest.fixture(scope="module")
+def small_deformation(fixed):
+    """A known smooth deformation (peak 4 voxels), the float32 registration of it (1/4,1/2,1 x 150 steps), and the
+    truth: (moving, truth, result). Shared by the tests that check the registration and those that compare with it."""
     moving, truth = deformed_pair(fixed, amplitude=4.0, period=60.0)
-    result = run(fixed, moving, "1/4,1/2,1", 150)
+    return moving, truth, run(fixed, moving, "1/4,1/2,1", 150)
+
+
+def test_recovers_a_known_deformation(fixed, small_deformation):
+    _, truth, result = small_deformation
     error, magnitude = endpoint_error(result.displacement, truth, fixed)
     assert magnitude > 2.0
     assert error < 0.3 * magnitude
@@ -90,12 +97,11 @@ def test_scaled_sizes_round_and_stay_positive():
 
 
 @needs_cpu_bfloat16
-def test_mixed_precision_stays_within_tolerance_of_the_float32_reference(fixed):
-    moving, truth = deformed_pair(fixed, amplitude=4.0, period=60.0)
+def test_mixed_precision_stays_within_tolerance_of_the_float32_reference(fixed, small_deformation):
+    moving, truth, reference = small_deformation
     events = []
     settings = RegistrationSettings(scales=parse_scales("1/4,1/2,1"), steps_per_scale=150, mixed_precision=True)
     mixed = register_tensors(fixed, moving, settings, device="cpu", progress=events.append)
-    reference = run(fixed, moving, "1/4,1/2,1", 150)
     assert events[0]["precision"] == "bfloat16 mixed"
     mixed_error, magnitude = endpoint_error(mixed.displacement, truth, fixed)
     reference_error = endpoint_error(reference.displacement, truth, fixed)[0]
