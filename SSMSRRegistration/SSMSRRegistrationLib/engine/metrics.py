@@ -109,8 +109,8 @@ def pair_metrics(fixed: torch.Tensor, moving: torch.Tensor, displacements: torch
     """MSE and NLCC inside the masks of each pair, for the identity and for the fields (paper Sec. III-B).
 
     Args:
-        fixed, moving, masks: (N, 1, H, W) frames in [0, 1] and fixed-frame masks (non-zero inside).
-        displacements: (N, 2, H, W) voxel fields warping ``moving`` onto ``fixed``.
+        fixed, moving, masks: (N, 1, *S) frames in [0, 1] and fixed-frame masks (non-zero inside), 2D or 3D.
+        displacements: (N, ndim, *S) voxel fields warping ``moving`` onto ``fixed``.
         radius: NLCC window radius in pixels (window 2r+1).
     Returns:
         PAIR_METRIC_NAMES -> (N,) float64 arrays: ``masked_mse`` and ``masked_nlcc`` of the identity

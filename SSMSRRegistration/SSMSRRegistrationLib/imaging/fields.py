@@ -92,8 +92,10 @@ def write_field(field: sitk.Image, path: str) -> None:
     """Write a physical displacement field atomically: an image file, or an ITK transform for .h5."""
     if os.fspath(path).lower().endswith(TRANSFORM_EXTENSIONS):
         write_atomically(path, lambda temporary: sitk.WriteTransform(displacement_transform(field), temporary))
-    else:
-        write_image(sitk.Cast(field, sitk.sitkVectorFloat32), path)
+    else:  # through numpy: SimpleITK's Cast does not take 4D vector images (the stacked field of a 3D+t cine)
+        single = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(field).astype(np.float32), isVector=True)
+        single.CopyInformation(field)
+        write_image(single, path)
 
 
 def read_field(path: str) -> sitk.Image:

@@ -93,20 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(reg, "pair")
     _add_model_option(reg)
 
-    trk = commands.add_parser("track", help="track the motion through a 2D+t cine (e.g. an echocardiogram)",
-                              description="Register every consecutive frame pair of a 2D+t cine (frame t-1 onto "
-                                          "frame t) with one test-time training for the whole sequence, and write "
-                                          "OUTDIR/field_NNNN.nii.gz (warps frame NNNN-1 onto frame NNNN), "
-                                          "fields.nii.gz (2D+t), mask.nii.gz, metrics.csv (MSE and NLCC per pair, "
-                                          "identity and SSMSR), summary.json, tracking.gif and tracking.png.")
-    trk.add_argument("cine", help="multi-frame DICOM, NIfTI/NRRD whose last axis is time, or a folder of 2D frames")
+    trk = commands.add_parser("track", help="track the motion through a 2D+t or 3D+t cine (an echocardiogram, a 4D CT)",
+                              description="Register every consecutive frame pair of a 2D+t or 3D+t cine (frame t-1 "
+                                          "onto frame t), or with --reference R frame R onto every other frame, with "
+                                          "one test-time training for the whole sequence, and write "
+                                          "OUTDIR/field_NNNN.nii.gz (warps the pair's moving frame onto frame NNNN), "
+                                          "fields.nii.gz (all of them, on the cine grid), mask.nii.gz, metrics.csv "
+                                          "(MSE, NLCC and folding per pair, identity and SSMSR), summary.json, "
+                                          "tracking.gif and tracking.png (3D frames: their middle slice).")
+    trk.add_argument("cine", help="multi-frame DICOM, NIfTI/NRRD whose last axis is time (x,y,t or x,y,z,t), a folder "
+                                  "of 2D frames or of 3D volumes, or a DICOM folder with several temporal positions")
     trk.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                      help="output folder to create (must not exist, or be empty)")
     trk.add_argument("--mask", default="auto", metavar="auto|FILE",
                      help="'auto' (intensities in [0.005, 0.995] dilated by a 16-pixel disk, as in the paper), or "
                           "a mask file: one 2D mask or one mask per frame, non-zero inside (default: auto)")
+    trk.add_argument("--reference", type=int, metavar="R",
+                     help="register frame R (from 0) onto every other frame instead of consecutive pairs; 3D frames "
+                          "on other grids are resampled onto its grid")
     trk.add_argument("--accumulate", action="store_true",
-                     help="also write accumulated_NNNN.nii.gz and accumulated.nii.gz (frame 0 onto frame NNNN)")
+                     help="also write accumulated_NNNN.nii.gz and accumulated.nii.gz (frame 0 onto frame NNNN; "
+                          "consecutive pairs only)")
     trk.add_argument("--no-figures", action="store_true", help="do not draw tracking.gif and tracking.png")
     add_run_options(trk, "cine")
 
@@ -247,9 +254,14 @@ def run_track(args, reporter: Reporter) -> None:
     from .api import save_tracking
 
     check_output_folder(args.output)
+    reference = getattr(args, "reference", None)  # absent from the arguments recorded before it existed
+    if args.accumulate and reference is not None:
+        raise InputError("--accumulate composes consecutive pairs; with --reference the fields already go from the "
+                         "reference frame to every other.")
     if not args.no_figures:
         check_figure_support()
-    result = track(args.cine, mask=args.mask, config=run_configuration(args, "cine"), progress=reporter.handle)
+    result = track(args.cine, mask=args.mask, reference=reference, config=run_configuration(args, "cine"),
+                   progress=reporter.handle)
     result.provenance["command"] = command_record(args)
     outputs = save_tracking(result, args.output, accumulated=args.accumulate, draw_figures=not args.no_figures)
     reporter.finished(outputs, result.summary())

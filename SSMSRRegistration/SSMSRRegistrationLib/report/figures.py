@@ -83,28 +83,29 @@ def check_figure_support() -> None:
 
 
 def write_animation(path: str, frames: np.ndarray, masks: np.ndarray, displacements: np.ndarray,
-                    aspect: float) -> None:
-    """Animated GIF: for each pair t, frame t with the motion from frame t-1.
+                    frame_pairs: Sequence[Tuple[int, int]], aspect: float, where: str = "") -> None:
+    """Animated GIF: for each pair, its fixed frame with the motion from its moving frame.
 
-    frames: (T, H, W) in [0, 1]; masks: (T, H, W) bool; displacements: (T-1, 2, H, W) voxels, index t-1 warping
-    frame t-1 onto frame t; aspect: the frames' row spacing / column spacing.
+    frames: (T, H, W) in [0, 1]; masks: (T, H, W) bool; displacements: (N, 2, H, W) voxels, index i warping frame
+    frame_pairs[i][0] (moving) onto frame frame_pairs[i][1] (fixed); aspect: the frames' row spacing / column
+    spacing; where: added to each title (e.g. the slice shown of 3D frames).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
 
-    gain = arrow_gain(displacements, masks[1:])
+    gain = arrow_gain(displacements, masks[[fixed for _, fixed in frame_pairs]])
     height, width = frames.shape[1:]
     zoom = max(1.0, MIN_ANIMATION_WIDTH / width)
     title_share = 0.93
     figure = Figure(figsize=(width * zoom / 100, height * aspect * zoom / 100 / title_share), dpi=100)
     canvas = FigureCanvasAgg(figure)
     pictures = []
-    for pair in range(1, frames.shape[0]):
+    for index, (moving, fixed) in enumerate(frame_pairs):
         figure.clear()
         axes = figure.add_axes((0.0, 0.0, 1.0, title_share))
-        _draw_motion(axes, frames[pair], displacements[pair - 1], masks[pair], gain, aspect,
-                     f"frame {pair - 1} \u2192 {pair}   (arrows \u00d7{gain:g})")
+        _draw_motion(axes, frames[fixed], displacements[index], masks[fixed], gain, aspect,
+                     f"frame {moving} \u2192 {fixed}{where}   (arrows \u00d7{gain:g})")
         canvas.draw()
         pictures.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy()))
     pictures[0].save(path, format="GIF", save_all=True, append_images=pictures[1:],
@@ -112,33 +113,34 @@ def write_animation(path: str, frames: np.ndarray, masks: np.ndarray, displaceme
 
 
 def write_overview(path: str, frames: np.ndarray, masks: np.ndarray, per_scale: Sequence[np.ndarray],
-                   scale_names: Sequence[str], aspect: float) -> None:
+                   scale_names: Sequence[str], frame_pairs: Sequence[Tuple[int, int]], aspect: float,
+                   where: str = "") -> None:
     """PNG like the paper's Fig. 3: for a few pairs, the moving and fixed frames and the field after each scale.
 
-    per_scale: the (T-1, 2, H, W) voxel fields after each scale, coarse to fine (the last one is the result);
+    per_scale: the (N, 2, H, W) voxel fields after each scale, coarse to fine (the last one is the result);
     scale_names: their scales ("1/2", "1"); other arguments as for ``write_animation``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    count = frames.shape[0] - 1
-    pairs = sorted({int(p) for p in np.linspace(1, count, min(OVERVIEW_PAIRS, count)).round()})
-    gain = arrow_gain(per_scale[-1][[p - 1 for p in pairs]], masks[pairs])
+    count = len(frame_pairs)
+    rows = sorted({int(i) for i in np.linspace(0, count - 1, min(OVERVIEW_PAIRS, count)).round()})
+    gain = arrow_gain(per_scale[-1][rows], masks[[frame_pairs[i][1] for i in rows]])
     height, width = frames.shape[1:]
     columns = 2 + len(per_scale)
     panel_width = 3.0
     panel_height = panel_width * height * aspect / width + 0.35
-    figure = Figure(figsize=(columns * panel_width, len(pairs) * panel_height + 0.4), dpi=100)
+    figure = Figure(figsize=(columns * panel_width, len(rows) * panel_height + 0.4), dpi=100)
     FigureCanvasAgg(figure)
-    for row, pair in enumerate(pairs):
+    for row, index in enumerate(rows):
+        moving, fixed = frame_pairs[index]
         first = row * columns + 1
-        _draw_frame(figure.add_subplot(len(pairs), columns, first), frames[pair - 1], aspect,
-                    f"frame {pair - 1} (moving)")
-        _draw_frame(figure.add_subplot(len(pairs), columns, first + 1), frames[pair], aspect,
-                    f"frame {pair} (fixed)")
+        _draw_frame(figure.add_subplot(len(rows), columns, first), frames[moving], aspect, f"frame {moving} (moving)")
+        _draw_frame(figure.add_subplot(len(rows), columns, first + 1), frames[fixed], aspect, f"frame {fixed} (fixed)")
         for offset, (scale, displacements) in enumerate(zip(scale_names, per_scale)):
-            _draw_motion(figure.add_subplot(len(pairs), columns, first + 2 + offset), frames[pair],
-                         displacements[pair - 1], masks[pair], gain, aspect, f"SSMSR ({scale})")
-    figure.suptitle(f"Motion from frame t-1 to frame t after each scale (arrows \u00d7{gain:g})", fontsize=11)
+            _draw_motion(figure.add_subplot(len(rows), columns, first + 2 + offset), frames[fixed],
+                         displacements[index], masks[fixed], gain, aspect, f"SSMSR ({scale})")
+    figure.suptitle(f"Motion from the moving to the fixed frame after each scale{where} (arrows \u00d7{gain:g})",
+                    fontsize=11)
     figure.tight_layout()
     figure.savefig(path, format="png")

@@ -1,17 +1,18 @@
-"""Cine tracking (paper Sec. III-A/D): SSMSR on every consecutive frame pair of a 2D+t cine.
+"""Cine tracking (paper Sec. III-A/D): SSMSR on the frame pairs of a 2D+t or 3D+t cine.
 
-The test-time training runs once for the whole sequence: pair t registers frame t-1 (moving) onto
-frame t (fixed), all pairs share one U-Net per scale, each step trains on a random mini-batch of pairs,
-and the steps per scale are counted for the sequence.
+The test-time training runs once for the whole sequence: all pairs share one U-Net per scale, each step trains on
+a random mini-batch of pairs, and the steps per scale are counted for the sequence. The pairs are consecutive (the
+paper's echo protocol: pair t registers frame t-1, moving, onto frame t, fixed) or, with a reference frame r (4D CT
+practice), the reference onto every other frame (pair t registers frame r onto frame t).
 
     >>> from SSMSRRegistrationLib.workflows.track import track
     >>> result = track("echo.dcm", scales="1/4,1/2,1", steps=500)  # doctest: +SKIP
     >>> result.save("echo_tracking")  # files only; interfaces.api.save_tracking adds the figures  # doctest: +SKIP
 
-Conventions: frames are numbered from 0; the field of pair t (t >= 1) is an ITK displacement field on the
-frame grid (millimetres, LPS, resampling direction) that warps frame t-1 onto frame t:
-frame_t(p) ~ frame_{t-1}(p + u_t(p)). In memory, fields are engine voxel fields (see ``engine.spatial``)
-stacked as (T-1, 2, H, W), pair t at index t-1.
+Conventions: frames are numbered from 0; a pair is numbered by its fixed frame t; its field is an ITK displacement
+field on the frame grid (millimetres, LPS, resampling direction) that warps its moving frame m onto frame t:
+frame_t(p) ~ frame_m(p + u_t(p)). In memory, fields are engine voxel fields (see ``engine.spatial``) stacked as
+(N, d, *frame shape), d = 2 or 3, in the order of ``TrackingResult.frame_pairs``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..common.errors import InputError
 from ..common.protocol import PAIR_METRIC_NAMES, ProgressCallback, json_safe
 from ..common.run_config import RunConfiguration, combined, takes_run_options
 from ..common.schedule import fitting_schedule, format_scale
@@ -40,14 +42,25 @@ from ..imaging.fields import voxel_field_to_image, write_field, write_image
 from ..imaging.images import ImageLike
 from .provenance import file_digest, image_digest, run_record
 
-__all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", "frames_digest", "track"]
+__all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", "frame_pairs", "frames_digest", "track"]
 
 #: Writes extra files into a results folder before it is published; returns {output name: file name}.
 ExtraFiles = Callable[[str], Dict[str, str]]
 
 
+def frame_pairs(frames: int, reference: Optional[int] = None) -> List[Tuple[int, int]]:
+    """(moving frame, fixed frame) of every pair: consecutive (t-1, t) for t = 1..T-1 when ``reference`` is None,
+    else (reference, t) for every other frame t."""
+    if reference is None:
+        return [(t - 1, t) for t in range(1, frames)]
+    if not 0 <= reference < frames:
+        raise InputError(f"The reference frame {reference} is not a frame of the cine (frames 0 to {frames - 1}).",
+                         setting="reference")
+    return [(reference, t) for t in range(frames) if t != reference]
+
+
 def accumulate(displacements: torch.Tensor) -> torch.Tensor:
-    """Fields from the first frame: (T-1, 2, H, W) pair fields -> (T-1, 2, H, W), index t-1 warping frame 0
+    """Fields from the first frame: (T-1, d, *S) consecutive pair fields -> (T-1, d, *S), index t-1 warping frame 0
     onto frame t, i.e. frame_t(p) ~ frame_0(p + a_t(p)), with a_1 = u_1 and a_t = u_t + a_{t-1}(p + u_t(p))."""
     accumulated = [displacements[:1]]
     for index in range(1, displacements.shape[0]):
@@ -59,10 +72,13 @@ def accumulate(displacements: torch.Tensor) -> torch.Tensor:
 class TrackingResult:
     """What ``track`` returns.
 
-    cine: the cine as tracked. masks: (T, H, W) bool, mask t restricting pair t.
-    displacements: (T-1, 2, H, W) voxel fields on the CPU, index t-1 warping frame t-1 onto frame t.
+    cine: the cine as tracked. masks: (T, *frame shape) bool, mask t restricting the pair whose fixed frame is t.
+    frame_pairs: (moving frame, fixed frame) of each pair (see ``frame_pairs``); reference: the reference frame, or
+    None for consecutive pairs.
+    displacements: (N, d, *frame shape) voxel fields on the CPU, index i warping frame_pairs[i][0] onto
+    frame_pairs[i][1].
     displacements_per_scale: the same after each scale of the schedule, coarse to fine.
-    metrics: per-pair arrays (T-1,) named as in PAIR_METRIC_NAMES.
+    metrics: per-pair arrays (N,) named as in PAIR_METRIC_NAMES.
     loss_history: per scale, the training loss of every step (one mini-batch each).
     settings: the engine settings used. seconds: training time. device: where it ran. mask_source: "auto" or
     the mask given.
@@ -70,6 +86,8 @@ class TrackingResult:
 
     cine: Cine
     masks: np.ndarray
+    frame_pairs: List[Tuple[int, int]]
+    reference: Optional[int]
     displacements: torch.Tensor
     displacements_per_scale: List[torch.Tensor]
     metrics: Dict[str, np.ndarray]
@@ -82,22 +100,24 @@ class TrackingResult:
 
     @property
     def pairs(self) -> List[int]:
-        """The pair numbers: pair t warps frame t-1 onto frame t."""
-        return list(range(1, self.cine.frames.shape[0]))
+        """The pair numbers: each pair's fixed frame."""
+        return [fixed for _, fixed in self.frame_pairs]
 
     def field(self, pair: int, displacements: Optional[torch.Tensor] = None) -> sitk.Image:
-        """The ITK displacement field (mm, LPS, on the frame grid) of ``pair`` (1..T-1)."""
+        """The ITK displacement field (mm, LPS, on the frame grid) of ``pair`` (a number of ``pairs``)."""
         chosen = self.displacements if displacements is None else displacements
-        return voxel_field_to_image(chosen[pair - 1].double().numpy(), self.cine.frame_grid)
+        return voxel_field_to_image(chosen[self.pairs.index(pair)].double().numpy(), self.cine.frame_grid)
 
     def stacked_field(self, displacements: Optional[torch.Tensor] = None) -> sitk.Image:
-        """All pair fields as one 3D displacement field on the cine grid (x, y, t), mm, LPS.
+        """All pair fields as one displacement field on the cine grid (x, y[, z], t), mm, LPS: 3D for a 2D+t cine,
+        4D for a 3D+t one.
 
-        Slice t holds the field of pair t with a zero time component; slice 0 is zero.
+        Time slice t holds the field of pair t with a zero time component; the slice of a frame that is no pair's
+        fixed frame (frame 0, or the reference frame) is zero.
         """
         chosen = self.displacements if displacements is None else displacements
-        voxels = np.zeros((3, self.cine.frames.shape[0]) + tuple(chosen.shape[2:]))
-        voxels[1:, 1:] = chosen.double().numpy().transpose(1, 0, 2, 3)
+        voxels = np.zeros((chosen.shape[1] + 1, self.cine.frames.shape[0]) + tuple(chosen.shape[2:]))
+        voxels[1:, self.pairs] = chosen.double().numpy().swapaxes(0, 1)
         return voxel_field_to_image(voxels, self.cine.cine_grid)
 
     def summary(self) -> dict:
@@ -120,6 +140,9 @@ class TrackingResult:
         (``imaging.atomic.publish_folder``), so a failure or cancel leaves no partial results. The files are those of
         ``write_files``. Returns the paths of the written files (None for those not asked for) and the "folder".
         """
+        if accumulated and self.reference is not None:
+            raise InputError("Accumulated fields compose consecutive pairs; fields to a reference frame already go "
+                             "from that frame to every other.", setting="accumulated")
         with publish_folder(folder) as staging:
             names = self.write_files(staging, accumulated, extra_files)
         folder = os.path.abspath(os.fspath(folder))
@@ -131,7 +154,7 @@ class TrackingResult:
         """Write the results into an existing, empty ``folder`` as they are (``save`` publishes them atomically;
         a batch case writes them into the folder it publishes).
 
-        Writes field_NNNN.nii.gz (pair NNNN), fields.nii.gz (2D+t, see ``stacked_field``), mask.nii.gz (2D+t),
+        Writes field_NNNN.nii.gz (pair NNNN), fields.nii.gz (see ``stacked_field``), mask.nii.gz (on the cine grid),
         metrics.csv, summary.json and, optionally, accumulated_NNNN.nii.gz + accumulated.nii.gz (from frame 0),
         provenance.json (``provenance``, with the digests of the fields, the mask and the metrics) and what
         ``extra_files`` writes (the figures of ``interfaces.api.save_tracking``). Returns {output name: file name}
@@ -147,7 +170,7 @@ class TrackingResult:
         for pair in self.pairs:
             write_field(self.field(pair), os.path.join(folder, f"field_{pair:04d}.nii.gz"))
         write_field(self.stacked_field(), os.path.join(folder, "fields.nii.gz"))
-        mask = sitk.GetImageFromArray(self.masks.astype(np.uint8))
+        mask = sitk.GetImageFromArray(self.masks.astype(np.uint8), isVector=False)
         mask.CopyInformation(self.cine.cine_grid)
         write_image(mask, os.path.join(folder, "mask.nii.gz"))
         if accumulated:
@@ -168,13 +191,14 @@ class TrackingResult:
         with open(path, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(["pair", "moving_frame", "fixed_frame", *PAIR_METRIC_NAMES])
-            for index, pair in enumerate(self.pairs):
-                writer.writerow([pair, pair - 1, pair, *(f"{self.metrics[name][index]:.6g}" for name in PAIR_METRIC_NAMES)])
+            for index, (moving, fixed) in enumerate(self.frame_pairs):
+                writer.writerow([fixed, moving, fixed, *(f"{self.metrics[name][index]:.6g}" for name in PAIR_METRIC_NAMES)])
 
     def _description(self) -> dict:
         settings = self.settings
         return {**json_safe(self.summary()), "cine": self.cine.name, "frame_size": list(self.cine.frame_grid.GetSize()),
                 "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
+                "reference_frame": self.reference,
                 "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
                 "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,
                 "mse_weight": settings.mse_weight, "ncc_window": settings.window_for(2),
@@ -183,21 +207,23 @@ class TrackingResult:
 
 
 def frames_digest(cine: Cine) -> str:
-    """SHA-256 of the frames as tracked ((T, H, W) float32 in [0, 1]) and of their grid."""
+    """SHA-256 of the frames as tracked ((T, *frame shape) float32 in [0, 1]) and of their grid."""
     digest = hashlib.sha256(np.ascontiguousarray(cine.frames, dtype=np.float32).tobytes())
     digest.update(image_digest(cine.cine_grid).encode())
     return digest.hexdigest()
 
 
 @takes_run_options("cine")
-def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto",
+def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", reference: Optional[int] = None,
           progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
           config: Optional[RunConfiguration] = None, preset: Optional[str] = None, **options) -> TrackingResult:
-    """Track a 2D+t cine: SSMSR on all consecutive pairs with one test-time training for the sequence.
+    """Track a 2D+t or 3D+t cine: SSMSR on all its pairs with one test-time training for the sequence.
 
     Args:
         cine: see ``read_cine``, or a ``Cine`` already read.
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
+        reference: None for consecutive pairs; a frame number to register that frame onto every other (its grid is
+            the one 3D frames on different grids are resampled onto).
         progress, should_stop: the engine's progress callback and cancel poll.
         config, preset, options: the run configuration, as for ``register``, with the preset's cine values (not its
             pairs'); a preset's schedule drops the scales that would leave a frame axis under 8 pixels.
@@ -220,24 +246,30 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto",
     torch_device = resolve_device(run.device)
     source = cine if isinstance(cine, (str, os.PathLike, sitk.Image)) else None  # else: the frames' digest
     if not isinstance(cine, Cine):
-        cine = read_cine(cine)
+        cine = read_cine(cine, reference or 0)
+    pairs = frame_pairs(cine.frames.shape[0], reference)
     if "scales" not in configuration.overrides:  # a preset's schedule: scales too coarse for small frames go
         settings.scales = fitting_schedule(cine.frames.shape[1:], settings.scales)
     automatic = mask is None or (isinstance(mask, str) and mask == "auto")
     masks = default_masks(cine.frames) if automatic else read_masks(mask, cine)
+    if not masks[[fixed for _, fixed in pairs]].any():
+        raise InputError("The mask is empty in every fixed frame of the pairs; give a mask that covers the region to "
+                         "track.")
     mask_source = (f"auto: intensities in [{MASK_LOW}, {MASK_HIGH}] dilated by a {MASK_DILATION_RADIUS}-pixel disk"
                    if automatic else (os.fspath(mask) if not isinstance(mask, sitk.Image) else "image"))
 
     frames = torch.from_numpy(cine.frames)[:, None]
-    fixed, moving = frames[1:], frames[:-1]
-    fixed_masks = torch.from_numpy(masks[1:, None].astype(np.float32))
+    moving_index, fixed_index = ([pair[k] for pair in pairs] for k in (0, 1))
+    fixed, moving = frames[fixed_index], frames[moving_index]
+    fixed_masks = torch.from_numpy(masks[fixed_index][:, None].astype(np.float32))
     result = register_tensors(fixed, moving, settings, fixed_mask=fixed_masks, device=torch_device,
                               progress=progress, should_stop=should_stop)
     metrics = pair_metrics(fixed, moving, result.displacement, fixed_masks)
     provenance = run_record("track", settings, configuration,
                             inputs={"cine": source, "mask": None if automatic else mask},
-                            options={"mask": mask_source, "frames_sha256": frames_digest(cine)}, device=result.device)
-    return TrackingResult(cine=cine, masks=masks, displacements=result.displacement.cpu(),
+                            options={"mask": mask_source, "reference": reference,
+                                     "frames_sha256": frames_digest(cine)}, device=result.device)
+    return TrackingResult(cine=cine, masks=masks, frame_pairs=pairs, reference=reference, displacements=result.displacement.cpu(),
                           displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
                           metrics=metrics, loss_history=result.loss_history, settings=settings,
                           seconds=result.seconds, device=result.device, mask_source=mask_source,
