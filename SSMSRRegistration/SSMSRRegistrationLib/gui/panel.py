@@ -20,9 +20,9 @@ from ..common.errors import InputError
 from ..common.presets import DEFAULT_PRESET, PRESETS
 from ..common.protocol import overall_fraction
 from ..common.run_config import OPTIONS, RunConfiguration
+from ..mrml.cine import trackingInputProblems
 from ..mrml.jobs import JobState
-from ..mrml.parameters import (alignmentProblems, atlasInputProblems, cineInputProblems, inputProblems,
-                               modelFileProblems, stepProblems)
+from ..mrml.parameters import alignmentProblems, atlasInputProblems, inputProblems, modelFileProblems, stepProblems
 from ..mrml.progress_text import describeProgress
 
 #: The oldest Slicer whose parameter-node wrapper binds every widget of the panel (checked by the tests against
@@ -110,7 +110,7 @@ class Parameter(NamedTuple):
 #: option's value, the override else the preset's; a widget edited records an override (``reconcile``).
 #: modelFile - a model written by `ssmsr train` ("" : none).
 #: atlasSelection, topK - segment the fixed volume with the most similar checked atlases. cineTracking, cine,
-#: batchSize - track the motion through a sequence of 2D images or a volume whose third axis is time.
+#: batchSize - track the motion through a sequence of 2D images or of 3D volumes, or a volume whose third axis is time.
 PARAMETERS = {
     "fixedVolume": Parameter(vtkMRMLScalarVolumeNode),
     "movingVolume": Parameter(vtkMRMLScalarVolumeNode),
@@ -270,7 +270,7 @@ def problems(values, atlases: list) -> list[str]:
         return ["No parameter node."]
     current = mode(values)
     if current == "cine":
-        found = cineInputProblems(values.cine, values.fixedMask)
+        found = trackingInputProblems(values.cine, values.fixedMask)
         if values.modelFile:
             found.append("Cine tracking trains from scratch; clear the pretrained model.")
     elif current == "atlas":

@@ -26,6 +26,14 @@ def ijkToRas(volumeNode) -> np.ndarray:
     return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
 
 
+def lpsGeometry(volumeNode) -> tuple[tuple, tuple, tuple]:
+    """ITK image geometry of a volume node's grid: spacing (mm), origin (LPS mm) and row-major 3x3 direction (LPS)."""
+    matrix = ijkToRas(volumeNode)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    return (tuple(spacing), tuple(LPS_TO_RAS @ matrix[:3, 3]),
+            tuple((LPS_TO_RAS @ (matrix[:3, :3] / spacing)).flatten()))
+
+
 def isSingleSlice(volumeNode) -> bool:
     return volumeNode.GetImageData().GetDimensions()[2] == 1
 
@@ -84,14 +92,13 @@ class SlicePlane:
         fixedDimensions = fixedVolumeNode.GetImageData().GetDimensions()
         if planeField.GetDimension() != 2 or planeField.GetSize() != fixedDimensions[:2]:
             raise RegistrationError("the 2D displacement field does not have the fixed slice's size.")
-        matrix = ijkToRas(fixedVolumeNode)
-        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
         planeVectors = sitk.GetArrayFromImage(planeField).astype(np.float64)  # (rows, columns, 2)
         lpsVectors = planeVectors @ (LPS_TO_RAS @ self.axes[:, :2]).T
         field = sitk.GetImageFromArray(lpsVectors[np.newaxis], isVector=True)
-        field.SetSpacing(tuple(spacing))
-        field.SetOrigin(tuple(LPS_TO_RAS @ matrix[:3, 3]))
-        field.SetDirection(tuple((LPS_TO_RAS @ self.axes).flatten()))
+        spacing, origin, direction = lpsGeometry(fixedVolumeNode)  # the fixed slice's axes are the plane's
+        field.SetSpacing(spacing)
+        field.SetOrigin(origin)
+        field.SetDirection(direction)
         sitk.WriteImage(field, str(outputPath))
 
 

@@ -3,7 +3,8 @@
 
 Coordinate systems: MRML nodes hold geometry in RAS millimetres; files exchanged with the worker are ITK images in
 LPS millimetres, converted by Slicer's storage nodes. Single-slice volumes (2D images such as ultrasound frames) are
-sent to the worker as 2D images in the fixed slice's own plane frame (``geometry.SlicePlane``).
+sent to the worker as 2D images in the fixed slice's own plane frame (``geometry.SlicePlane``); the frames of a
+3D+t cine as one 4D image (x, y, z, time) in LPS.
 
 Run options: each method takes a ``configuration`` (``common.run_config.RunConfiguration``: a preset plus
 overrides), another ``preset``, and run options as keywords named as in the Python API (``scales``, ``steps``,
@@ -26,11 +27,12 @@ from typing import Any
 from ..common.errors import InputError
 from ..common.protocol import ProgressCallback
 from ..common.run_config import ResolvedRun, RunConfiguration, combined, takes_run_options
-from .cine import CineTrackingJob, cineFrames, writeCine
+from .cine import (CineTrackingJob, cineFrames, propagateSegmentation, referenceProblems, trackingInputProblems,
+                   writeCine)
 from .geometry import SlicePlane, isSingleSlice
 from .jobs import Job, JobState, RegistrationCancelledError, RegistrationError
-from .parameters import (alignmentProblems, atlasInputProblems, atlasVolumeNode, cineInputProblems, inputProblems,
-                         modelFileProblems, stepProblems)
+from .parameters import (alignmentProblems, atlasInputProblems, atlasVolumeNode, inputProblems, modelFileProblems,
+                         stepProblems)
 from .registration_jobs import AtlasSegmentationJob, RegistrationJob
 from .storage import writeAtlasLabels, writeInitialTransform, writeVolume
 from .worker_command import defaultWorkerPrefix, jobDocument, workerEnvironment, writeJob
@@ -156,13 +158,18 @@ class RegistrationLogic:
     @takes_run_options("cine")
     def trackSequence(self, cineNode, maskNode=None, configuration: RunConfiguration | None = None,
                       preset: str | None = None, waitForCompletion: bool = True,
-                      progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False, **options):
-        """Track the motion through a 2D+t cine (``ssmsr track`` in the background); see ``cine_logic``.
+                      progressCallback: ProgressCallback | None = None, keepTemporaryFiles: bool = False,
+                      reference: int | None = None, **options):
+        """Track the motion through a 2D+t or 3D+t cine (``ssmsr track`` in the background); see ``mrml.cine``.
 
-        :param cineNode: a sequence node of single-slice volumes (e.g. an ultrasound cine from DICOM) or a scalar
-            volume whose third axis is time. Colour frames are reduced to their first channel.
-        :param maskNode: optional single-slice volume on the frames' grid (non-zero inside); None: the paper's
-            automatic mask.
+        :param cineNode: a sequence node of single-slice volumes (e.g. an ultrasound cine from DICOM), a sequence node
+            of 3D scalar volumes on one grid (4D CT or MR phases), or a scalar volume whose third axis is time. Colour
+            frames are reduced to their first channel.
+        :param maskNode: optional volume on the frames' grid (non-zero inside; a single slice for 2D frames); None:
+            the paper's automatic mask.
+        :param reference: None: consecutive pairs (frame t-1 onto frame t); a frame number R (from 0): frame R onto
+            every other frame, so that frame t's transform maps frame t onto frame R (see
+            :meth:`propagateSegmentation`).
 
         The run options are those of a cine (the preset's cine values: e.g. its schedule ``1/8,1/4,1/2,1``, steps for
         the whole sequence, ``batch_size`` frame pairs per step, 0: all); other parameters as for
@@ -171,8 +178,17 @@ class RegistrationLogic:
         ``transformSequenceNode``, ``browserNode``, ``metricsTableNode`` and ``chartNodes`` hold the results.
         """
         job = self.startTracking(cineNode, maskNode=maskNode, configuration=configuration, preset=preset,
-                                 progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles, **options)
+                                 progressCallback=progressCallback, keepTemporaryFiles=keepTemporaryFiles,
+                                 reference=reference, **options)
         return self._finish(job, waitForCompletion, lambda: job.transformSequenceNode)
+
+    def propagateSegmentation(self, segmentationNode, transformSequenceNode):
+        """Propagate a segmentation drawn on the reference frame R of a tracking made with ``reference=R`` to every
+        frame: returns a new sequence of segmentation nodes (one per frame, the cine's index values) synchronised
+        in the tracking's browser, so that scrubbing shows each frame's segmentation. ``segmentationNode`` is left
+        as it is. Raises RegistrationError (the scene unchanged) for a consecutive tracking or other unfit inputs;
+        see ``mrml.cine.propagateSegmentation``."""
+        return propagateSegmentation(self.scene, segmentationNode, transformSequenceNode, self.sequencesLogic)
 
     @takes_run_options("pair")
     def segmentWithAtlases(self, targetVolumeNode, atlases, topK: int = 1, fixedMaskNode=None,
@@ -294,26 +310,28 @@ class RegistrationLogic:
     @takes_run_options("cine")
     def startTracking(self, cineNode, maskNode=None, configuration: RunConfiguration | None = None,
                       preset: str | None = None, progressCallback: ProgressCallback | None = None,
-                      keepTemporaryFiles: bool = False, **options) -> CineTrackingJob:
+                      keepTemporaryFiles: bool = False, reference: int | None = None,
+                      **options) -> CineTrackingJob:
         """Write the cine and the job file, start the ``track`` worker and return the running job (see
         :meth:`trackSequence`)."""
         self._checkIdle()
         config, run, problems = resolvedConfiguration("cine", configuration, preset, options)
-        self._refuse(cineInputProblems(cineNode, maskNode) + problems
+        self._refuse(trackingInputProblems(cineNode, maskNode) + problems
                      + (stepProblems(run.steps, cine=True) if run is not None else []))
         arrays, geometries, indexValues = cineFrames(cineNode)
-        parameters = self._parameters(config, run)
-        slicePlane = SlicePlane(geometries[0])
+        self._refuse(referenceProblems(reference, len(arrays)))
+        parameters = self._parameters(config, run, reference=reference)
+        slicePlane = SlicePlane(geometries[0]) if arrays[0].ndim == 2 else None  # None: 3D frames
 
         def prepare(folder: Path) -> dict:
             arguments = {"cine": writeCine(arrays, slicePlane, geometries[0], folder / "cine.nrrd"),
-                         "output": str(folder / "tracking"), "no_figures": True,
+                         "output": str(folder / "tracking"), "no_figures": True, "reference": reference,
                          "mask": self._mask(maskNode, folder, slicePlane)}
             return self._job(folder, "track", arguments, config)
 
         return self._start(CineTrackingJob, prepare, parameters, progressCallback, keepTemporaryFiles,
                            cineNode=cineNode, geometries=geometries, indexValues=indexValues, slicePlane=slicePlane,
-                           sequencesLogic=self.sequencesLogic)
+                           reference=reference, sequencesLogic=self.sequencesLogic)
 
     # Helpers -----------------------------------------------------------------------------------------------
 
