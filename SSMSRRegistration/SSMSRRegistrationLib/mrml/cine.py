@@ -466,9 +466,12 @@ def propagateSegmentation(scene, segmentationNode, transformSequenceNode, sequen
                 segmentation.CreateRepresentation(labelmapName)
                 segmentation.SetSourceRepresentationName(labelmapName)
             if frame != int(reference):
-                # vtkSlicerTransformLogic::hardenTransform applies the transform to world, i.e. the inverse of the
-                # "from parent" grid: the labelmap is resampled through the grid itself (no inversion of the field).
-                copy.ApplyTransform(transformSequenceNode.GetNthDataNode(frame).GetTransformFromParent().GetInverse())
+                # What vtkSlicerTransformLogic::hardenTransform does: apply the transform to world (a general
+                # transform: the inverse of the "from parent" grid); the labelmap is resampled through the grid
+                # itself, the field is not inverted.
+                toWorld = vtk.vtkGeneralTransform()
+                toWorld.Concatenate(transformSequenceNode.GetNthDataNode(frame).GetTransformFromParent().GetInverse())
+                copy.ApplyTransform(toWorld)
             frameNode = cineNode.GetNthDataNode(frame)
             geometry = _geometryNode(frameNode.GetImageData().GetDimensions(), ijkToRas(frameNode))
             resampler = slicer.vtkSlicerSegmentationGeometryLogic()
