@@ -116,7 +116,7 @@ RUN_OPTIONS: Tuple[Option, ...] = (
            aliases=("--learning-rate",), metavar="LR"),
     Option("mse_weight", float, "--mse-weight", "MSE weight", "weight of the mean squared intensity difference "
            "(intensities in [0, 1]) added to the paper's loss, for images whose intensities correspond",
-           kinds=("pair", "cine"), check=_at_least(0), metavar="W"),
+           kinds=("pair", "cine", "volume_cine"), check=_at_least(0), metavar="W"),
     Option("ncc_window", int, "--window", "NCC window (voxels)", "local NCC window in voxels of the working grid",
            check=_at_least(2), metavar="N", automatic="5 in 3D, 6 in 2D"),
     Option("ncc_window_mm", float, "--window-mm", "NCC window (mm)", "local NCC window in millimetres (overrides the "
@@ -135,7 +135,8 @@ RUN_OPTIONS: Tuple[Option, ...] = (
     Option("stop_tolerance", float, "--stop-tolerance", "Convergence tolerance", "see the convergence window",
            kinds=("pair",), default=DEFAULT_STOP_TOLERANCE, check=_at_least(0), metavar="T"),
     Option("batch_size", int, "--batch", "Pairs per step", "pairs per training step, drawn at random (a cine: 0 "
-           "trains all pairs every step)", kinds=("cine", "pretrain"), default=1, check=_at_least(0), metavar="N"),
+           "trains all pairs every step)", kinds=("cine", "volume_cine", "pretrain"), default=1, check=_at_least(0),
+           metavar="N"),
     Option("validation_fraction", float, "--validation-fraction", "Validation fraction", "fraction of the pairs (of "
            "a CSV) or images (of a folder) held out to measure the validation loss (0: none)", kinds=("pretrain",),
            default=0.2, check=_fraction, metavar="F"),

@@ -44,9 +44,12 @@ def add_run_options(parser: argparse.ArgumentParser, kind: str) -> None:
                         help="; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
                         + f" (default: {DEFAULT_PRESET})")
     for option in options_for(kind):
+        default = default_text(option, kind)
+        if kind == "cine" and default_text(option, "volume_cine") != default:  # ``track`` takes 3D+t cines too
+            default = f"2D+t: {default}; 3D+t: {default_text(option, 'volume_cine')}"
         parser.add_argument(option.flag, *option.aliases, dest=option.name, type=option.type, default=None,
                             choices=option.choices or None, metavar=option.metavar,
-                            help=f"{option.help} (default: {default_text(option, kind)})")
+                            help=f"{option.help} (default: {default})")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                         help="terminal bar, JSON lines on stdout (for programs), or nothing (default: bar)")
 

@@ -225,8 +225,9 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
         reference: None for consecutive pairs; a frame number to register that frame onto every other (its grid is
             the one 3D frames on different grids are resampled onto).
         progress, should_stop: the engine's progress callback and cancel poll.
-        config, preset, options: the run configuration, as for ``register``, with the preset's cine values (not its
-            pairs'); a preset's schedule drops the scales that would leave a frame axis under 8 pixels.
+        config, preset, options: the run configuration, as for ``register``, with the preset's values for 2D+t cines
+            or for 3D+t cines (``presets.KINDS``); a preset's schedule drops the scales that would leave a frame axis
+            under 8 pixels.
 
     Four frames of a real echocardiogram (shipped with the module), a short schedule:
 
@@ -240,13 +241,14 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     ['fields', 'metrics', 'provenance']
     """
     configuration = combined(config, preset, **options)
-    run = configuration.resolve("cine")
-    settings = RegistrationSettings.from_run(run)
-    settings.validate()
-    torch_device = resolve_device(run.device)
+    configuration.resolve("cine")  # bad options are reported before the cine is read
     source = cine if isinstance(cine, (str, os.PathLike, sitk.Image)) else None  # else: the frames' digest
     if not isinstance(cine, Cine):
         cine = read_cine(cine, reference or 0)
+    run = configuration.resolve("cine" if cine.dimension == 2 else "volume_cine")
+    settings = RegistrationSettings.from_run(run)
+    settings.validate()
+    torch_device = resolve_device(run.device)
     pairs = frame_pairs(cine.frames.shape[0], reference)
     if "scales" not in configuration.overrides:  # a preset's schedule: scales too coarse for small frames go
         settings.scales = fitting_schedule(cine.frames.shape[1:], settings.scales)
