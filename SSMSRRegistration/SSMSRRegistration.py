@@ -47,8 +47,9 @@ class SSMSRRegistration(ScriptedLoadableModule):
             "volume by local normalized cross-correlation are registered onto it and their segments propagated. "
             "A model pretrained with `ssmsr train` can be the starting point of the test-time training. "
             "In cine tracking mode, every consecutive frame pair of a 2D+t cine (a sequence of 2D images or a volume "
-            "whose third axis is time) is registered with one test-time training for the whole sequence; the fields "
-            "become a sequence of transforms in the cine's sequence browser, with a metrics table and plots. "
+            "whose third axis is time) or of a sequence of 3D volumes (4D CT, 3D echo) is registered with one "
+            "test-time training for the whole sequence; the fields become a sequence of transforms in the cine's "
+            "sequence browser, with a metrics table and plots. "
             "The computation runs in the background with PyTorch (installed through the PyTorch extension); "
             "use a CUDA GPU for full-length schedules. Needs 3D Slicer 5.6 or newer."
         )

@@ -140,7 +140,7 @@ def cineInputProblems(cineNode, maskNode=None) -> list[str]:
     """Everything that prevents tracking with these inputs, as sentences for the user (empty when ready)."""
     problems = []
     if cineNode is None:
-        problems.append("Select a cine: a sequence of 2D images or a volume whose third axis is time.")
+        problems.append("Select a cine: a sequence of 2D images or of 3D volumes, or a volume whose third axis is time.")
     elif not isCineNode(cineNode):
         problems.append(f"'{cineNode.GetName()}' is neither a sequence of 2D images nor a volume.")
     elif isinstance(cineNode, slicer.vtkMRMLSequenceNode):
