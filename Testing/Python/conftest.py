@@ -23,3 +23,16 @@ def one_torch_thread_per_xdist_worker():
     if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     yield
+
+
+#: The test files that take longest (``make test`` prints the slowest tests), run first: pytest-xdist hands each of
+#: its two processes a file at a time in collection order, so a long file collected last would run alone at the end.
+SLOWEST_FILES_FIRST = ("test_batch.py", "test_alignment.py", "test_registration.py", "test_sequences_3d.py",
+                       "test_reproducibility.py", "test_tracking.py", "test_models.py", "test_threads.py",
+                       "test_physical_space.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Put the files of SLOWEST_FILES_FIRST first, in that order (a stable sort: each file keeps its own order)."""
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -4,6 +4,7 @@ A real brain volume (the module's ICBM152 crop) on an oblique, anisotropic grid,
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,25 @@ def test_the_command_refuses_a_reference_outside_the_cine_and_accumulating_from_
     assert main(arguments + ["--reference", "1", "--accumulate"]) == EXIT_INPUT
     assert "--accumulate composes consecutive pairs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_real_4d_nifti_is_read_where_nibabel_places_it_and_tracked(tmp_path):
+    """nibabel's test fMRI (a real oblique EPI, 2 volumes of 128x96x24 at 2 x 2 x 2.2 mm): every frame voxel is where
+    nibabel's affine (RAS) puts it, in LPS; two volumes 2 s apart are tracked with a small, unfolded field on
+    their grid."""
+    nibabel = pytest.importorskip("nibabel")
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    affine = nibabel.load(str(path)).affine
+    cine = read_cine(path)
+    assert cine.frames.shape == (2, 24, 96, 128)
+    for index in [(0, 0, 0), (127, 0, 0), (0, 95, 23), (64, 48, 12)]:
+        ras = affine @ np.array(list(index) + [1.0])
+        lps = np.array([-ras[0], -ras[1], ras[2]])
+        np.testing.assert_allclose(cine.frame_grid.TransformIndexToPhysicalPoint(index), lps, atol=1e-3)
+    result = ssmsr.track(path, scales="1", steps=3, device="cpu")
+    assert result.summary()["pairs"] == 1 and result.summary()["max_folded_percent"] == 0
+    assert float(result.displacements.norm(dim=1).mean()) < 1.0  # voxels: frames 2 s apart barely move
+    field = result.field(1)
+    assert field.GetSize() == (128, 96, 24)
+    np.testing.assert_allclose(field.GetOrigin(), cine.frame_grid.GetOrigin())
+    np.testing.assert_allclose(field.GetDirection(), cine.frame_grid.GetDirection())
