@@ -184,3 +184,28 @@ def test_versions():
     assert "needs 3D Slicer 5.6 or newer; this is Slicer 5.4" in panel.versionProblem(5, 4)
     assert panel.versionAtLeast("2.13.0+cpu", panel.MINIMUM_TORCH)
     assert panel.versionAtLeast("2.4.0", "2.4") and not panel.versionAtLeast("2.3.1", "2.4")
+
+
+def test_a_sequence_of_3d_volumes_shows_the_presets_values_for_3d_cines(scene):
+    """The worker trains a sequence of volumes with the preset's 3D+t values (``volume_cine``), not the echo cines':
+    the panel shows those, and switching between a 2D and a 3D cine keeps the user's overrides."""
+    volumes = [scene_helpers.addVolumeFromArray(scene, np.random.default_rng(k).random((6, 10, 12)), f"phase {k}")
+               for k in range(3)]
+    phases = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "phases")
+    for index, volume in enumerate(volumes):
+        phases.SetDataNodeAtValue(volume, str(index))
+    values = panel.PanelValues(cineTracking=True, cine=phases)
+    apply(values, panel.reconcile(values))
+    volumeCine, cine = (RunConfiguration().resolve(kind) for kind in ("volume_cine", "cine"))
+    assert volumeCine.scales != cine.scales or volumeCine.steps != cine.steps  # else this test shows nothing
+    assert (values.shownKind, values.scales, values.stepsPerScale, values.smoothnessWeight) == (
+        "volume_cine", volumeCine.scales, volumeCine.steps, volumeCine.smoothness_weight)
+
+    values.device = "cpu"
+    apply(values, panel.reconcile(values))
+    frames = scene_helpers.addVolumeFromArray(scene, np.random.default_rng(9).random((4, 10, 12)), "2D+t")
+    values.cine = frames  # a volume whose third axis is time: a 2D+t cine
+    apply(values, panel.reconcile(values))
+    assert (values.shownKind, values.scales, values.stepsPerScale, values.device) == (
+        "cine", cine.scales, cine.steps, "cpu")
+    assert panel.configuration(values) == RunConfiguration.of(DEFAULT_PRESET, device="cpu")

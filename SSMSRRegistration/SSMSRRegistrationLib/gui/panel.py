@@ -20,7 +20,7 @@ from ..common.errors import InputError
 from ..common.presets import DEFAULT_PRESET, PRESETS
 from ..common.protocol import overall_fraction
 from ..common.run_config import OPTIONS, RunConfiguration
-from ..mrml.cine import trackingInputProblems
+from ..mrml.cine import isVolumeSequence, trackingInputProblems
 from ..mrml.jobs import JobState
 from ..mrml.parameters import alignmentProblems, atlasInputProblems, inputProblems, modelFileProblems, stepProblems
 from ..mrml.progress_text import describeProgress
@@ -104,10 +104,10 @@ class Parameter(NamedTuple):
 #: outputTransform - receives the displacement field (empty: a new node). outputVolume - the moving volume warped
 #: onto the fixed grid. jacobianVolume - the Jacobian determinant of the result on the fixed grid (QC).
 #: The run configuration: preset - the preset's name (``common.presets.PRESETS``); overrides - JSON of the run
-#: options the user changed ({option name: value}); shownKind - the kind of run ("pair" or "cine") whose values the
-#: widgets of the run options show. Those widgets (SHOWN_OPTIONS: scales, stepsPerScale, mixedPrecision,
-#: smoothnessWeight, nccWindow - 0: automatic, workingSpacing - 0: automatic, device, batchSize) each show the
-#: option's value, the override else the preset's; a widget edited records an override (``reconcile``).
+#: options the user changed ({option name: value}); shownKind - the kind of run ("pair", "cine" or "volume_cine")
+#: whose values the widgets of the run options show. Those widgets (SHOWN_OPTIONS: scales, stepsPerScale,
+#: mixedPrecision, smoothnessWeight, nccWindow - 0: automatic, workingSpacing - 0: automatic, device, batchSize) each
+#: show the option's value, the override else the preset's; a widget edited records an override (``reconcile``).
 #: modelFile - a model written by `ssmsr train` ("" : none).
 #: atlasSelection, topK - segment the fixed volume with the most similar checked atlases. cineTracking, cine,
 #: batchSize - track the motion through a sequence of 2D images or of 3D volumes, or a volume whose third axis is time.
@@ -176,8 +176,11 @@ def mode(values) -> str:
 
 
 def kindOf(values) -> str:
-    """The kind of run the panel asks for: "cine", else "pair" (a registration or an atlas segmentation)."""
-    return "cine" if values.cineTracking else "pair"
+    """The kind of run the panel asks for: "volume_cine" (a sequence of 3D volumes) or "cine", else "pair" (a
+    registration or an atlas segmentation)."""
+    if not values.cineTracking:
+        return "pair"
+    return "volume_cine" if isVolumeSequence(values.cine) else "cine"
 
 
 def presetOf(values) -> str:
@@ -196,7 +199,7 @@ def overridesOf(values) -> dict:
 
 
 def _shownKindOf(values) -> str:
-    return values.shownKind if values.shownKind in ("pair", "cine") else "pair"
+    return values.shownKind if values.shownKind in ("pair", "cine", "volume_cine") else "pair"
 
 
 def currentOverrides(values) -> dict:

@@ -27,8 +27,8 @@ from typing import Any
 from ..common.errors import InputError
 from ..common.protocol import ProgressCallback
 from ..common.run_config import ResolvedRun, RunConfiguration, combined, takes_run_options
-from .cine import (CineTrackingJob, cineFrames, propagateSegmentation, referenceProblems, trackingInputProblems,
-                   writeCine)
+from .cine import (CineTrackingJob, cineFrames, isVolumeSequence, propagateSegmentation, referenceProblems,
+                   trackingInputProblems, writeCine)
 from .geometry import SlicePlane, isSingleSlice
 from .jobs import Job, JobState, RegistrationCancelledError, RegistrationError
 from .parameters import (alignmentProblems, atlasInputProblems, atlasVolumeNode, inputProblems, modelFileProblems,
@@ -315,7 +315,8 @@ class RegistrationLogic:
         """Write the cine and the job file, start the ``track`` worker and return the running job (see
         :meth:`trackSequence`)."""
         self._checkIdle()
-        config, run, problems = resolvedConfiguration("cine", configuration, preset, options)
+        kind = "volume_cine" if isVolumeSequence(cineNode) else "cine"
+        config, run, problems = resolvedConfiguration(kind, configuration, preset, options)
         self._refuse(trackingInputProblems(cineNode, maskNode) + problems
                      + (stepProblems(run.steps, cine=True) if run is not None else []))
         arrays, geometries, indexValues = cineFrames(cineNode)
