@@ -183,6 +183,10 @@ def test_masks_of_3d_frames_one_for_all_or_one_per_frame(cine_4d, tmp_path):
     per_frame = sitk.JoinSeries([one] * 4)
     sitk.WriteImage(per_frame, str(tmp_path / "each.nii.gz"))
     assert read_masks(str(tmp_path / "each.nii.gz"), cine).shape == (4,) + brain.shape
+    only_reference = sitk.JoinSeries([one * 0, one, one * 0, one * 0])  # set in frame 1 alone: no fixed frame's
+    sitk.WriteImage(only_reference, str(tmp_path / "reference_only.nii.gz"))
+    with pytest.raises(InputError, match="The mask is empty in every fixed frame of the pairs"):
+        ssmsr.track(path, mask=str(tmp_path / "reference_only.nii.gz"), reference=1, **SHORT)
     sitk.WriteImage(one[:, :, :20], str(tmp_path / "small.nii.gz"))
     with pytest.raises(InputError, match="The mask is 32x40x20 but the cine's frames are 32x40x32"):
         read_masks(str(tmp_path / "small.nii.gz"), cine)

@@ -194,6 +194,13 @@ def _frame_files(folder: str) -> List[Union[str, sitk.Image]]:
     return files
 
 
+def check_reference(reference: Optional[int], frames: int) -> None:
+    """InputError unless ``reference`` is None (consecutive pairs) or a frame number of a cine of ``frames``."""
+    if reference is not None and not 0 <= reference < frames:
+        raise InputError(f"The reference frame {reference} is not a frame of the cine (frames 0 to {frames - 1}).",
+                         setting="reference")
+
+
 def _same_grid(image: sitk.Image, reference: sitk.Image) -> bool:
     return (image.GetSize() == reference.GetSize()
             and np.allclose(image.GetSpacing(), reference.GetSpacing(), rtol=1e-5, atol=1e-6)
@@ -206,17 +213,18 @@ def _volumes_on_one_grid(images: List[sitk.Image], reference: int, name: str) ->
     origin) are resampled onto it (linear, 0 outside); a frame oriented differently is refused."""
     grid = images[reference]
     direction = np.array(grid.GetDirection()).reshape(3, 3)
-    if any(not _same_grid(image, grid) for image in images):
+    on_grid = [_same_grid(image, grid) for image in images]
+    if not all(on_grid):
         images = [sitk.Cast(image, sitk.sitkFloat32) for image in images]  # one pixel type for every frame
     arrays = []
-    for index, image in enumerate(images):
+    for index, (image, same) in enumerate(zip(images, on_grid)):
         other = np.array(image.GetDirection()).reshape(3, 3)
         if not np.allclose(other, direction, atol=1e-4):
             raise InputError(f"Frame {index} of the cine {name} is oriented differently from frame {reference} "
                              f"(direction {np.round(other, 3).tolist()} against {np.round(direction, 3).tolist()}); "
                              "the frames of a sequence must share one orientation. Resample them onto one grid "
                              "first.")
-        if not _same_grid(image, grid):
+        if not same:
             image = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         arrays.append(sitk.GetArrayFromImage(image))
     return arrays
@@ -238,9 +246,7 @@ def _frames_of_list(frames: Sequence[ImageLike], name: str, reference: int = 0):
         images.append(_first_channel(image))
     if len(images) < 2:
         raise InputError(f"The cine {name} has a single frame; tracking needs at least two frames.")
-    if not 0 <= reference < len(images):
-        raise InputError(f"The reference frame {reference} is not a frame of the cine {name} (frames 0 to "
-                         f"{len(images) - 1}).", setting="reference")
+    check_reference(reference, len(images))
     first = images[reference]
     dimension = first.GetDimension()
     if dimension == 3:
@@ -324,8 +330,9 @@ def default_masks(frames: np.ndarray, low: float = MASK_LOW, high: float = MASK_
 def read_masks(source: ImageLike, cine: Cine) -> np.ndarray:
     """A user mask (non-zero inside) as (T, *frame shape) bool: one mask for every frame, or one mask per frame.
 
-    The mask of frame t restricts the similarity of the pairs whose fixed frame is t. The mask must have the frames'
-    voxel size: W x H [x D] (one mask), or W x H [x D] x T (a 2D+t mask may also be W x H x 1 x T).
+    The mask of frame t restricts the similarity of the pairs whose fixed frame is t (``track`` refuses masks empty
+    in every fixed frame). The mask must have the frames' voxel size: W x H [x D] (one mask), or W x H [x D] x T (a
+    2D+t mask may also be W x H x 1 x T).
     """
     frames, spatial = cine.frames.shape[0], cine.frames.shape[1:]
     image = read_image(source, "mask")
@@ -333,7 +340,7 @@ def read_masks(source: ImageLike, cine: Cine) -> np.ndarray:
         raise InputError(f"The mask has {image.GetNumberOfComponentsPerPixel()} components per pixel; give a "
                          "label map or binary mask (non-zero inside).")
     size, dimension = image.GetSize(), cine.dimension
-    frame_size = "x".join(str(n) for n in reversed(spatial))
+    frame_size = _size_text(reversed(spatial))
     if image.GetDimension() > 4 or (dimension == 2 and image.GetDimension() == 4 and size[2] != 1) \
             or image.GetDimension() < dimension:
         raise InputError(f"The mask is {image.GetDimension()}D ({_size_text(size)}); give a {dimension}D mask or a "
@@ -343,7 +350,4 @@ def read_masks(source: ImageLike, cine: Cine) -> np.ndarray:
         raise InputError(f"The mask is {_size_text(size)} but the cine's frames are {frame_size} ({frames} frames); "
                          f"give one mask of {frame_size} or one mask per frame ({frame_size}x{frames}).")
     array = sitk.GetArrayFromImage(image).reshape((-1,) + tuple(spatial))
-    masks = np.broadcast_to(array != 0, (frames,) + tuple(spatial)).copy()
-    if not masks.any():
-        raise InputError("The mask is empty (no voxel is set); give a mask that covers the region to track.")
-    return masks
+    return np.broadcast_to(array != 0, (frames,) + tuple(spatial)).copy()

@@ -36,13 +36,14 @@ from ..engine.metrics import NLCC_RADIUS, pair_metrics
 from ..engine.multiscale import RegistrationSettings, register_tensors, resolve_device
 from ..engine.spatial import compose
 from ..imaging.atomic import check_output_folder, publish_folder
-from ..imaging.cine import (MASK_DILATION_RADIUS, MASK_HIGH, MASK_LOW, Cine, CineSource, default_masks, read_cine,
-                            read_masks)
+from ..imaging.cine import (MASK_DILATION_RADIUS, MASK_HIGH, MASK_LOW, Cine, CineSource, check_reference,
+                            default_masks, read_cine, read_masks)
 from ..imaging.fields import voxel_field_to_image, write_field, write_image
 from ..imaging.images import ImageLike
 from .provenance import file_digest, image_digest, run_record
 
-__all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", "frame_pairs", "frames_digest", "track"]
+__all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", "frame_pairs", "frames_digest",
+           "track"]
 
 #: Writes extra files into a results folder before it is published; returns {output name: file name}.
 ExtraFiles = Callable[[str], Dict[str, str]]
@@ -51,11 +52,9 @@ ExtraFiles = Callable[[str], Dict[str, str]]
 def frame_pairs(frames: int, reference: Optional[int] = None) -> List[Tuple[int, int]]:
     """(moving frame, fixed frame) of every pair: consecutive (t-1, t) for t = 1..T-1 when ``reference`` is None,
     else (reference, t) for every other frame t."""
+    check_reference(reference, frames)
     if reference is None:
         return [(t - 1, t) for t in range(1, frames)]
-    if not 0 <= reference < frames:
-        raise InputError(f"The reference frame {reference} is not a frame of the cine (frames 0 to {frames - 1}).",
-                         setting="reference")
     return [(reference, t) for t in range(frames) if t != reference]
 
 
@@ -73,8 +72,7 @@ class TrackingResult:
     """What ``track`` returns.
 
     cine: the cine as tracked. masks: (T, *frame shape) bool, mask t restricting the pair whose fixed frame is t.
-    frame_pairs: (moving frame, fixed frame) of each pair (see ``frame_pairs``); reference: the reference frame, or
-    None for consecutive pairs.
+    reference: the reference frame, or None for consecutive pairs (see ``frame_pairs``).
     displacements: (N, d, *frame shape) voxel fields on the CPU, index i warping frame_pairs[i][0] onto
     frame_pairs[i][1].
     displacements_per_scale: the same after each scale of the schedule, coarse to fine.
@@ -86,7 +84,6 @@ class TrackingResult:
 
     cine: Cine
     masks: np.ndarray
-    frame_pairs: List[Tuple[int, int]]
     reference: Optional[int]
     displacements: torch.Tensor
     displacements_per_scale: List[torch.Tensor]
@@ -97,6 +94,11 @@ class TrackingResult:
     device: str
     mask_source: str
     provenance: dict
+
+    @property
+    def frame_pairs(self) -> List[Tuple[int, int]]:
+        """(moving frame, fixed frame) of each pair, in the order of ``displacements``."""
+        return frame_pairs(self.cine.frames.shape[0], self.reference)
 
     @property
     def pairs(self) -> List[int]:
@@ -271,7 +273,7 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
                             inputs={"cine": source, "mask": None if automatic else mask},
                             options={"mask": mask_source, "reference": reference,
                                      "frames_sha256": frames_digest(cine)}, device=result.device)
-    return TrackingResult(cine=cine, masks=masks, frame_pairs=pairs, reference=reference, displacements=result.displacement.cpu(),
+    return TrackingResult(cine=cine, masks=masks, reference=reference, displacements=result.displacement.cpu(),
                           displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
                           metrics=metrics, loss_history=result.loss_history, settings=settings,
                           seconds=result.seconds, device=result.device, mask_source=mask_source,
