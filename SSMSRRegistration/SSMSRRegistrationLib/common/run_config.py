@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from .errors import InputError
 from .presets import DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, KINDS, PRECISIONS, PRESETS, Preset
 from .protocol import check_device_name
-from .schedule import DEFAULT_MAX_VOXELS, format_scales, parse_scales
+from .schedule import DEFAULT_MAX_VOXELS, DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, format_scales, parse_scales
 
 #: Format name and version of a run configuration written as JSON (the worker's job file holds one).
 FORMAT = "ssmsr-run-configuration"
@@ -51,6 +51,11 @@ def _device(value: str) -> Optional[str]:
 
 def _stop_window(value: int) -> Optional[str]:
     return None if value == 0 or value >= 5 else "must be 0 (train every step) or at least 5 steps"
+
+
+def _patch_size(value: int) -> Optional[str]:
+    return None if value == 0 or value >= MIN_PATCH_SIZE else \
+        f"must be 0 (the whole image) or at least {MIN_PATCH_SIZE} voxels"
 
 
 def _fraction(value: float) -> Optional[str]:
@@ -134,6 +139,11 @@ RUN_OPTIONS: Tuple[Option, ...] = (
            "maximum (0: train every step)", kinds=("pair",), default=0, check=_stop_window, metavar="N"),
     Option("stop_tolerance", float, "--stop-tolerance", "Convergence tolerance", "see the convergence window",
            kinds=("pair",), default=DEFAULT_STOP_TOLERANCE, check=_at_least(0), metavar="T"),
+    Option("patch_size", int, "--patch", "Training patch (voxels)", "scales whose grid is larger than this train "
+           "each step on a random patch of this side where the fixed image has structure, so that a step costs the "
+           "patch and not the whole volume; the field is still predicted over the whole image (0: train on the whole "
+           "image)", kinds=("pair", "cine", "volume_cine"), check=_patch_size, metavar="N",
+           automatic=f"{DEFAULT_PATCH_SIZE_3D} in 3D, the whole image in 2D"),
     Option("batch_size", int, "--batch", "Pairs per step", "pairs per training step, drawn at random (a cine: 0 "
            "trains all pairs every step)", kinds=("cine", "volume_cine", "pretrain"), default=1, check=_at_least(0),
            metavar="N"),

@@ -18,7 +18,7 @@ import torch
 
 from .losses import registration_loss
 from .spatial import warp
-from .unet import RegistrationUNet
+from .unet import RegistrationUNet, predict, use_mixed_precision
 
 #: Bytes per voxel per pair trained together at one step (activations, gradients, warps; float32).
 TRAINING_BYTES_PER_VOXEL = 1800
@@ -32,11 +32,15 @@ USABLE_FRACTION = 0.8
 PROBE_VOXELS = {2: 192 * 192, 3: 40 * 40 * 40}
 
 
-def training_memory_bytes(voxels: int, ndim: int, pairs: int = 1, pairs_per_step: int = 1, scales: int = 1) -> int:
+def training_memory_bytes(voxels: int, ndim: int, pairs: int = 1, pairs_per_step: int = 1, scales: int = 1,
+                          trained_voxels: Optional[int] = None) -> int:
     """Estimated peak memory (bytes) of training on a ``voxels`` grid: ``pairs`` held, ``pairs_per_step`` trained
-    together, ``scales`` fields kept."""
+    together, ``scales`` fields kept. ``trained_voxels``: the voxels of the largest patch trained on (``patches``;
+    None: the whole grid); the tiled prediction then also holds its sums (ndim + 1 floats per voxel)."""
+    trained = voxels if trained_voxels is None else min(trained_voxels, voxels)
+    tiling = 4 * voxels * pairs_per_step * (ndim + 1) if trained < voxels else 0
     resident = 4 * voxels * pairs * (RESIDENT_FLOATS_PER_VOXEL + ndim * (scales + 1))
-    return int(OVERHEAD_BYTES + resident + TRAINING_BYTES_PER_VOXEL * voxels * pairs_per_step)
+    return int(OVERHEAD_BYTES + resident + tiling + TRAINING_BYTES_PER_VOXEL * trained * pairs_per_step)
 
 
 def _cgroup_memory_left() -> Optional[int]:
@@ -78,19 +82,22 @@ def available_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def seconds_per_voxel_step(ndim: int, voxels: int, device: torch.device, encoder_channels: Sequence[int],
-                           decoder_channels: Sequence[int], window: int) -> float:
+                           decoder_channels: Sequence[int], window: int, mixed_precision: bool = False) -> float:
     """Seconds one training step of one pair costs per voxel on ``device``, timed on random data on a cube of
-    min(``voxels``, PROBE_VOXELS) voxels (one warm-up step, then one timed; float32)."""
+    min(``voxels``, PROBE_VOXELS) voxels (``voxels``: those a step trains on), one warm-up step then one timed, in
+    the run's precision (``mixed_precision``: bfloat16 convolutions, see ``unet.predict``)."""
     side = max(8, int(round(min(voxels, PROBE_VOXELS[ndim]) ** (1.0 / ndim))))
     generator = torch.Generator().manual_seed(0)
     pair = torch.rand((1, 2) + (side,) * ndim, generator=generator).to(device)
     network = RegistrationUNet(ndim, encoder_channels, decoder_channels).to(device)
+    if mixed_precision:
+        network = use_mixed_precision(network)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     window = min(window, side)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        residual = network(pair)
+        residual = predict(network, pair, mixed_precision)
         registration_loss(pair[:, 1:], warp(pair[:, :1], residual), residual, window, 1.0).backward()
         optimizer.step()
 

@@ -25,8 +25,9 @@ from ..common.errors import InputError, RegistrationCancelled
 from ..common.presets import DEFAULT_STOP_TOLERANCE, PAPER_LEARNING_RATE, PAPER_SMOOTHNESS_WEIGHT
 from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_name, progress_event, started_event
 from ..common.run_config import ResolvedRun
-from ..common.schedule import check_schedule, format_scale, parse_scales, scaled_size
+from ..common.schedule import DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, check_schedule, format_scale, parse_scales, scaled_size
 from .losses import local_ncc, masked_mean, registration_loss
+from .patches import PatchSampler, patch_shape, predict_tiled
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import (DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet, bfloat16_supported,
                    predict, use_mixed_precision)
@@ -49,6 +50,8 @@ class RegistrationSettings:
     mixed_precision: bool = False  # bfloat16 convolutions (unet.predict) where the device runs them natively
     stop_window: int = 0  # convergence check every this many steps (0: always the full budget), see ``converged``
     stop_tolerance: float = DEFAULT_STOP_TOLERANCE  # ... stop when the window's mean loss improved by less than this
+    patch_size: Optional[int] = None  # scales larger than this train on patches of this side (``patches``); 0: the
+    # whole image; None: DEFAULT_PATCH_SIZE_3D in 3D, the whole image in 2D
 
     @classmethod
     def from_run(cls, run: ResolvedRun, **engine_only) -> "RegistrationSettings":
@@ -66,6 +69,12 @@ class RegistrationSettings:
     def pairs_per_step(self, pairs: int) -> int:
         """Pairs trained together at each step when ``pairs`` are registered (``batch_size``, or all)."""
         return min(self.batch_size, pairs) if self.batch_size > 0 else pairs
+
+    def patch_for(self, ndim: int) -> int:
+        """The training patch's side in voxels for ``ndim``-D images (0: the whole image)."""
+        if self.patch_size is not None:
+            return int(self.patch_size)
+        return DEFAULT_PATCH_SIZE_3D if ndim == 3 else 0
 
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
@@ -87,6 +96,9 @@ class RegistrationSettings:
             raise InputError("{setting} must be 0 (train every step) or at least 5 steps.", setting="stop_window")
         if not self.stop_tolerance >= 0:
             raise InputError("{setting} must be at least 0.", setting="stop_tolerance")
+        if self.patch_size is not None and (self.patch_size < 0 or 0 < self.patch_size < MIN_PATCH_SIZE):
+            raise InputError(f"{{setting}} must be 0 (the whole image) or at least {MIN_PATCH_SIZE} voxels.",
+                             setting="patch_size")
 
 
 def converged(losses: torch.Tensor, done: int, window: int, tolerance: float) -> bool:
@@ -227,6 +239,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
             mask_s = (resize_image(mask, scale_size) > 0).float()
         view_s = resize_image(warp(view, displacement), scale_size) if view is not None else None
         pair = torch.cat([moving_s, fixed_s], dim=1)
+        shape = patch_shape(scale_size, settings.patch_for(ndim))
+        sampler = PatchSampler(fixed_s, mask_s, shape, batch_sampler) if shape and settings.steps_per_scale else None
 
         losses = torch.zeros(settings.steps_per_scale, device=device)
         optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
@@ -241,13 +255,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                 view_b = view_s[chosen] if view_s is not None else None
             else:
                 pair_b, fixed_b, moving_b, mask_b, view_b = pair, fixed_s, moving_s, mask_s, view_s
-            residual = predict(network, pair_b, mixed)
-            if view_b is not None:  # where the warped moving image has data (not a path for the gradient)
-                residual = residual * view_b
-                inside = (warp(view_b, residual.detach()) > 0.5).float()
-                mask_b = inside if mask_b is None else mask_b * inside
-            loss = registration_loss(fixed_b, warp(moving_b, residual), residual, window,
-                                     settings.smoothness_weight, mask_b, settings.mse_weight)
+            loss = training_loss(network, pair_b, fixed_b, moving_b, mask_b, view_b, settings, window, mixed,
+                                 sampler.draw() if sampler is not None else None)
             loss.backward()
             optimizer.step()
             losses[step] = loss.detach()
@@ -272,7 +281,9 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
         network.eval()
         with torch.no_grad():
-            residual = torch.cat([predict(network, chunk, mixed) for chunk in pair.split(batch_size)])
+            residual = torch.cat([predict(network, chunk, mixed) if shape is None
+                                  else predict_tiled(lambda tile: predict(network, tile, mixed), chunk, shape)
+                                  for chunk in pair.split(batch_size)])
             if view_s is not None:
                 residual = residual * view_s
         displacement = add_residual(displacement, residual)
@@ -285,6 +296,31 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                               loss_history=histories, networks=trained,
                               seconds=time.perf_counter() - start, device=str(device), window=window,
                               scales=scales)
+
+
+def training_loss(network: RegistrationUNet, pair: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
+                  mask: Optional[torch.Tensor], view: Optional[torch.Tensor], settings: RegistrationSettings,
+                  window: int, mixed: bool, patch: Optional[Tuple[Tuple[slice, ...], Tuple[int, ...]]] = None
+                  ) -> torch.Tensor:
+    """The loss of one training step on a batch of pairs at one scale.
+
+    pair: (B, 2, *S) moving and fixed; fixed, moving: (B, 1, *S); mask, view: optional (B, 1, *S) fixed mask and
+    field of view of the moving image (see ``register_tensors``). patch: optional (region, corner) from
+    ``PatchSampler.draw``: the U-Net sees that region only, and its residual warps the whole moving image there.
+    """
+    corner = None
+    if patch is not None:
+        region, corner = patch
+        crop = (slice(None), slice(None)) + region
+        pair, fixed = pair[crop], fixed[crop]
+        mask = mask[crop] if mask is not None else None
+    residual = predict(network, pair, mixed)
+    if view is not None:  # where the warped moving image has data (not a path for the gradient)
+        residual = residual * (view if patch is None else view[crop])
+        inside = (warp(view, residual.detach(), corner=corner) > 0.5).float()
+        mask = inside if mask is None else mask * inside
+    return registration_loss(fixed, warp(moving, residual, corner=corner), residual, window,
+                             settings.smoothness_weight, mask, settings.mse_weight)
 
 
 def scale_pair(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,

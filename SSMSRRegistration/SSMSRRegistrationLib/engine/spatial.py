@@ -17,7 +17,7 @@ Conventions used throughout the engine:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,9 @@ def voxel_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.
     return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
 
 
-def _to_normalised_grid(positions: torch.Tensor) -> torch.Tensor:
-    """(N, ndim, *S) voxel positions -> (N, *S, ndim) grid_sample grid with the last axis (x, y[, z])."""
-    shape = positions.shape[2:]
+def _to_normalised_grid(positions: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(N, ndim, *P) voxel positions in a grid of size ``shape`` -> (N, *P, ndim) grid_sample grid with the last axis
+    (x, y[, z])."""
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=positions.device, dtype=positions.dtype)
     scale = scale.view(1, -1, *([1] * len(shape)))
     normalised = positions * scale - 1.0
@@ -46,21 +46,25 @@ def _to_normalised_grid(positions: torch.Tensor) -> torch.Tensor:
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "linear",
-         padding_mode: str = "border") -> torch.Tensor:
+         padding_mode: str = "border", corner: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Resample ``image`` at p + displacement(p).
 
     Args:
         image: (N, C, *S) tensor.
-        displacement: (N, ndim, *S) in voxels of the same grid.
+        displacement: (N, ndim, *S) in voxels of the same grid; with ``corner``, (N, ndim, *P) over the region of
+            the grid that starts at voxel ``corner`` (one index per axis) and has size P.
         mode: "linear" for intensities, "nearest" for label maps.
         padding_mode: grid_sample padding for points outside the image ("border" or "zeros").
     Returns:
-        (N, C, *S) warped image.
+        (N, C, *S) warped image; with ``corner``, (N, C, *P): the warped region, sampled from the whole image.
     """
-    if image.shape[2:] != displacement.shape[2:]:
+    if corner is None and image.shape[2:] != displacement.shape[2:]:
         raise ValueError(f"image grid {tuple(image.shape[2:])} != field grid {tuple(displacement.shape[2:])}")
-    positions = voxel_grid(image.shape[2:], image.device, displacement.dtype) + displacement
-    grid = _to_normalised_grid(positions)
+    positions = voxel_grid(displacement.shape[2:], image.device, displacement.dtype) + displacement
+    if corner is not None:
+        positions = positions + torch.tensor(corner, device=image.device, dtype=displacement.dtype).view(
+            1, -1, *([1] * spatial_dims(image)))
+    grid = _to_normalised_grid(positions, image.shape[2:])
     sample_mode = "bilinear" if mode == "linear" else "nearest"
     return F.grid_sample(image.to(displacement.dtype) if mode == "linear" else image.float(), grid,
                          mode=sample_mode, padding_mode=padding_mode, align_corners=True)

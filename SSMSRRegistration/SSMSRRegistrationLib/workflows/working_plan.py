@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from fractions import Fraction
+from typing import Optional, Sequence
 
 import SimpleITK as sitk
 import torch
@@ -15,6 +16,8 @@ from ..common.schedule import DEFAULT_MAX_VOXELS, scaled_size
 from ..engine.footprint import (OVERHEAD_BYTES, USABLE_FRACTION, available_memory_bytes,
                                 format_bytes, seconds_per_voxel_step, training_memory_bytes)
 from ..engine.multiscale import RegistrationSettings
+from ..engine.patches import patch_shape
+from ..engine.unet import bfloat16_supported
 from ..imaging.working_grid import WorkingGrid, working_grid
 
 #: Below this many training steps per scale no time estimate is made (timing it would cost a noticeable share).
@@ -58,9 +61,17 @@ class WorkingPlan:
         return text + (f"; {self.note}" if self.note else "")
 
 
+def trained_voxels(size: Sequence[int], settings: RegistrationSettings, scale: Fraction) -> int:
+    """Voxels a training step runs the U-Net on, per pair, at ``scale`` of a grid of ``size``: the scale's grid, or
+    the patch where the scale trains on patches."""
+    scale_size = scaled_size(size, scale)
+    return math.prod(patch_shape(scale_size, settings.patch_for(len(size))) or scale_size)
+
+
 def _memory(grid: WorkingGrid, settings: RegistrationSettings, pairs: int) -> int:
+    largest = max(trained_voxels(grid.size, settings, scale) for scale in settings.scales)
     return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs, settings.pairs_per_step(pairs),
-                                 len(settings.scales))
+                                 len(settings.scales), largest)
 
 
 def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device: torch.device,
@@ -76,17 +87,20 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     memory, available, note = _memory(grid, settings, pairs), available_memory_bytes(device), ""
     if available is not None and memory > USABLE_FRACTION * available:
         asked = f"a {'x'.join(map(str, grid.size))} grid at {grid.spacing:.3g} mm needs about {format_bytes(memory)}"
-        per_voxel = memory - OVERHEAD_BYTES
-        fitting = int(grid.voxels * (USABLE_FRACTION * available - OVERHEAD_BYTES) / max(per_voxel, 1))
-        if fitting < 8 ** ndim:
-            raise InputError(f"Not enough memory on {device}: {asked} but only {format_bytes(available)} is free. "
-                             "Close other programs or use another device.")
+        fitting, coarser = grid.voxels, grid
+        while memory > USABLE_FRACTION * available:
+            # Memory grows with the voxels, not in proportion where the scales train on patches: shrink and retry.
+            fitting = int(fitting * (USABLE_FRACTION * available - OVERHEAD_BYTES) / max(memory - OVERHEAD_BYTES, 1)
+                          * 0.95)
+            if fitting < 8 ** ndim:
+                raise InputError(f"Not enough memory on {device}: {asked} but only {format_bytes(available)} is "
+                                 "free. Close other programs or use another device.")
+            coarser = working_grid(fixed, None, fitting)
+            memory = _memory(coarser, settings, pairs)
         if spacing is not None:
-            coarser = working_grid(fixed, None, fitting).spacing
             raise InputError(f"Not enough memory on {device}: {asked} but only {format_bytes(available)} is free. "
-                             f"Choose a working spacing of at least {coarser:.3g} mm, or leave it automatic.")
-        grid = working_grid(fixed, None, fitting)
-        memory = _memory(grid, settings, pairs)
+                             f"Choose a working spacing of at least {coarser.spacing:.3g} mm, or leave it automatic.")
+        grid = coarser
         note = (f"coarsened automatically: {asked}, {format_bytes(available)} is free on {device}; set the "
                 "working spacing to override")
     window = max(2, int(round(ncc_window_mm / grid.spacing))) if ncc_window_mm is not None \
@@ -94,8 +108,9 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     seconds = None
     if device.type == "cpu" and settings.steps_per_scale >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
-        per_voxel_step = seconds_per_voxel_step(ndim, grid.voxels, device, settings.encoder_channels,
-                                                settings.decoder_channels, window)
-        seconds = sum(settings.steps_per_scale * settings.pairs_per_step(pairs) * per_voxel_step
-                      * math.prod(scaled_size(size, scale)) for scale in settings.scales)
+        trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
+        per_voxel_step = seconds_per_voxel_step(ndim, max(trained), device, settings.encoder_channels,
+                                                settings.decoder_channels, window,
+                                                settings.mixed_precision and bfloat16_supported(device))
+        seconds = per_voxel_step * settings.steps_per_scale * settings.pairs_per_step(pairs) * sum(trained)
     return WorkingPlan(grid, window, memory, available, seconds, note)
