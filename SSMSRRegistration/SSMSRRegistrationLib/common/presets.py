@@ -13,6 +13,10 @@ kind of run, shared by the command line, the Python API, batch and the Slicer mo
   hippocampus-sized 3D brain pairs, 48x64x48 at 2 mm, level with ANTs SyN's Dice at about a quarter of its time on
   a 2-core CPU without bfloat16, see Testing/benchmarks/speed.py and RESULTS.md); cines as ``balanced``.
 
+``balanced`` and ``fast`` leave the training patch automatic (``run_config``: 96 voxels a side in 3D, the whole image
+in 2D): grids of the paper's sizes fit in it and train on the whole image as measured above; larger 3D grids (a 1 mm
+brain's finest scale) train on patches. ``paper`` trains on the whole image at every size.
+
 3D+t cines (sequences of volumes, ``volume_cine`` runs) take each preset's values for pairs, their steps counted for
 the whole sequence: the echo cines' MSE term misled them (test_sequences_3d.py).
 
@@ -44,6 +48,9 @@ PAPER_LEARNING_RATE = 1e-3
 #: The paper's training, for image pairs and for pretraining.
 PAPER_PAIRS = {"scales": "1/2,1", "steps": 3500, "smoothness_weight": PAPER_SMOOTHNESS_WEIGHT,
                "learning_rate": PAPER_LEARNING_RATE, "mse_weight": 0.0}
+#: The paper trains every scale on the whole image (the other presets train 3D images on patches where the grid is
+#: larger than the option's automatic patch, see ``run_config``).
+WHOLE_IMAGE = {"patch_size": 0}
 #: Pretraining under every preset: the paper's pairs (its loss has no MSE term to set).
 PAPER_PRETRAINING = {name: value for name, value in PAPER_PAIRS.items() if name != "mse_weight"}
 #: Pairs of ``balanced`` and ``fast``; a preset's 3D+t cines take its pairs' values: the echo cines' MSE term
@@ -77,8 +84,9 @@ PRESETS = {
                        {"pair": BALANCED_PAIRS, "cine": CINES, "volume_cine": BALANCED_PAIRS,
                         "pretrain": PAPER_PRETRAINING}),
     "paper": Preset("paper", "the paper's schedules and 3500 training steps per scale",
-                    {"pair": PAPER_PAIRS, "cine": {**PAPER_PAIRS, "scales": "1/8,1/4,1/2,1"},
-                     "volume_cine": PAPER_PAIRS, "pretrain": PAPER_PRETRAINING}),
+                    {"pair": {**PAPER_PAIRS, **WHOLE_IMAGE},
+                     "cine": {**PAPER_PAIRS, **WHOLE_IMAGE, "scales": "1/8,1/4,1/2,1"},
+                     "volume_cine": {**PAPER_PAIRS, **WHOLE_IMAGE}, "pretrain": PAPER_PRETRAINING}),
     "fast": Preset("fast",
                    "pairs 1/4,1/2,1 x 80 steps (for 48x64x48 about 100 s on 2 CPU cores without bfloat16), cines as "
                    "balanced",
