@@ -15,11 +15,12 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
 * ``large``: 20 full-resolution steps on a 256x256x256 volume (the ICBM152 T1 resampled): peak memory, or the
   out-of-memory message the user would get. Meant for a GPU.
 * ``wholebrain``: a 1 mm whole-brain pair (the harness's simulated subject on the ICBM152 brain's bounding box at
-  1 mm, about 7 million voxels, and the template) through ``register`` with the ``fast`` preset and its automatic
+  1 mm, about 7 million voxels, and the template) through ``register`` with a preset (``fast`` unless told) and its automatic
   working grid: the plan announced before training (grid, memory and time estimates), then the measured time, peak
-  memory and Dice. ``--whole-brain-steps N`` trains N steps per scale instead of the preset's and projects the
-  preset's time from the measured time per step of each scale (on a CPU the full run takes hours);
-  ``--whole-brain-ants`` also runs ANTs SyN with the paper's settings on the same pair.
+  memory, Dice and folding. ``--whole-brain-preset`` and ``--whole-brain-patch`` choose the preset and the training
+  patch; ``--whole-brain-steps N`` trains N steps per scale instead of the preset's and projects the preset's time
+  from the measured time per step of each scale; ``--whole-brain-ants default,paper`` also runs ANTs SyN with
+  antspyx's default settings and/or the paper's on the same pair.
 * ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
   ``paper`` and ``fast`` presets and ANTs SyN with the paper's settings (antspyx, ``pip install .[bench]``), each
   pair registered by each method in this run: Dice (grey and white matter, mean over labels then pairs), time and
@@ -37,7 +38,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -46,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluation.baselines import ANTS
+from evaluation.baselines import ANTS, ANTS_DEFAULT
 from evaluation.cases import hippocampus_crop, whole_brain
 from evaluation.metrics import evaluate_pair
 from evaluation.config import FULL
@@ -163,9 +164,11 @@ def section_large(device: torch.device, report: Dict) -> None:
                        "peak_rss_mib": usage.peak_rss_mib}
 
 
-def section_whole_brain(device: torch.device, steps: int, with_ants: bool, report: Dict) -> None:
-    fast = RunConfiguration.of("fast").resolve("pair")
-    print(f"\n## 1 mm whole brain, fast preset ({fast.scales} x {steps or fast.steps} steps per scale)")
+def section_whole_brain(device: torch.device, steps: int, ants_settings: List[str], report: Dict,
+                        preset: str = "fast", patch_size: Optional[int] = None) -> None:
+    resolved = RunConfiguration.of(preset, patch_size=patch_size).resolve("pair")
+    print(f"\n## 1 mm whole brain, {preset} preset ({resolved.scales} x {steps or resolved.steps} steps per scale, "
+          f"training patch {resolved.patch_size or 'none'})")
     config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
                      training_pairs=0, device=str(device))
     case = whole_brain(config)
@@ -173,36 +176,43 @@ def section_whole_brain(device: torch.device, steps: int, with_ants: bool, repor
     print(f"pair: {'x'.join(map(str, pair.fixed.GetSize()))} voxels at 1 mm "
           f"({np.prod(pair.fixed.GetSize()) / 1e6:.1f} million)")
     events: List[dict] = []
-    output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset="fast",
-                                              steps=steps or None, device=str(device), progress=events.append))
+    output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset=preset,
+                                              steps=steps or None, patch_size=patch_size, device=str(device),
+                                              progress=events.append))
     started = next(event for event in events if event["event"] == "started")
     print(f"announced before training: {started['plan']}")
     metrics, labels, _ = evaluate_pair(pair, output.field, case.label_names, case.nlcc_radius)
     dice = float(np.mean([values["dice"] for values in labels.values()]))
     print(f"measured: {usage.seconds:.1f} s in all ({output.metrics['seconds']:.1f} s training), "
-          f"{memory_text(usage)}; Dice {dice * 100:.2f} %")
+          f"{memory_text(usage)}; Dice {dice * 100:.2f} %, folded {metrics['percent_non_positive_jacobian']:.3f} %")
     entry = {"plan": started["plan"], "seconds": usage.seconds, "training_seconds": output.metrics["seconds"],
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
-             "steps_per_scale": steps or fast.steps}
-    if steps and steps < fast.steps:
+             "folded_percent": metrics["percent_non_positive_jacobian"],
+             "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size}
+    if steps and steps < resolved.steps:
         # Time per step of each scale from the progress events (the scale's last event minus the previous one's).
         ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
-                for index in range(len(parse_scales(fast.scales)))]
+                for index in range(len(parse_scales(resolved.scales)))]
         per_step = np.diff([0.0] + ends) / steps
-        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * fast.steps
-        print(f"seconds per step by scale: {', '.join(f'{value:.2f}' for value in per_step)}; projected fast "
-              f"preset ({fast.steps} steps per scale): {projected / 60:.1f} min")
-        entry["projected_fast_seconds"] = projected
-    report["wholebrain"]["fast"] = entry
-    if with_ants and ANTS.missing:
-        print(f"ANTs SyN: skipped, {ANTS.missing}")
-    elif with_ants:
-        run = ANTS.run(case, config)[0]
+        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * resolved.steps
+        print(f"seconds per step by scale: {', '.join(f'{value:.2f}' for value in per_step)}; projected {preset} "
+              f"preset ({resolved.steps} steps per scale): {projected / 60:.1f} min")
+        entry["projected_seconds"] = projected
+    report["wholebrain"]["ssmsr"] = entry
+    for settings in ants_settings:
+        method = {"default": ANTS_DEFAULT, "paper": ANTS}[settings]
+        if method.missing:
+            print(f"{method.name}: skipped, {method.missing}")
+            continue
+        run = method.run(case, config)[0]
         ants_metrics, ants_labels, _ = evaluate_pair(pair, run.fields[0], case.label_names, case.nlcc_radius)
         ants_dice = float(np.mean([values["dice"] for values in ants_labels.values()]))
-        print(f"ANTs SyN ({ANTS.parameters(case, config)}): {run.usage[0].seconds:.1f} s, "
-              f"{memory_text(run.usage[0])}; Dice {ants_dice * 100:.2f} %")
-        report["wholebrain"]["ants"] = {"seconds": run.usage[0].seconds, "dice_percent": ants_dice * 100}
+        print(f"{method.name} ({method.parameters(case, config)}): {run.usage[0].seconds:.1f} s, "
+              f"{memory_text(run.usage[0])}; Dice {ants_dice * 100:.2f} %, folded "
+              f"{ants_metrics['percent_non_positive_jacobian']:.3f} %")
+        report["wholebrain"][f"ants_{settings}"] = {"seconds": run.usage[0].seconds, "dice_percent": ants_dice * 100,
+                                                    "peak_rss_mib": run.usage[0].peak_rss_mib,
+                                                    "folded_percent": ants_metrics["percent_non_positive_jacobian"]}
 
 
 def section_presets(device: torch.device, pairs: int, names: List[str], report: Dict) -> None:
@@ -248,7 +258,12 @@ def main() -> None:
     parser.add_argument("--whole-brain-steps", type=int, default=0, metavar="N",
                         help="'wholebrain': train N steps per scale and project the preset's time (default: the "
                              "preset's steps)")
-    parser.add_argument("--whole-brain-ants", action="store_true", help="'wholebrain': also run ANTs SyN")
+    parser.add_argument("--whole-brain-ants", default="", metavar="SETTINGS",
+                        help="'wholebrain': also run ANTs SyN with these settings, comma-separated: default "
+                             "(antspyx's: affine then SyN, mutual information), paper (the paper's SyN)")
+    parser.add_argument("--whole-brain-preset", default="fast", help="'wholebrain': the preset (default: fast)")
+    parser.add_argument("--whole-brain-patch", type=int, metavar="N",
+                        help="'wholebrain': the training patch (default: the preset's)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -268,7 +283,9 @@ def main() -> None:
         "steps": lambda: section_steps(device, args.steps, report),
         "schedules": lambda: section_schedules(device, report),
         "large": lambda: section_large(device, report),
-        "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps, args.whole_brain_ants, report),
+        "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps,
+                                                  [name for name in args.whole_brain_ants.split(",") if name], report,
+                                                  args.whole_brain_preset, args.whole_brain_patch),
         "presets": lambda: section_presets(device, args.pairs, args.presets.split(","), report),
     }
     for section in sections:

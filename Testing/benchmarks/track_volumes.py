@@ -3,7 +3,8 @@ frame onto every other, one training) against ANTs SyN and elastix B-spline regi
 SlicerSequenceRegistration runs elastix).
 
     python Testing/benchmarks/track_volumes.py [--frames 8] [--size 96] [--amplitude 12]
-        [--methods ssmsr,ssmsr-fast,ants,elastix] [--batch N] [--json results/track_volumes.json]
+        [--methods ssmsr,ssmsr-fast,ants,elastix] [--batch N] [--patch N] [--steps N] [--scales S]
+        [--json results/track_volumes.json]
 
 The series: the ICBM152 2009a T1 (nilearn, 1 mm) cropped to SIZE^3 voxels around the brain's centre, intensities in
 [0, 1]. Frame t is that volume warped by a known smooth field v_t (mm, LPS): a superior-inferior displacement
@@ -21,7 +22,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional
@@ -33,9 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "SSMSRRegistration"))
 sys.path.insert(0, HERE)
 
-from evaluation.baselines import ELASTIX  # noqa: E402
+from evaluation.baselines import ANTS_DEFAULT, ELASTIX  # noqa: E402
 from evaluation.cases import Case, Pair, normalised  # noqa: E402
 from evaluation.config import FULL, Config  # noqa: E402
+from evaluation.methods import Method  # noqa: E402
 from evaluation.metrics import endpoint_error, field_regularity  # noqa: E402
 from SSMSRRegistrationLib.engine.metrics import REGISTER_FOLDED_KEY  # noqa: E402
 from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
@@ -89,39 +90,29 @@ def series(size: int, frames: int, amplitude_mm: float, seed: int):
     return images, truths, head
 
 
-def run_ssmsr(images: List[sitk.Image], preset: str, batch_size: Optional[int]) -> Dict[int, sitk.Image]:
-    result = track(images, reference=0, preset=preset, batch_size=batch_size)
+def run_ssmsr(images: List[sitk.Image], preset: str, **overrides) -> Dict[int, sitk.Image]:
+    """The preset's sequence training, frame 0 onto every frame; ``overrides``: run options (None: the preset's)."""
+    result = track(images, reference=0, preset=preset, **overrides)
     return {t: result.field(t) for t in result.pairs}
 
 
-def run_ants_default(images: List[sitk.Image]) -> Dict[int, sitk.Image]:
+def run_ants_default(images: List[sitk.Image], config: Config) -> Dict[int, sitk.Image]:
     """antspyx's default SyN (affine, then SyN with mutual information) of frame 0 onto each frame."""
-    import ants
-
-    fields = {}
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for t, image in enumerate(images):
-            paths.append(os.path.join(folder, f"frame{t}.nii.gz"))
-            sitk.WriteImage(image, paths[-1])
-        moving = ants.image_read(paths[0])
-        for t in range(1, len(images)):
-            fixed = ants.image_read(paths[t])
-            result = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=os.path.join(folder, f"r{t}_"))
-            composed = ants.apply_transforms(fixed, moving, transformlist=result["fwdtransforms"],
-                                             compose=os.path.join(folder, f"composed{t}_"))
-            field = sitk.ReadImage(composed, sitk.sitkVectorFloat64)
-            field.CopyInformation(images[t])
-            fields[t] = field
-    return fields
+    return _per_frame(ANTS_DEFAULT, images, None, config)
 
 
 def run_elastix(images: List[sitk.Image], head: sitk.Image, config: Config) -> Dict[int, sitk.Image]:
     """The evaluation harness's elastix B-spline (its full settings: NCC, grid 5 voxels, 500 iterations x 3
     resolutions), frame 0 onto each frame."""
-    pairs = [Pair(f"frame {t}", fixed=images[t], moving=images[0], mask=head) for t in range(1, len(images))]
+    return _per_frame(ELASTIX, images, head, config)
+
+
+def _per_frame(method: Method, images: List[sitk.Image], mask: Optional[sitk.Image], config: Config
+               ) -> Dict[int, sitk.Image]:
+    """The harness's ``method`` registering frame 0 (moving) onto each other frame (fixed): {frame: field}."""
+    pairs = [Pair(f"frame {t}", fixed=images[t], moving=images[0], mask=mask) for t in range(1, len(images))]
     case = Case("breathing", "3D+t breathing", "", pairs, [], "", 2)
-    return {t: field for t, field in zip(range(1, len(images)), ELASTIX.run(case, config)[0].fields)}
+    return {t: field for t, field in zip(range(1, len(images)), method.run(case, config)[0].fields)}
 
 
 def main() -> None:
@@ -131,6 +122,9 @@ def main() -> None:
     parser.add_argument("--amplitude", type=float, default=12.0, help="largest displacement (mm)")
     parser.add_argument("--methods", default="ssmsr,ssmsr-fast,ants,elastix")
     parser.add_argument("--batch", type=int, help="SSMSR's pairs per step (0: all; default: the preset's)")
+    parser.add_argument("--patch", type=int, help="SSMSR's training patch in voxels (0: whole; default: the preset's)")
+    parser.add_argument("--steps", type=int, help="SSMSR's steps per scale (default: the preset's)")
+    parser.add_argument("--scales", help="SSMSR's schedule, e.g. 1/4,1/2 (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args()
@@ -138,12 +132,16 @@ def main() -> None:
     images, truths, head = series(args.size, args.frames, args.amplitude, args.seed)
     config = replace(FULL, threads=os.cpu_count() or 1, seed=args.seed)
     methods: Dict[str, Callable[[], Dict[int, sitk.Image]]] = {
-        "ssmsr": lambda: run_ssmsr(images, "balanced", args.batch),
-        "ssmsr-fast": lambda: run_ssmsr(images, "fast", args.batch),
-        "ants": lambda: run_ants_default(images),
+        "ssmsr": lambda: run_ssmsr(images, "balanced", **overrides),
+        "ssmsr-fast": lambda: run_ssmsr(images, "fast", **overrides),
+        "ants": lambda: run_ants_default(images, config),
         "elastix": lambda: run_elastix(images, head, config),
     }
+    overrides = dict(batch_size=args.batch, patch_size=args.patch, steps=args.steps, scales=args.scales)
     batch = "" if args.batch is None else f", {'every pair' if args.batch == 0 else args.batch} per step"
+    batch += "" if args.patch is None else f", patches of {args.patch}^3"
+    batch += "" if args.steps is None else f", {args.steps} steps per scale"
+    batch += "" if args.scales is None else f", scales {args.scales}"
     names = {"ssmsr": f"SSMSR sequence (balanced{batch})", "ssmsr-fast": f"SSMSR sequence (fast{batch})",
              "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}

@@ -71,7 +71,9 @@ def ants_call(case: Case, config: Config) -> str:
             f"reg_iterations={tuple(config.ants_iterations)}, random_seed={config.seed}{mask})")
 
 
-def _ants_pair(pair: Pair, case: Case, config: Config) -> sitk.Image:
+def _ants_field(pair: Pair, masked: bool, **arguments) -> sitk.Image:
+    """``ants.registration(fixed, moving, **arguments)`` on the pair (with its mask when ``masked``), its forward
+    transforms composed into one displacement field on the fixed grid."""
     import ants
 
     with tempfile.TemporaryDirectory() as folder:
@@ -81,11 +83,8 @@ def _ants_pair(pair: Pair, case: Case, config: Config) -> sitk.Image:
                 paths[role] = os.path.join(folder, f"{role}.nii.gz")
                 sitk.WriteImage(image, paths[role])
         fixed, moving = ants.image_read(paths["fixed"]), ants.image_read(paths["moving"])
-        mask = ants.image_read(paths["mask"]) if case.masked_registration else None
-        result = ants.registration(fixed, moving, type_of_transform="SyNOnly", initial_transform="Identity",
-                                   syn_metric="CC", syn_sampling=_ants_radius(case), grad_step=0.25, flow_sigma=3,
-                                   total_sigma=0, reg_iterations=tuple(config.ants_iterations),
-                                   random_seed=config.seed, mask=mask, outprefix=os.path.join(folder, "ants_"))
+        mask = ants.image_read(paths["mask"]) if masked else None
+        result = ants.registration(fixed, moving, mask=mask, outprefix=os.path.join(folder, "ants_"), **arguments)
         composed = ants.apply_transforms(fixed, moving, transformlist=result["fwdtransforms"],
                                          compose=os.path.join(folder, "composed_"))
         field_image = sitk.ReadImage(composed, sitk.sitkVectorFloat64)
@@ -93,9 +92,24 @@ def _ants_pair(pair: Pair, case: Case, config: Config) -> sitk.Image:
     return field_image
 
 
+def _ants_pair(pair: Pair, case: Case, config: Config) -> sitk.Image:
+    return _ants_field(pair, case.masked_registration, type_of_transform="SyNOnly", initial_transform="Identity",
+                       syn_metric="CC", syn_sampling=_ants_radius(case), grad_step=0.25, flow_sigma=3, total_sigma=0,
+                       reg_iterations=tuple(config.ants_iterations), random_seed=config.seed)
+
+
+def _ants_default_pair(pair: Pair, case: Case, config: Config) -> sitk.Image:
+    return _ants_field(pair, False, type_of_transform="SyN", random_seed=config.seed)
+
+
 def _run_ants(case: Case, config: Config) -> List[MethodRun]:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.threads)
     return _per_pair(case, config, "ANTs SyN", _ants_pair)
+
+
+def _run_ants_default(case: Case, config: Config) -> List[MethodRun]:
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.threads)
+    return _per_pair(case, config, "ANTs SyN (antspyx default)", _ants_default_pair)
 
 
 # ------------------------------------------------------------------------------------------------- elastix
@@ -214,5 +228,10 @@ def _demons_parameters(case: Case, config: Config) -> str:
 ANTS = Method("ANTs SyN", _run_ants, lambda case, config: ants_call(case, config)
               + "; field: ants.apply_transforms(fixed, moving, fwdtransforms, compose=prefix)",
               missing=_missing("ants", "antspyx"))
+#: antspyx's own defaults: an affine registration (mutual information), then SyN with mutual information, no mask.
+ANTS_DEFAULT = Method("ANTs SyN (antspyx default)", _run_ants_default,
+                      lambda case, config: f'ants.registration(fixed, moving, type_of_transform="SyN", '
+                                           f'random_seed={config.seed}); field: ants.apply_transforms(fixed, moving, '
+                                           'fwdtransforms, compose=prefix)', missing=_missing("ants", "antspyx"))
 ELASTIX = Method("elastix B-spline", _run_elastix, _elastix_parameters, missing=_missing("itk.ElastixPython", "itk-elastix"))
 DEMONS = Method("demons (symmetric forces)", _run_demons, _demons_parameters)
