@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from SSMSRRegistrationLib.common.schedule import parse_scales
+from SSMSRRegistrationLib.common.errors import InputError
+from SSMSRRegistrationLib.common.run_config import RunConfiguration
+from SSMSRRegistrationLib.common.schedule import DEFAULT_PATCH_SIZE_3D, parse_scales
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
 from SSMSRRegistrationLib.engine.patches import PatchSampler, patch_shape, predict_tiled, tile_starts
 from SSMSRRegistrationLib.engine.spatial import warp
@@ -98,3 +100,14 @@ def test_scales_larger_than_the_patch_train_on_patches_and_predict_the_whole_ima
                       + [((1, 2, 32, 32, 32), True)] * 3 + [((1, 2, 32, 32, 32), False)] * tiles)
     assert first.displacement.shape == (1, 3, 40, 48, 40)
     assert torch.equal(register_tensors(fixed, moving, settings, device="cpu").displacement, first.displacement)
+
+
+def test_balanced_and_fast_train_large_3d_grids_on_patches_and_paper_on_the_whole_image():
+    for preset, patch_3d in (("balanced", DEFAULT_PATCH_SIZE_3D), ("fast", DEFAULT_PATCH_SIZE_3D), ("paper", 0)):
+        for kind in ("pair", "volume_cine"):
+            settings = RegistrationSettings.from_run(RunConfiguration.of(preset).resolve(kind))
+            assert (settings.patch_for(3), settings.patch_for(2)) == (patch_3d, 0), (preset, kind)
+    asked = RegistrationSettings.from_run(RunConfiguration.of("paper", patch_size=64).resolve("pair"))
+    assert (asked.patch_for(3), asked.patch_for(2)) == (64, 64)
+    with pytest.raises(InputError, match="at least 16 voxels"):
+        RunConfiguration.of("balanced", patch_size=8)
