@@ -141,7 +141,7 @@ def test_a_case_with_a_missing_input_fails_alone_with_its_message(embedded_batch
 
 def test_a_worker_killed_in_the_middle_of_a_case_loses_nothing(cohort, tmp_path):
     output = tmp_path / "out"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster, set_as_default=False) as client:
         with ThreadPoolExecutor(1) as pool:
             batch = pool.submit(run_batch, str(cohort / "register.csv"), str(output),
