@@ -165,10 +165,11 @@ def section_large(device: torch.device, report: Dict) -> None:
 
 
 def section_whole_brain(device: torch.device, steps: int, ants_settings: List[str], report: Dict,
-                        preset: str = "fast", patch_size: Optional[int] = None) -> None:
-    resolved = RunConfiguration.of(preset, patch_size=patch_size).resolve("pair")
+                        preset: str = "fast", patch_size: Optional[int] = None, precision: Optional[str] = None
+                        ) -> None:
+    resolved = RunConfiguration.of(preset, patch_size=patch_size, precision=precision).resolve("pair")
     print(f"\n## 1 mm whole brain, {preset} preset ({resolved.scales} x {steps or resolved.steps} steps per scale, "
-          f"training patch {resolved.patch_size or 'none'})")
+          f"training patch {resolved.patch_size or 'automatic'}, precision {resolved.precision})")
     config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
                      training_pairs=0, device=str(device))
     case = whole_brain(config)
@@ -177,7 +178,8 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
           f"({np.prod(pair.fixed.GetSize()) / 1e6:.1f} million)")
     events: List[dict] = []
     output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset=preset,
-                                              steps=steps or None, patch_size=patch_size, device=str(device),
+                                              steps=steps or None, patch_size=patch_size, precision=precision,
+                                              device=str(device),
                                               progress=events.append))
     started = next(event for event in events if event["event"] == "started")
     print(f"announced before training: {started['plan']}")
@@ -188,7 +190,8 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
     entry = {"plan": started["plan"], "seconds": usage.seconds, "training_seconds": output.metrics["seconds"],
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
              "folded_percent": metrics["percent_non_positive_jacobian"],
-             "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size}
+             "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size,
+             "precision": resolved.precision}
     if steps and steps < resolved.steps:
         # Time per step of each scale from the progress events (the scale's last event minus the previous one's).
         ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
@@ -264,6 +267,8 @@ def main() -> None:
     parser.add_argument("--whole-brain-preset", default="fast", help="'wholebrain': the preset (default: fast)")
     parser.add_argument("--whole-brain-patch", type=int, metavar="N",
                         help="'wholebrain': the training patch (default: the preset's)")
+    parser.add_argument("--whole-brain-precision", choices=("mixed", "float32"),
+                        help="'wholebrain': the precision (default: the preset's, mixed)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -285,7 +290,8 @@ def main() -> None:
         "large": lambda: section_large(device, report),
         "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps,
                                                   [name for name in args.whole_brain_ants.split(",") if name], report,
-                                                  args.whole_brain_preset, args.whole_brain_patch),
+                                                  args.whole_brain_preset, args.whole_brain_patch,
+                                                  args.whole_brain_precision),
         "presets": lambda: section_presets(device, args.pairs, args.presets.split(","), report),
     }
     for section in sections:
