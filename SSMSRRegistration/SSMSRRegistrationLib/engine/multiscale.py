@@ -9,6 +9,9 @@ and composed with the field so far (``spatial.compose``).
 Several pairs (e.g. the consecutive frames of a cine) share one network per
 scale; each training step uses all pairs, or a random mini-batch of
 ``batch_size`` pairs, and the step count per scale is for the whole set.
+
+A scale whose grid is larger than the training patch (``patch_size``) trains each
+step on one patch and predicts its residual in tiles (``patches``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from ..common.errors import InputError, RegistrationCancelled
 from ..common.presets import DEFAULT_STOP_TOLERANCE, PAPER_LEARNING_RATE, PAPER_SMOOTHNESS_WEIGHT
 from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_name, progress_event, started_event
 from ..common.run_config import ResolvedRun
-from ..common.schedule import DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, check_schedule, format_scale, parse_scales, scaled_size
+from ..common.schedule import (DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, check_schedule, format_scale, parse_scales,
+                               scaled_size)
 from .losses import local_ncc, masked_mean, registration_loss
 from .patches import PatchSampler, patch_shape, predict_tiled
 from .spatial import compose, resize_field, resize_image, warp
