@@ -28,8 +28,9 @@ RESIDENT_FLOATS_PER_VOXEL = 4  # fixed, moving, fixed mask, field of view (float
 OVERHEAD_BYTES = 400 * 2 ** 20
 #: Share of the free memory a run may plan to use.
 USABLE_FRACTION = 0.8
-#: Voxels of the grid timed to estimate a CPU run (per step cost grows linearly above about this size).
-PROBE_VOXELS = {2: 192 * 192, 3: 40 * 40 * 40}
+#: Largest grid timed to estimate a CPU run (the time per voxel changes little above this size); each scale's size is
+#: timed up to it.
+PROBE_VOXELS = {2: 192 * 192, 3: 64 * 64 * 64}
 
 
 def training_memory_bytes(voxels: int, ndim: int, pairs: int = 1, pairs_per_step: int = 1, scales: int = 1,

@@ -13,7 +13,7 @@ import torch
 
 from ..common.errors import InputError
 from ..common.schedule import DEFAULT_MAX_VOXELS, scaled_size
-from ..engine.footprint import (OVERHEAD_BYTES, USABLE_FRACTION, available_memory_bytes,
+from ..engine.footprint import (OVERHEAD_BYTES, PROBE_VOXELS, USABLE_FRACTION, available_memory_bytes,
                                 format_bytes, seconds_per_voxel_step, training_memory_bytes)
 from ..engine.multiscale import RegistrationSettings
 from ..engine.patches import patch_shape
@@ -109,8 +109,10 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     if device.type == "cpu" and settings.steps_per_scale >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
         trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
-        per_voxel_step = seconds_per_voxel_step(ndim, max(trained), device, settings.encoder_channels,
-                                                settings.decoder_channels, window,
-                                                settings.mixed_precision and bfloat16_supported(device))
-        seconds = per_voxel_step * settings.steps_per_scale * settings.pairs_per_step(pairs) * sum(trained)
+        mixed = settings.mixed_precision and bfloat16_supported(device)
+        per_voxel_step = {voxels: seconds_per_voxel_step(ndim, voxels, device, settings.encoder_channels,
+                                                         settings.decoder_channels, window, mixed)
+                          for voxels in {min(voxels, PROBE_VOXELS[ndim]) for voxels in trained}}
+        seconds = settings.steps_per_scale * settings.pairs_per_step(pairs) * sum(
+            per_voxel_step[min(voxels, PROBE_VOXELS[ndim])] * voxels for voxels in trained)
     return WorkingPlan(grid, window, memory, available, seconds, note)
