@@ -80,8 +80,8 @@ def tile_starts(length: int, side: int) -> List[int]:
 
 
 def tile_weights(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(1, 1, *shape) blending weights of a tile: a Gaussian of a quarter of the side around its centre, 1 there
-    (at most about 3e-4 lower at the border: never 0, so every voxel gets a weight)."""
+    """(1, 1, *shape) blending weights of a tile: a Gaussian around its centre (1 there) with a standard deviation of
+    an eighth of the side on each axis, so about 3e-4 at the middle of a face: never 0, every voxel gets a weight."""
     weights = torch.ones((1, 1) + tuple(shape), device=device)
     for axis, side in enumerate(shape):
         position = torch.arange(side, device=device, dtype=torch.float32) - (side - 1) / 2

@@ -109,10 +109,11 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     if device.type == "cpu" and settings.steps_per_scale >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
         trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
+        probed = [min(voxels, PROBE_VOXELS[ndim]) for voxels in trained]  # sizes above the probe's share its time
         mixed = settings.mixed_precision and bfloat16_supported(device)
         per_voxel_step = {voxels: seconds_per_voxel_step(ndim, voxels, device, settings.encoder_channels,
                                                          settings.decoder_channels, window, mixed)
-                          for voxels in {min(voxels, PROBE_VOXELS[ndim]) for voxels in trained}}
+                          for voxels in set(probed)}
         seconds = settings.steps_per_scale * settings.pairs_per_step(pairs) * sum(
-            per_voxel_step[min(voxels, PROBE_VOXELS[ndim])] * voxels for voxels in trained)
+            per_voxel_step[probe] * voxels for probe, voxels in zip(probed, trained))
     return WorkingPlan(grid, window, memory, available, seconds, note)

@@ -102,14 +102,13 @@ def _ants_default_pair(pair: Pair, case: Case, config: Config) -> sitk.Image:
     return _ants_field(pair, False, type_of_transform="SyN", random_seed=config.seed)
 
 
-def _run_ants(case: Case, config: Config) -> List[MethodRun]:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.threads)
-    return _per_pair(case, config, "ANTs SyN", _ants_pair)
-
-
-def _run_ants_default(case: Case, config: Config) -> List[MethodRun]:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.threads)
-    return _per_pair(case, config, "ANTs SyN (antspyx default)", _ants_default_pair)
+def _ants_runner(name: str, register_pair: Callable[[Pair, Case, Config], sitk.Image]
+                 ) -> Callable[[Case, Config], List[MethodRun]]:
+    """A Method's run: ``register_pair`` on every pair of a case, ANTs on the configured number of threads."""
+    def run(case: Case, config: Config) -> List[MethodRun]:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.threads)
+        return _per_pair(case, config, name, register_pair)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------- elastix
@@ -225,11 +224,11 @@ def _demons_parameters(case: Case, config: Config) -> str:
             "threshold at mean); no mask")
 
 
-ANTS = Method("ANTs SyN", _run_ants, lambda case, config: ants_call(case, config)
+ANTS = Method("ANTs SyN", _ants_runner("ANTs SyN", _ants_pair), lambda case, config: ants_call(case, config)
               + "; field: ants.apply_transforms(fixed, moving, fwdtransforms, compose=prefix)",
               missing=_missing("ants", "antspyx"))
 #: antspyx's own defaults: an affine registration (mutual information), then SyN with mutual information, no mask.
-ANTS_DEFAULT = Method("ANTs SyN (antspyx default)", _run_ants_default,
+ANTS_DEFAULT = Method("ANTs SyN (antspyx default)", _ants_runner("ANTs SyN (antspyx default)", _ants_default_pair),
                       lambda case, config: f'ants.registration(fixed, moving, type_of_transform="SyN", '
                                            f'random_seed={config.seed}); field: ants.apply_transforms(fixed, moving, '
                                            'fwdtransforms, compose=prefix)', missing=_missing("ants", "antspyx"))
