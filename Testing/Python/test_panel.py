@@ -10,6 +10,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (real MRML) is needed")
 
+from SSMSRRegistrationLib.common.protocol import progress_event  # noqa: E402
 from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from SSMSRRegistrationLib.common.run_config import RunConfiguration  # noqa: E402
 from SSMSRRegistrationLib.gui import panel  # noqa: E402
@@ -131,8 +132,7 @@ def test_the_status_line_of_a_registration_never_speaks_of_frame_pairs():
     assert panel.eventStatus(planned, "pair") == "Registering on cpu: working grid 40x48x40 at 2 mm, NCC window 5 " \
                                                  "voxels (10 mm)..."
     assert panel.eventStatus(dict(started, pairs=29), "cine") == "Tracking 29 frame pairs on cpu..."
-    progress = {"event": "progress", "scale": "1", "scale_index": 1, "num_scales": 2, "step": 5, "steps": 10,
-                "loss": -0.5, "eta_s": 3.0}
+    progress = progress_event("1", 1, 2, 5, 10, -0.5, 0, 45.0)  # as the worker writes it
     assert panel.eventStatus(progress, "pair").startswith("Scale 1 (2 of 2), step 5/10, loss -0.5000")
     assert panel.progressPercent(progress) == 75 and panel.progressPercent(started) is None
     assert panel.eventStatus({"event": "log", "message": "x"}, "pair") is None

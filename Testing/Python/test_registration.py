@@ -84,6 +84,32 @@ def test_progress_reports_and_cancel(fixed):
         register_tensors(fixed, fixed, run_settings, device="cpu", should_stop=lambda: True)
 
 
+def test_the_finest_scale_takes_its_own_number_of_steps(fixed):
+    """``finest_steps``: the coarser scales train ``steps_per_scale`` steps, the finest its own; progress counts
+    each scale's steps; 0 at the finest applies the coarser scale's network there, untrained further."""
+    moving, _ = deformed_pair(fixed, amplitude=3.0, period=60.0)
+    events = []
+    settings = RegistrationSettings(scales=parse_scales("1/4,1/2,1"), steps_per_scale=8, finest_steps=2,
+                                    progress_every=2)
+    result = register_tensors(fixed, moving, settings, device="cpu", progress=events.append)
+    assert [len(losses) for losses in result.loss_history.values()] == [8, 8, 2]
+    assert events[0]["scale_steps"] == [8, 8, 2]
+    fractions = [event["fraction"] for event in events[1:]]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    at_end_of_scale = {event["scale"]: event["fraction"] for event in events[1:]}
+    assert at_end_of_scale == pytest.approx({"1/4": 8 / 18, "1/2": 16 / 18, "1": 1.0})
+
+    untrained = register_tensors(fixed, moving, RegistrationSettings(
+        scales=parse_scales("1/4,1/2,1"), steps_per_scale=8, finest_steps=0), device="cpu")
+    assert [len(losses) for losses in untrained.loss_history.values()] == [8, 8, 0]
+    inference = register_tensors(fixed, moving, RegistrationSettings(scales=parse_scales("1/4,1/2,1"), steps_per_scale=0),
+                                 initial_networks=untrained.networks, device="cpu")
+    assert torch.allclose(inference.displacement, untrained.displacement, atol=1e-5)
+    with pytest.raises(InputError) as error:
+        RegistrationSettings(finest_steps=-1).validate()
+    assert error.value.setting == "finest_steps"
+
+
 @pytest.mark.parametrize("schedule,message", [("1/64,1", "at least"), ("1,1/2", "increase"), ("2", "outside"),
                                               ("a/b", "not a number"), ("", "empty")])
 def test_impossible_schedules_are_rejected(fixed, schedule, message):
@@ -190,6 +216,30 @@ def test_a_3d_training_step_through_convolve_matches_the_plain_convolution(monke
     assert torch.allclose(slab_field, plain_field, rtol=1e-4, atol=1e-5)
     for slab, plain in zip(slab_gradients, plain_gradients):
         assert (slab - plain).norm() <= 1e-4 * plain.norm()
+
+
+def test_a_float32_batch_of_volumes_predicts_the_same_field_channels_last():
+    """``unet.predict`` runs a float32 batch of 3D pairs on the CPU channels-last (faster with oneDNN): the field and
+    every gradient agree with the same network on the batch as given, up to float rounding."""
+    from SSMSRRegistrationLib.engine.unet import RegistrationUNet, predict
+
+    torch.manual_seed(0)
+    network = RegistrationUNet(3)
+    torch.nn.init.normal_(network.flow.weight, std=0.05)
+    pair = torch.rand(3, 2, 16, 20, 12)
+
+    def step(forward):
+        network.zero_grad()
+        field = forward(pair)
+        field.square().mean().backward()
+        return field.detach(), [p.grad.clone() for p in network.parameters()]
+
+    fast_field, fast_gradients = step(lambda x: predict(network, x))
+    plain_field, plain_gradients = step(network)
+    assert fast_field.is_contiguous()
+    assert torch.allclose(fast_field, plain_field, rtol=1e-4, atol=1e-5)
+    for fast, plain in zip(fast_gradients, plain_gradients):
+        assert (fast - plain).norm() <= 1e-4 * plain.norm()
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 7, 6, 5), (2, 3, 8, 6, 5), (1, 3, 2, 6, 5)])

@@ -29,6 +29,7 @@ from SSMSRRegistrationLib.common.presets import PRESETS  # noqa: E402
 from SSMSRRegistrationLib.common.run_config import OPTIONS, RunConfiguration  # noqa: E402
 from SSMSRRegistrationLib.common.schedule import parse_scales  # noqa: E402
 from SSMSRRegistrationLib.common.protocol import overall_fraction as overallFraction  # noqa: E402
+from SSMSRRegistrationLib.common.protocol import progress_event  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationError, RegistrationLogic  # noqa: E402
 from SSMSRRegistrationLib.mrml.geometry import gridMatchesVolume  # noqa: E402
 from SSMSRRegistrationLib.mrml.parameters import atlasInputProblems, atlasVolumeNode, inputProblems  # noqa: E402
@@ -153,8 +154,10 @@ def test_progress_text_and_overall_fraction():
     event = {"event": "progress", "scale": "1/2", "scale_index": 0, "num_scales": 2, "step": 40, "steps": 100,
              "loss": -0.41234, "eta_s": 75.0}
     assert describeProgress(event) == "Scale 1/2 (1 of 2), step 40/100, loss -0.4123, 1 min 15 s left"
-    assert overallFraction(event) == pytest.approx(0.2)
-    assert overallFraction({**event, "scale_index": 1, "step": 100}) == pytest.approx(1.0)
+    # The fraction of every step of every scale, where the finest scale has fewer steps (finest_steps) too.
+    assert overallFraction(progress_event("1/2", 0, 2, 40, 100, -0.4, 0, 30.0)) == pytest.approx(0.2)
+    assert overallFraction(progress_event("1", 1, 2, 10, 20, -0.4, 0, 30.0, [100, 20])) == pytest.approx(110 / 120)
+    assert overallFraction(progress_event("1", 1, 2, 20, 20, -0.4, 0, 30.0, [100, 20])) == pytest.approx(1.0)
 
 
 def test_invalid_parameters_are_rejected_before_anything_starts(scene, logic, tmp_path):

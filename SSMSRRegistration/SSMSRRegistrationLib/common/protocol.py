@@ -4,11 +4,12 @@ Every ``ssmsr`` command run with ``--progress jsonl`` writes one JSON object per
 the workflows emit the same dicts to their ``progress`` callbacks. The Slicer logic reads them. Events:
 
     started     {"device", "scales": ["1/2", "1"], "steps_per_scale", "image_size": [x, y(, z)], "pairs",
-                 "batch_size", "precision"}; ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
+                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale); ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
                 ``register`` adds its working grid: "working_grid" {"size", "spacing_mm", "resampled"},
                 "ncc_window_voxels", "ncc_window_mm", "memory_estimate_bytes", "available_memory_bytes",
                 "estimated_seconds" (CPU, else null), "note" (why the grid was coarsened) and "plan" (one line)
-    progress    {"scale", "scale_index", "num_scales", "step", "steps", "loss", "fraction", "elapsed_s", "eta_s"};
+    progress    {"scale", "scale_index", "num_scales", "step", "steps" (of this scale), "loss", "fraction" (of all
+                the steps of all scales), "elapsed_s", "eta_s"};
                 "converged": true on the last event of a scale that stopped before its budget;
                 inside ``segment`` also "atlas_index", "atlas_count" (and "fraction" over all registrations)
     validation  {"scale", "scale_index", "step", "loss"}                                   (``train``)
@@ -95,6 +96,11 @@ class Started(Event):
     image_size: List[int] = field(default_factory=list)  # (x, y[, z])
     pairs: int = 1
     batch_size: int = 1
+
+    def steps_text(self) -> str:
+        """"300 steps per scale", or each scale's steps where they differ ("300, 300, 100 steps")."""
+        steps = self.extra.get("scale_steps") or [self.steps_per_scale]
+        return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"{', '.join(map(str, steps))} steps"
 
 
 @dataclass(frozen=True)
@@ -193,11 +199,13 @@ def started_event(device: str, scales: Sequence[str], steps_per_scale: int, imag
 
 
 def progress_event(scale: str, scale_index: int, num_scales: int, step: int, steps: int, loss: float,
-                   done_before: int, elapsed_s: float) -> dict:
+                   done_before: int, elapsed_s: float, schedule: Optional[Sequence[int]] = None) -> dict:
     """A "progress" event after ``step`` of ``steps`` at scale ``scale_index``; ``done_before``: steps that were
-    already done when the run (re)started, so the time left is extrapolated from the steps of this run only."""
-    total = max(1, steps * num_scales)
-    finished = scale_index * steps + step
+    already done when the run (re)started, so the time left is extrapolated from the steps of this run only;
+    ``schedule``: the steps of every scale where they differ (None: ``steps`` at each)."""
+    schedule = list(schedule) if schedule is not None else [steps] * num_scales
+    total = max(1, sum(schedule))
+    finished = sum(schedule[:scale_index]) + step
     rate = elapsed_s / max(finished - done_before, 1)
     return Progress(scale=scale, scale_index=scale_index, num_scales=num_scales, step=step, steps=steps,
                     loss=float(loss), fraction=finished / total, elapsed_s=elapsed_s,
@@ -229,13 +237,9 @@ def error_event(message: str, kind: str) -> dict:
 
 
 def overall_fraction(event: dict) -> float:
-    """Fraction (0..1) of all training steps of all scales (and of all atlases) done, from a "progress" event."""
-    number_of_scales = max(int(event.get("num_scales", 1)), 1)
-    steps = max(int(event.get("steps", 1)), 1)
-    fraction = (int(event.get("scale_index", 0)) + int(event.get("step", 0)) / steps) / number_of_scales
-    if "atlas_count" in event:  # one of several atlas registrations
-        fraction = (int(event.get("atlas_index", 0)) + fraction) / max(int(event["atlas_count"]), 1)
-    return min(max(fraction, 0.0), 1.0)
+    """Fraction (0..1) of all training steps of all scales (and of all atlases) done, from a "progress" event: its
+    "fraction" (``progress_event`` counts each scale's own steps; ``segment`` spreads it over the atlases)."""
+    return min(max(float(event.get("fraction", 0.0)), 0.0), 1.0)
 
 
 #: The worker's job file (``ssmsr job JOB.json``, written by the Slicer logic): its format name and version, and the

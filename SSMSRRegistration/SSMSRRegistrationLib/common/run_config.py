@@ -112,6 +112,10 @@ RUN_OPTIONS: Tuple[Option, ...] = (
            "1/4,1/2,1 ('1' alone: single scale, SSR)", check=_schedule, metavar="S"),
     Option("steps", int, "--steps", "Steps per scale", "test-time training steps per scale (a cine: for the whole "
            "sequence; 0 with a model: inference only)", check=_at_least(0), metavar="N"),
+    Option("finest_steps", int, "--finest-steps", "Steps at the finest scale", "training steps at the finest scale "
+           "alone (the others take the steps per scale): the finest scale costs most per step, and the coarser ones "
+           "have already found the large motion", kinds=("pair", "cine", "volume_cine"), check=_at_least(0),
+           metavar="N", automatic="the steps per scale"),
     Option("precision", str, "--precision", "Precision", "mixed: bfloat16 convolutions where the device runs them "
            "natively (float32 elsewhere); float32: the plain reference", default="mixed", choices=PRECISIONS),
     Option("smoothness_weight", float, "--lambda", "Smoothness weight", "weight (lambda of Eq. 1) of the squared "

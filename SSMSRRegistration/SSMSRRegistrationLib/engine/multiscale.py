@@ -42,6 +42,7 @@ class RegistrationSettings:
 
     scales: Tuple[Fraction, ...] = (Fraction(1, 2), Fraction(1))
     steps_per_scale: int = 3500
+    finest_steps: Optional[int] = None  # steps at the finest scale; None: steps_per_scale (``steps_at``)
     smoothness_weight: float = PAPER_SMOOTHNESS_WEIGHT
     mse_weight: float = 0.0  # weight of the mean squared intensity difference added to Eq. 1 (0: the paper's loss)
     ncc_window: Optional[int] = None  # None: 5 in 3D, 6 in 2D (the paper's windows)
@@ -70,6 +71,16 @@ class RegistrationSettings:
                       mixed_precision=values["precision"] == "mixed")
         return cls(**mapped, **engine_only)
 
+    def steps_at(self, index: int) -> int:
+        """Training steps at scale ``index`` of ``scales``: ``finest_steps`` at the last, else ``steps_per_scale``."""
+        if self.finest_steps is not None and index == len(self.scales) - 1:
+            return int(self.finest_steps)
+        return int(self.steps_per_scale)
+
+    def schedule_steps(self) -> List[int]:
+        """The training steps of each scale, coarse to fine."""
+        return [self.steps_at(index) for index in range(len(self.scales))]
+
     def pairs_per_step(self, pairs: int) -> int:
         """Pairs trained together at each step when ``pairs`` are registered (``batch_size``, or all)."""
         return min(self.batch_size, pairs) if self.batch_size > 0 else pairs
@@ -86,6 +97,9 @@ class RegistrationSettings:
     def validate(self) -> None:
         if self.steps_per_scale < 0:
             raise InputError("{setting} must be 0 (inference only) or more.", setting="steps")
+        if self.finest_steps is not None and self.finest_steps < 0:
+            raise InputError("{setting} must be 0 (the coarser scale's network, untrained further) or more.",
+                             setting="finest_steps")
         if self.smoothness_weight < 0:
             raise InputError("{setting} must be at least 0.", setting="smoothness_weight")
         if not self.mse_weight >= 0:
@@ -195,7 +209,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     scales = tuple(settings.scales)
     size = tuple(fixed.shape[2:])
     check_schedule(size, scales)
-    if settings.steps_per_scale == 0 and not initial_networks:
+    schedule = settings.schedule_steps()
+    if not any(schedule) and not initial_networks:
         raise InputError("{setting} is 0 (inference only) but no trained network weights were given.", setting="steps")
     if initial_networks is not None and len(initial_networks) not in (1, len(scales)):
         raise InputError(f"{len(initial_networks)} network weight sets given for {len(scales)} scales.")
@@ -230,7 +245,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     if progress is not None:
         progress(started_event(device, [format_scale(s) for s in scales], settings.steps_per_scale,
                                list(reversed(size)), pairs, batch_size,
-                               precision="bfloat16 mixed" if mixed else "float32"))
+                               precision="bfloat16 mixed" if mixed else "float32", scale_steps=schedule))
     start = last_report = time.perf_counter()
 
     for index, scale in enumerate(scales):
@@ -244,13 +259,14 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         view_s = resize_image(warp(view, displacement), scale_size) if view is not None else None
         pair = torch.cat([moving_s, fixed_s], dim=1)
         shape = patch_shape(scale_size, settings.patch_for(ndim))
-        sampler = PatchSampler(fixed_s, mask_s, shape, batch_sampler) if shape and settings.steps_per_scale else None
+        steps = schedule[index]
+        sampler = PatchSampler(fixed_s, mask_s, shape, batch_sampler) if shape and steps else None
 
-        losses = torch.zeros(settings.steps_per_scale, device=device)
+        losses = torch.zeros(steps, device=device)
         optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
         network.train()
         done = 0
-        for step in range(settings.steps_per_scale):
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             if batch_size < pairs:
                 chosen = torch.randperm(pairs, generator=batch_sampler)[:batch_size].to(device)
@@ -271,13 +287,13 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
             else:
                 due = now - last_report >= REPORT_SECONDS
             stop = converged(losses, done, settings.stop_window, settings.stop_tolerance)
-            if due or stop or done == settings.steps_per_scale:
+            if due or stop or done == steps:
                 last_report = now
                 if should_stop is not None and should_stop():
                     raise RegistrationCancelled("registration cancelled")
                 if progress is not None:
-                    event = progress_event(format_scale(scale), index, len(scales), done, settings.steps_per_scale,
-                                           float(losses[step]), 0, now - start)
+                    event = progress_event(format_scale(scale), index, len(scales), done, steps,
+                                           float(losses[step]), 0, now - start, schedule)
                     progress({**event, "converged": True} if stop else event)
             if stop:
                 break

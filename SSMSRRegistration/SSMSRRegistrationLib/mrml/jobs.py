@@ -158,7 +158,7 @@ class Job:
 
     def _describeStarted(self, event: Started) -> str:
         return (f"Worker started on {event.device}: scales {', '.join(map(str, event.scales))}, "
-                f"{event.steps_per_scale} steps per scale, {event.extra.get('precision', 'float32')} precision."
+                f"{event.steps_text()}, {event.extra.get('precision', 'float32')} precision."
                 + (f" Plan: {event.extra['plan']}." if event.extra.get("plan") else ""))
 
     def _handleEvent(self, data: dict) -> None:

@@ -75,15 +75,16 @@ class BarReporter(Reporter):
 
         self._close()
         self.validation_loss = None
-        total = info.get("steps_per_scale", 0) * len(info.get("scales", [])) or None
+        total = sum(info.get("scale_steps") or [info.get("steps_per_scale", 0)] * len(info.get("scales", []))) or None
         size = ", ".join(map(str, info.get("image_size", [])))
         if "validation_pairs" in info:
             print(f"ssmsr: training on {info.get('device')}: {info.get('pairs')} pairs "
                   f"({info.get('validation_pairs')} for validation), batch {info.get('batch_size')}, first image "
                   f"{size} voxels, scales {','.join(info.get('scales', []))}", file=sys.stderr, flush=True)
         else:
+            steps = info.get("scale_steps") or [info.get("steps_per_scale")]
             print(f"ssmsr: registering on {info.get('device')} ({size} voxels), scales "
-                  f"{','.join(info.get('scales', []))} x {info.get('steps_per_scale')} steps, "
+                  f"{','.join(info.get('scales', []))} x {' / '.join(map(str, steps))} steps, "
                   f"{info.get('precision', 'float32')} precision", file=sys.stderr, flush=True)
         if info.get("plan"):
             print(f"ssmsr: {info['plan']}", file=sys.stderr, flush=True)
@@ -92,7 +93,7 @@ class BarReporter(Reporter):
                                                        "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
     def _advance(self, event: dict) -> None:
-        done = event["scale_index"] * event["steps"] + event["step"]
+        done = int(round(event["fraction"] * (self.bar.total or 0)))
         self.bar.set_description_str(f"scale {event['scale']} ({event['scale_index'] + 1}/{event['num_scales']}) "
                                      f"step {event['step']}/{event['steps']}", refresh=False)
         postfix = f"loss {event['loss']:.4f}"

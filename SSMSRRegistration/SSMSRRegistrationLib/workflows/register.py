@@ -379,8 +379,8 @@ def _measure(tensors: _Tensors, result: RegistrationResult, images: _Images, wor
     model_file = options.model_file
     return {"ncc_before": before["ncc"], "ncc_after": after["ncc"],
             "mse_before": before["mse"], "mse_after": after["mse"],
-            "final_loss": (next(reversed(result.loss_history.values()))[-1] if options.settings.steps_per_scale
-                           else float("nan")),
+            "final_loss": next((losses[-1] for losses in reversed(list(result.loss_history.values())) if losses),
+                               float("nan")),
             "seconds": result.seconds, "device": result.device,
             "model": os.path.abspath(model_file) if model_file is not None else None,
             "pre_alignment": initial_kind(initial, images.fixed.GetDimension()),

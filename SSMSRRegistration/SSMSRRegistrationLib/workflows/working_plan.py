@@ -106,7 +106,7 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     window = max(2, int(round(ncc_window_mm / grid.spacing))) if ncc_window_mm is not None \
         else settings.window_for(ndim)
     seconds = None
-    if device.type == "cpu" and settings.steps_per_scale >= ESTIMATE_MIN_STEPS:
+    if device.type == "cpu" and max(settings.schedule_steps()) >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
         trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
         probed = [min(voxels, PROBE_VOXELS[ndim]) for voxels in trained]  # sizes above the probe's share its time
@@ -114,6 +114,7 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
         per_voxel_step = {voxels: seconds_per_voxel_step(ndim, voxels, device, settings.encoder_channels,
                                                          settings.decoder_channels, window, mixed)
                           for voxels in set(probed)}
-        seconds = settings.steps_per_scale * settings.pairs_per_step(pairs) * sum(
-            per_voxel_step[probe] * voxels for probe, voxels in zip(probed, trained))
+        seconds = settings.pairs_per_step(pairs) * sum(
+            steps * per_voxel_step[probe] * voxels
+            for steps, probe, voxels in zip(settings.schedule_steps(), probed, trained))
     return WorkingPlan(grid, window, memory, available, seconds, note)
