@@ -165,10 +165,12 @@ def section_large(device: torch.device, report: Dict) -> None:
 
 
 def section_whole_brain(device: torch.device, steps: int, ants_settings: List[str], report: Dict,
-                        preset: str = "fast", patch_size: Optional[int] = None, precision: Optional[str] = None
-                        ) -> None:
-    resolved = RunConfiguration.of(preset, patch_size=patch_size, precision=precision).resolve("pair")
+                        preset: str = "fast", patch_size: Optional[int] = None, precision: Optional[str] = None,
+                        finest_steps: Optional[int] = None) -> None:
+    resolved = RunConfiguration.of(preset, patch_size=patch_size, precision=precision,
+                                   finest_steps=finest_steps).resolve("pair")
     print(f"\n## 1 mm whole brain, {preset} preset ({resolved.scales} x {steps or resolved.steps} steps per scale, "
+          f"{resolved.finest_steps if finest_steps is not None else 'as many'} at the finest, "
           f"training patch {resolved.patch_size or 'automatic'}, precision {resolved.precision})")
     config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
                      training_pairs=0, device=str(device))
@@ -179,6 +181,7 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
     events: List[dict] = []
     output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset=preset,
                                               steps=steps or None, patch_size=patch_size, precision=precision,
+                                              finest_steps=finest_steps,
                                               device=str(device),
                                               progress=events.append))
     started = next(event for event in events if event["event"] == "started")
@@ -191,12 +194,16 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
              "folded_percent": metrics["percent_non_positive_jacobian"],
              "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size,
-             "precision": resolved.precision}
+             "precision": resolved.precision, "finest_steps": finest_steps}
+    # Seconds of each scale from the progress events (the scale's last event minus the previous one's).
+    ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
+            for index in range(len(parse_scales(resolved.scales)))]
+    scale_seconds = np.diff([0.0] + ends)
+    print(f"training seconds by scale ({resolved.scales}): {', '.join(f'{value:.1f}' for value in scale_seconds)}; "
+          f"the rest of the run {usage.seconds - ends[-1]:.1f} s")
+    entry["scale_seconds"] = [float(value) for value in scale_seconds]
     if steps and steps < resolved.steps:
-        # Time per step of each scale from the progress events (the scale's last event minus the previous one's).
-        ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
-                for index in range(len(parse_scales(resolved.scales)))]
-        per_step = np.diff([0.0] + ends) / steps
+        per_step = scale_seconds / steps
         projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * resolved.steps
         print(f"seconds per step by scale: {', '.join(f'{value:.2f}' for value in per_step)}; projected {preset} "
               f"preset ({resolved.steps} steps per scale): {projected / 60:.1f} min")
@@ -267,6 +274,8 @@ def main() -> None:
     parser.add_argument("--whole-brain-preset", default="fast", help="'wholebrain': the preset (default: fast)")
     parser.add_argument("--whole-brain-patch", type=int, metavar="N",
                         help="'wholebrain': the training patch (default: the preset's)")
+    parser.add_argument("--whole-brain-finest-steps", type=int, metavar="N",
+                        help="'wholebrain': steps at the finest scale (default: as many as the other scales)")
     parser.add_argument("--whole-brain-precision", choices=("mixed", "float32"),
                         help="'wholebrain': the precision (default: the preset's, mixed)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -291,7 +300,7 @@ def main() -> None:
         "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps,
                                                   [name for name in args.whole_brain_ants.split(",") if name], report,
                                                   args.whole_brain_preset, args.whole_brain_patch,
-                                                  args.whole_brain_precision),
+                                                  args.whole_brain_precision, args.whole_brain_finest_steps),
         "presets": lambda: section_presets(device, args.pairs, args.presets.split(","), report),
     }
     for section in sections:

@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="SSMSR's pairs per step (0: all; default: the preset's)")
     parser.add_argument("--patch", type=int, help="SSMSR's training patch in voxels (0: whole; default: the preset's)")
     parser.add_argument("--steps", type=int, help="SSMSR's steps per scale (default: the preset's)")
+    parser.add_argument("--finest-steps", type=int, help="SSMSR's steps at the finest scale (default: --steps)")
     parser.add_argument("--scales", help="SSMSR's schedule, e.g. 1/4,1/2 (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -137,10 +138,12 @@ def main() -> None:
         "ants": lambda: run_ants_default(images, config),
         "elastix": lambda: run_elastix(images, head, config),
     }
-    overrides = dict(batch_size=args.batch, patch_size=args.patch, steps=args.steps, scales=args.scales)
+    overrides = dict(batch_size=args.batch, patch_size=args.patch, steps=args.steps, scales=args.scales,
+                     finest_steps=args.finest_steps)
     batch = "" if args.batch is None else f", {'every pair' if args.batch == 0 else args.batch} per step"
     batch += "" if args.patch is None else f", patches of {args.patch}^3"
     batch += "" if args.steps is None else f", {args.steps} steps per scale"
+    batch += "" if args.finest_steps is None else f", {args.finest_steps} at the finest scale"
     batch += "" if args.scales is None else f", scales {args.scales}"
     names = {"ssmsr": f"SSMSR sequence (balanced{batch})", "ssmsr-fast": f"SSMSR sequence (fast{batch})",
              "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
