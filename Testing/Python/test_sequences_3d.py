@@ -101,7 +101,8 @@ def test_the_fields_recover_the_known_motion_in_millimetres(cine_4d, reference, 
     with open(written["metrics"], newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [(int(row["moving_frame"]), int(row["fixed_frame"])) for row in rows] == expected_pairs
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["reference_frame"] == reference
+    described = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert described["reference_frame"] == reference and described["ncc_window"] == 5  # the 3D window (2D: 6)
     if reference is None:  # frame 0 onto frame 3: the composed consecutive fields (each pair's error may add up)
         error = mean_field_mm(sitk.ReadImage(str(tmp_path / "out" / "accumulated_0003.nii.gz")), brain) - SHIFTS_MM[3]
         assert np.linalg.norm(error) < 3 * 1.5
