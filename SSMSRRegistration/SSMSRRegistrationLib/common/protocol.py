@@ -98,9 +98,7 @@ class Started(Event):
     batch_size: int = 1
 
     def steps_text(self) -> str:
-        """"300 steps per scale", or each scale's steps where they differ ("300, 300, 100 steps")."""
-        steps = self.extra.get("scale_steps") or [self.steps_per_scale]
-        return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"{', '.join(map(str, steps))} steps"
+        return steps_text(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -188,6 +186,13 @@ def parse_event(data: Mapping[str, Any]) -> Event:
     return EVENT_TYPES[kind](**{name: value for name, value in data.items() if name in declared},
                              extra={name: value for name, value in data.items()
                                     if name not in declared and name != "event"})
+
+
+def steps_text(started: dict) -> str:
+    """"300 steps per scale", or each scale's steps where they differ ("300, 300, 100 steps"), from a "started"
+    event."""
+    steps = started.get("scale_steps") or [started.get("steps_per_scale")]
+    return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"{', '.join(map(str, steps))} steps"
 
 
 def started_event(device: str, scales: Sequence[str], steps_per_scale: int, image_size: Sequence[int], pairs: int,

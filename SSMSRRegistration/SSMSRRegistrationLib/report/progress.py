@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Optional, TextIO
 
-from ..common.protocol import ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, json_safe
+from ..common.protocol import (ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, json_safe,
+                               steps_text)
 
 
 class Reporter:
@@ -82,9 +83,8 @@ class BarReporter(Reporter):
                   f"({info.get('validation_pairs')} for validation), batch {info.get('batch_size')}, first image "
                   f"{size} voxels, scales {','.join(info.get('scales', []))}", file=sys.stderr, flush=True)
         else:
-            steps = info.get("scale_steps") or [info.get("steps_per_scale")]
             print(f"ssmsr: registering on {info.get('device')} ({size} voxels), scales "
-                  f"{','.join(info.get('scales', []))} x {' / '.join(map(str, steps))} steps, "
+                  f"{','.join(info.get('scales', []))}, {steps_text(info)}, "
                   f"{info.get('precision', 'float32')} precision", file=sys.stderr, flush=True)
         if info.get("plan"):
             print(f"ssmsr: {info['plan']}", file=sys.stderr, flush=True)
