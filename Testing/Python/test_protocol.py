@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SSMSRRegistrationLib.common.protocol import (EVENT_TYPES, REQUIRED_FIELDS, Atlas, Finished, Progress, Started,
-                                                  parse_event)
+                                                  parse_event, started_event, steps_text)
 from SSMSRRegistrationLib.interfaces.cli import main
 from realimages import brain_slice
 
@@ -42,3 +42,10 @@ def test_what_the_command_line_writes_parses_into_the_protocol_s_classes(tmp_pat
     assert isinstance(events[0], Started) and "plan" in events[0].extra
     assert all(isinstance(event, Progress) for event in events[1:-1]) and len(events) > 2
     assert isinstance(events[-1], Finished) and events[-1].outputs["field"] == str(tmp_path / "u.nii.gz")
+
+
+def test_the_steps_are_described_per_scale_only_where_they_differ():
+    started = started_event("cpu", ["1/4", "1/2", "1"], 300, [32, 40, 32], 1, 1, scale_steps=[300, 300, 300])
+    assert steps_text(started) == "300 steps per scale"
+    assert steps_text({**started, "scale_steps": [300, 300, 100]}) == "steps 300/300/100 by scale"
+    assert steps_text(started_event("cpu", ["1/2", "1"], 3500, [32, 40], 20, 4)) == "3500 steps per scale"

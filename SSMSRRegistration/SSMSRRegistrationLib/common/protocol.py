@@ -189,10 +189,10 @@ def parse_event(data: Mapping[str, Any]) -> Event:
 
 
 def steps_text(started: dict) -> str:
-    """"300 steps per scale", or each scale's steps where they differ ("300, 300, 100 steps"), from a "started"
-    event."""
+    """"300 steps per scale", or each scale's steps where they differ ("steps 300/300/100 by scale"), from a
+    "started" event."""
     steps = started.get("scale_steps") or [started.get("steps_per_scale")]
-    return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"{', '.join(map(str, steps))} steps"
+    return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"steps {'/'.join(map(str, steps))} by scale"
 
 
 def started_event(device: str, scales: Sequence[str], steps_per_scale: int, image_size: Sequence[int], pairs: int,
