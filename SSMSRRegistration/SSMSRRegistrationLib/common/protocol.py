@@ -4,7 +4,8 @@ Every ``ssmsr`` command run with ``--progress jsonl`` writes one JSON object per
 the workflows emit the same dicts to their ``progress`` callbacks. The Slicer logic reads them. Events:
 
     started     {"device", "scales": ["1/2", "1"], "steps_per_scale", "image_size": [x, y(, z)], "pairs",
-                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale); ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
+                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale);
+                ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
                 ``register`` adds its working grid: "working_grid" {"size", "spacing_mm", "resampled"},
                 "ncc_window_voxels", "ncc_window_mm", "memory_estimate_bytes", "available_memory_bytes",
                 "estimated_seconds" (CPU, else null), "note" (why the grid was coarsened) and "plan" (one line)
