@@ -15,11 +15,12 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
 * ``large``: 20 full-resolution steps on a 256x256x256 volume (the ICBM152 T1 resampled): peak memory, or the
   out-of-memory message the user would get. Meant for a GPU.
 * ``wholebrain``: a 1 mm whole-brain pair (the harness's simulated subject on the ICBM152 brain's bounding box at
-  1 mm, about 7 million voxels, and the template) through ``register`` with a preset (``fast`` unless told) and its automatic
-  working grid: the plan announced before training (grid, memory and time estimates), then the measured time, peak
-  memory, Dice and folding. ``--whole-brain-preset`` and ``--whole-brain-patch`` choose the preset and the training
-  patch; ``--whole-brain-steps N`` trains N steps per scale instead of the preset's and projects the preset's time
-  from the measured time per step of each scale; ``--whole-brain-ants default,paper`` also runs ANTs SyN with
+  1 mm, about 5 million voxels, and the template) through ``register`` with a preset (``fast`` unless told) and its
+  automatic working grid: the plan announced before training (grid, memory and time estimates), then the measured
+  time, the training seconds of each scale, peak memory, Dice and folding. ``--whole-brain-preset``,
+  ``--whole-brain-patch``, ``--whole-brain-finest-steps`` and ``--whole-brain-precision`` choose the preset, the
+  training patch, the steps at the finest scale and the precision; ``--whole-brain-steps N`` trains N steps per
+  scale instead of the preset's and projects the preset's time from the measured time per step of each scale; ``--whole-brain-ants default,paper`` also runs ANTs SyN with
   antspyx's default settings and/or the paper's on the same pair.
 * ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
   ``paper`` and ``fast`` presets and ANTs SyN with the paper's settings (antspyx, ``pip install .[bench]``), each
@@ -195,9 +196,12 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
              "folded_percent": metrics["percent_non_positive_jacobian"],
              "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size,
              "precision": resolved.precision, "finest_steps": finest_steps}
-    # Seconds of each scale from the progress events (the scale's last event minus the previous one's).
-    ends = [max(e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index)
-            for index in range(len(parse_scales(resolved.scales)))]
+    # Seconds of each scale from the progress events (the scale's last event minus the previous one's; a scale
+    # trained 0 steps reports none and took no training time).
+    ends: List[float] = []
+    for index in range(len(parse_scales(resolved.scales))):
+        ends.append(max((e["elapsed_s"] for e in events if e["event"] == "progress" and e["scale_index"] == index),
+                        default=ends[-1] if ends else 0.0))
     scale_seconds = np.diff([0.0] + ends)
     print(f"training seconds by scale ({resolved.scales}): {', '.join(f'{value:.1f}' for value in scale_seconds)}; "
           f"the rest of the run {usage.seconds - ends[-1]:.1f} s")

@@ -3,7 +3,7 @@ frame onto every other, one training) against ANTs SyN and elastix B-spline regi
 SlicerSequenceRegistration runs elastix).
 
     python Testing/benchmarks/track_volumes.py [--frames 8] [--size 96] [--amplitude 12]
-        [--methods ssmsr,ssmsr-fast,ants,elastix] [--batch N] [--patch N] [--steps N] [--scales S]
+        [--methods ssmsr,ssmsr-fast,ants,elastix] [--batch N] [--patch N] [--steps N] [--finest-steps N] [--scales S]
         [--json results/track_volumes.json]
 
 The series: the ICBM152 2009a T1 (nilearn, 1 mm) cropped to SIZE^3 voxels around the brain's centre, intensities in

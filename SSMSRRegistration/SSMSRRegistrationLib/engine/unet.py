@@ -160,7 +160,7 @@ def predict(network: RegistrationUNet, pair: torch.Tensor, mixed_precision: bool
     """
     if not mixed_precision:
         if pair.dim() == 5 and pair.shape[0] > 1 and pair.device.type == "cpu":
-            return network(pair.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+            return network(pair.contiguous(memory_format=_layout(3))).contiguous()
         return network(pair)
     with torch.autocast(pair.device.type, dtype=torch.bfloat16):
         return network(pair.contiguous(memory_format=_layout(network.ndim))).float()

@@ -202,8 +202,9 @@ class TrackingResult:
                 "spacing_mm": list(self.cine.frame_grid.GetSpacing()), "mask": self.mask_source,
                 "reference_frame": self.reference,
                 "scales": [format_scale(s) for s in settings.scales], "steps_per_scale": settings.steps_per_scale,
-                "finest_steps": settings.finest_steps, "batch_size": settings.batch_size, "smoothness_weight": settings.smoothness_weight,
-                "mse_weight": settings.mse_weight, "ncc_window": settings.window_for(self.cine.dimension),
+                "finest_steps": settings.finest_steps, "batch_size": settings.batch_size,
+                "smoothness_weight": settings.smoothness_weight, "mse_weight": settings.mse_weight,
+                "ncc_window": settings.window_for(self.cine.dimension),
                 "learning_rate": settings.learning_rate, "seed": settings.seed,
                 "mixed_precision_requested": settings.mixed_precision}
 
