@@ -19,24 +19,36 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Python"))
 
-from test_alignment import BRAIN_OPTIONS, far_labels_on_fixed, make_brain_pair, mean_dice, misaligned, rotation
+from test_alignment import (BRAIN_OPTIONS, far_labels_on_fixed, make_brain_pair, mean_dice, misaligned, rotation,
+                            thick_slices)
 
 from SSMSRRegistrationLib import register
 from SSMSRRegistrationLib.workflows.provenance import cpu_model
 
 
 def alignment_scenario(seed: int) -> dict:
-    """test_alignment.test_a_pair_misaligned_by_a_known_affine_reaches_the_dice_of_the_aligned_pair with ``seed``:
-    the Dice of the aligned pair, of the misaligned pair after the default pre-alignment, and their difference."""
+    """test_alignment's two accuracy tests with ``seed``: the Dice of the aligned pair, of the misaligned pair after
+    the default pre-alignment, their difference; on thick-slice labels (2 x 2 x 6 mm), the Dice of the anisotropic
+    fixed image's registration, of the isotropic one and their difference. One torch thread, as in the test run."""
+    import torch
+
+    torch.set_num_threads(1)
     fixed, fixed_labels, moving, moving_labels = make_brain_pair()
     matrix, shift, scale = rotation((1, 2, 1), 12.0), (12.0, -8.0, 9.0), 1.07
     far, far_labels = misaligned(moving, matrix, shift, scale), misaligned(moving_labels, matrix, shift, scale)
     aligned = register(fixed, moving, moving_labels=moving_labels, seed=seed, **BRAIN_OPTIONS)
     recovered = register(fixed, far, moving_labels=far_labels, seed=seed, **BRAIN_OPTIONS)
+    thick_labels = thick_slices(fixed_labels, 3, labels=True)
+    anisotropic = register(thick_slices(fixed, 3), moving, moving_labels=moving_labels, seed=seed, **BRAIN_OPTIONS)
     dice_aligned = mean_dice(aligned.warped_labels, fixed_labels)
     dice_recovered = mean_dice(recovered.warped_labels, fixed_labels)
+    dice_isotropic = mean_dice(thick_slices(aligned.warped_labels, 3, labels=True), thick_labels)
+    dice_anisotropic = mean_dice(anisotropic.warped_labels, thick_labels)
     return {"aligned": dice_aligned, "misaligned": dice_recovered, "difference": dice_aligned - dice_recovered,
-            "unregistered": mean_dice(far_labels_on_fixed(far_labels, fixed_labels), fixed_labels)}
+            "unregistered": mean_dice(far_labels_on_fixed(far_labels, fixed_labels), fixed_labels),
+            "anisotropic": dice_anisotropic, "isotropic_thick": dice_isotropic,
+            "anisotropic_difference": dice_isotropic - dice_anisotropic,
+            "anisotropic_unregistered": mean_dice(far_labels_on_fixed(moving_labels, thick_labels), thick_labels)}
 
 
 def tracking_scenario(seed: int) -> dict:
@@ -102,7 +114,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = parser.parse_args()
-    print(f"# Seed spread, {cpu_model()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    import torch
+
+    from SSMSRRegistrationLib.engine.unet import bfloat16_supported
+
+    precision = "bfloat16 (mixed)" if bfloat16_supported(torch.device("cpu")) else "float32 (no native bfloat16)"
+    print(f"# Seed spread, {cpu_model()}, {os.cpu_count()} CPUs, {precision}, {time.strftime('%Y-%m-%d %H:%M')}",
+          flush=True)
     for name in args.scenarios.split(","):
         rows = []
         for seed in range(args.seeds):
