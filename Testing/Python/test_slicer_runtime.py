@@ -252,6 +252,58 @@ def test_autocast_state_on_the_installed_torch():
     assert not autocast_enabled("cpu")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_engines_adam_gives_the_weights_of_torch_optim_adam_bit_for_bit(channels_last):
+    """engine.optimizer.Adam against torch.optim.Adam (the reference) on the installed torch (2.13 in the main suite,
+    2.2.2 in the Slicer-side one): the same U-Net trained 8 steps on the same loss, weights stored as given or
+    channels-last (mixed precision's layout); a parameter without a gradient stays as it was."""
+    torch = pytest.importorskip("torch")
+    from SSMSRRegistrationLib.engine.optimizer import Adam
+    from SSMSRRegistrationLib.engine.unet import RegistrationUNet
+
+    torch.manual_seed(3)
+    reference = RegistrationUNet(3, (4, 8), (8, 8, 4))
+    reference.unused = torch.nn.Parameter(torch.ones(3))
+    if channels_last:
+        reference = reference.to(memory_format=torch.channels_last_3d)
+    engine = RegistrationUNet(3, (4, 8), (8, 8, 4))
+    engine.unused = torch.nn.Parameter(torch.ones(3))
+    engine.load_state_dict(reference.state_dict())
+    if channels_last:
+        engine = engine.to(memory_format=torch.channels_last_3d)
+    optimizers = [torch.optim.Adam(reference.parameters(), lr=3e-3), Adam(engine.parameters(), lr=3e-3)]
+    pair = torch.rand(2, 2, 8, 12, 8, generator=torch.Generator().manual_seed(0))
+    for _ in range(8):
+        for network, optimizer in zip((reference, engine), optimizers):
+            optimizer.zero_grad()
+            (network(pair) - pair[:, :1]).square().mean().backward()
+            optimizer.step()
+    for (name, expected), actual in zip(reference.named_parameters(), engine.parameters()):
+        assert torch.equal(actual, expected), name
+    assert torch.equal(engine.unused, torch.ones(3))
+    assert not torch.equal(engine.flow.weight, RegistrationUNet(3, (4, 8), (8, 8, 4)).flow.weight)  # it trained
+
+
+def test_a_registration_does_not_import_the_compiler_stack():
+    """torch.optim imports torch._dynamo when an optimizer is built (1.2-1.9 s of CPU per process); a registration's
+    process, as the Slicer worker and ``ssmsr`` run it, never does."""
+    pytest.importorskip("torch")
+    script = textwrap.dedent('''
+        import sys
+        import torch
+        from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
+        from SSMSRRegistrationLib.common.schedule import parse_scales
+        image = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+        register_tensors(image, image.roll(2, dims=3), RegistrationSettings(scales=parse_scales("1/2,1"),
+                                                                           steps_per_scale=2), device="cpu")
+        print(sorted(name for name in sys.modules if name.startswith("torch._dynamo")))
+    ''')
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=str(MODULE_DIRECTORY))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Item: PyTorch set-up never upgrades a torch Slicer may have loaded
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .losses import registration_loss
+from .optimizer import Adam
 from .spatial import warp
 from .unet import RegistrationUNet, predict, use_mixed_precision
 
@@ -93,11 +94,11 @@ def seconds_per_voxel_step(ndim: int, voxels: int, device: torch.device, encoder
     network = RegistrationUNet(ndim, encoder_channels, decoder_channels).to(device)
     if mixed_precision:
         network = use_mixed_precision(network)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    optimizer = Adam(network.parameters(), lr=1e-3)
     window = min(window, side)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         residual = predict(network, pair, mixed_precision)
         registration_loss(pair[:, 1:], warp(pair[:, :1], residual), residual, window, 1.0).backward()
         optimizer.step()

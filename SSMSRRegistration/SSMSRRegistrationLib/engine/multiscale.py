@@ -31,6 +31,7 @@ from ..common.run_config import ResolvedRun
 from ..common.schedule import (DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, check_schedule, format_scale, parse_scales,
                                scaled_size)
 from .losses import local_ncc, masked_mean, registration_loss
+from .optimizer import Adam
 from .patches import PatchSampler, patch_shape, predict_tiled
 from .spatial import compose, resize_field, resize_image, warp
 from .unet import (DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER_CHANNELS, RegistrationUNet, bfloat16_supported,
@@ -263,11 +264,11 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         sampler = PatchSampler(fixed_s, mask_s, shape, batch_sampler) if shape and steps else None
 
         losses = torch.zeros(steps, device=device)
-        optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+        optimizer = Adam(network.parameters(), lr=settings.learning_rate)
         network.train()
         done = 0
         for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             if batch_size < pairs:
                 chosen = torch.randperm(pairs, generator=batch_sampler)[:batch_size].to(device)
                 pair_b, fixed_b, moving_b = pair[chosen], fixed_s[chosen], moving_s[chosen]
