@@ -73,7 +73,7 @@ lint-and-test-main: lint
 	@$(MAKE) --no-print-directory test-main
 
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(addprefix --ignore=,$(SLICER_TESTS))
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(addprefix --ignore=,$(SLICER_TESTS))
 
 test-slicer: $(SLICER_STAMP)
 	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider --durations=10 $(SLICER_TESTS) $(SLICER_ALSO)
