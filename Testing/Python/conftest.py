@@ -26,7 +26,9 @@ def one_torch_thread_per_xdist_worker():
 
 
 #: The test files that take longest (``make test`` prints the slowest tests), run first: pytest-xdist hands each of
-#: its two processes a file at a time in collection order, so a long file collected last would run alone at the end.
+#: its two processes a file at a time in collection order (with ``--no-loadscope-reorder``, which ``make test-main``
+#: passes; by default it orders the files by their number of tests), so a long file collected last would run alone
+#: at the end.
 SLOWEST_FILES_FIRST = ("test_sequences_3d.py", "test_batch.py", "test_registration.py", "test_reproducibility.py",
                        "test_tracking.py", "test_alignment.py", "test_models.py", "test_physical_space.py",
                        "test_threads.py", "test_cli.py")
