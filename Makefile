@@ -65,9 +65,11 @@ lint: $(STAMP)
 
 # The two suites run side by side (their set-ups too), the main one in two pytest-xdist processes, a test file per
 # process; each suite's output is printed when it ends. -k (as .ci/run gives) runs the other suite when one fails.
+# OMP_NUM_THREADS=1: the three test processes and every worker or command they start compute on one thread each, so
+# that they do not fight over two cores (test_threads checks the default thread count with OMP_* removed).
 test:
 	@echo "Setting up and running the main and the Slicer-side suites side by side; each prints its report when it ends."
-	@$(MAKE) --no-print-directory -j2 --output-sync=target lint-and-test-main test-slicer SLICER_SUITE_ENV=OMP_NUM_THREADS=1
+	@OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 --output-sync=target lint-and-test-main test-slicer
 
 lint-and-test-main: lint
 	@$(MAKE) --no-print-directory test-main
@@ -75,10 +77,8 @@ lint-and-test-main: lint
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(addprefix --ignore=,$(SLICER_TESTS))
 
-# SLICER_SUITE_ENV: `make test` runs this suite's processes (and the workers they start) on one thread each, beside
-# the main suite's two one-thread processes, so that the three do not fight over two cores.
 test-slicer: $(SLICER_STAMP)
-	$(SLICER_SUITE_ENV) $(SLICER_BIN)/python -m pytest -q -p no:cacheprovider --durations=10 $(SLICER_TESTS) $(SLICER_ALSO)
+	$(SLICER_BIN)/python -m pytest -q -p no:cacheprovider --durations=10 $(SLICER_TESTS) $(SLICER_ALSO)
 
 test-all: $(STAMP) $(SLICER_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(addprefix --ignore=,$(SLICER_TESTS))
