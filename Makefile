@@ -41,7 +41,7 @@ $(UV): constraints.txt
 	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt uv
 	@touch $@
 
-$(STAMP): pyproject.toml constraints.txt $(UV)
+$(STAMP): pyproject.toml constraints.txt | $(UV)
 	$(UV) pip install --quiet --python $(BIN)/python -c constraints.txt torch==2.13.0 -e '.[test]'
 	@touch $@
 
@@ -50,7 +50,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m SSMSRRegistrationLib.interfaces.demo --out demo_output
 
-$(SLICER_STAMP): constraints-slicer.txt $(UV)
+$(SLICER_STAMP): constraints-slicer.txt | $(UV)
 	@py="$(SLICER_PYTHON)"; if [ -z "$$py" ]; then py=python3; \
 	  echo "WARNING: no Python 3.10 found; building $(SLICER_VENV) with $$(python3 --version) instead (slicer-core needs >= 3.10; Slicer 5.6 runs 3.9)."; fi; \
 	  rm -rf $(SLICER_VENV) && $$py -m venv $(SLICER_VENV)
