@@ -256,27 +256,29 @@ def test_autocast_state_on_the_installed_torch():
 def test_the_engines_adam_gives_the_weights_of_torch_optim_adam_bit_for_bit(channels_last):
     """engine.optimizer.Adam against torch.optim.Adam (the reference) on the installed torch (2.13 in the main suite,
     2.2.2 in the Slicer-side one): the same U-Net trained 8 steps on the same loss, weights stored as given or
-    channels-last (mixed precision's layout); a parameter without a gradient stays as it was."""
+    channels-last (mixed precision's layout); a parameter without a gradient stays as it was, and one that gets its
+    first gradient at the fifth step counts its own steps."""
     torch = pytest.importorskip("torch")
     from SSMSRRegistrationLib.engine.optimizer import Adam
     from SSMSRRegistrationLib.engine.unet import RegistrationUNet
 
     torch.manual_seed(3)
     reference = RegistrationUNet(3, (4, 8), (8, 8, 4))
-    reference.unused = torch.nn.Parameter(torch.ones(3))
+    reference.unused, reference.late = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     if channels_last:
         reference = reference.to(memory_format=torch.channels_last_3d)
     engine = RegistrationUNet(3, (4, 8), (8, 8, 4))
-    engine.unused = torch.nn.Parameter(torch.ones(3))
+    engine.unused, engine.late = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     engine.load_state_dict(reference.state_dict())
     if channels_last:
         engine = engine.to(memory_format=torch.channels_last_3d)
     optimizers = [torch.optim.Adam(reference.parameters(), lr=3e-3), Adam(engine.parameters(), lr=3e-3)]
     pair = torch.rand(2, 2, 8, 12, 8, generator=torch.Generator().manual_seed(0))
-    for _ in range(8):
+    for step in range(8):
         for network, optimizer in zip((reference, engine), optimizers):
             optimizer.zero_grad()
-            (network(pair) - pair[:, :1]).square().mean().backward()
+            loss = (network(pair) - pair[:, :1]).square().mean()
+            (loss + network.late.square().sum() if step >= 4 else loss).backward()
             optimizer.step()
     for (name, expected), actual in zip(reference.named_parameters(), engine.parameters()):
         assert torch.equal(actual, expected), name

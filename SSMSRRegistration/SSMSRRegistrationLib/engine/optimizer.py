@@ -26,8 +26,9 @@ class Adam:
                  eps: float = 1e-8):
         self.parameters = list(parameters)
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.steps = 0
-        self.moments = {}  # parameter index -> (first moment, second moment), created at its first gradient
+        #: parameter index -> [steps taken, first moment, second moment], created at its first gradient (each
+        #: parameter counts its own steps for the bias corrections, as torch.optim.Adam does)
+        self.state = {}
 
     def zero_grad(self) -> None:
         for parameter in self.parameters:
@@ -35,18 +36,19 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.steps += 1
         beta1, beta2 = self.betas
-        step_size = self.lr / (1 - beta1 ** self.steps)
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.steps)
         for index, parameter in enumerate(self.parameters):
             grad = parameter.grad
             if grad is None:
                 continue
-            if index not in self.moments:
-                self.moments[index] = (torch.zeros_like(parameter, memory_format=torch.preserve_format),
-                                       torch.zeros_like(parameter, memory_format=torch.preserve_format))
-            first, second = self.moments[index]
+            if index not in self.state:
+                self.state[index] = [0, torch.zeros_like(parameter, memory_format=torch.preserve_format),
+                                     torch.zeros_like(parameter, memory_format=torch.preserve_format)]
+            state = self.state[index]
+            state[0] += 1
+            steps, first, second = state
+            step_size = self.lr / (1 - beta1 ** steps)
+            bias_correction2_sqrt = math.sqrt(1 - beta2 ** steps)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denominator = (second.sqrt() / bias_correction2_sqrt).add_(self.eps)
