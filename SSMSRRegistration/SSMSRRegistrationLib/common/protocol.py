@@ -189,10 +189,17 @@ def parse_event(data: Mapping[str, Any]) -> Event:
                                     if name not in declared and name != "event"})
 
 
+def scale_steps(started: Mapping[str, Any]) -> List[int]:
+    """The training steps of each scale, coarse to fine, from a "started" event (``train``'s gives only
+    "steps_per_scale", the same at every scale)."""
+    return list(started.get("scale_steps")
+                or [started.get("steps_per_scale", 0)] * max(len(started.get("scales") or []), 1))
+
+
 def steps_text(started: dict) -> str:
     """"300 steps per scale", or each scale's steps where they differ ("steps 300/300/100 by scale"), from a
     "started" event."""
-    steps = started.get("scale_steps") or [started.get("steps_per_scale")]
+    steps = scale_steps(started)
     return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"steps {'/'.join(map(str, steps))} by scale"
 
 

@@ -8,7 +8,7 @@ import sys
 from typing import Optional, TextIO
 
 from ..common.protocol import (ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, json_safe,
-                               steps_text)
+                               scale_steps, steps_text)
 
 
 class Reporter:
@@ -76,7 +76,7 @@ class BarReporter(Reporter):
 
         self._close()
         self.validation_loss = None
-        total = sum(info.get("scale_steps") or [info.get("steps_per_scale", 0)] * len(info.get("scales", []))) or None
+        total = sum(scale_steps(info)) or None
         size = ", ".join(map(str, info.get("image_size", [])))
         if "validation_pairs" in info:
             print(f"ssmsr: training on {info.get('device')}: {info.get('pairs')} pairs "

@@ -106,7 +106,8 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     window = max(2, int(round(ncc_window_mm / grid.spacing))) if ncc_window_mm is not None \
         else settings.window_for(ndim)
     seconds = None
-    if device.type == "cpu" and max(settings.schedule_steps()) >= ESTIMATE_MIN_STEPS:
+    schedule = settings.schedule_steps()
+    if device.type == "cpu" and max(schedule) >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
         trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
         probed = [min(voxels, PROBE_VOXELS[ndim]) for voxels in trained]  # sizes above the probe's share its time
@@ -116,5 +117,5 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
                           for voxels in set(probed)}
         seconds = settings.pairs_per_step(pairs) * sum(
             steps * per_voxel_step[probe] * voxels
-            for steps, probe, voxels in zip(settings.schedule_steps(), probed, trained))
+            for steps, probe, voxels in zip(schedule, probed, trained))
     return WorkingPlan(grid, window, memory, available, seconds, note)
