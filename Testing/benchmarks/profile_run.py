@@ -51,7 +51,7 @@ PARTS: Dict[Tuple[str, str], str] = {
     ("engine/spatial.py", "warp"): "  of which warps (all calls)",
     ("engine/losses.py", "registration_loss"): "  of which the loss (NCC and smoothness)",
     ("~", "<method 'run_backward' of 'torch._C._EngineBase' objects>"): "training: backward passes",
-    ("torch/optim/adam.py", "step"): "training: Adam steps",
+    ("engine/optimizer.py", "step"): "training: Adam steps",
     ("engine/patches.py", "predict_tiled"): "training: field predicted in tiles after a patched scale",
     ("engine/patches.py", "draw"): "training: drawing the patches",
     ("engine/multiscale.py", "scale_pair"): "training: resampling the pair for each scale",

@@ -20,8 +20,9 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
   time, the training seconds of each scale, peak memory, Dice and folding. ``--whole-brain-preset``,
   ``--whole-brain-patch``, ``--whole-brain-finest-steps`` and ``--whole-brain-precision`` choose the preset, the
   training patch, the steps at the finest scale and the precision; ``--whole-brain-steps N`` trains N steps per
-  scale instead of the preset's and projects the preset's time from the measured time per step of each scale; ``--whole-brain-ants default,paper`` also runs ANTs SyN with
-  antspyx's default settings and/or the paper's on the same pair.
+  scale instead of the preset's and projects the preset's time from the measured time per step of each scale;
+  ``--whole-brain-ants default,paper`` also runs ANTs SyN with antspyx's default settings and/or the paper's on the
+  same pair.
 * ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
   ``paper`` and ``fast`` presets and ANTs SyN with the paper's settings (antspyx, ``pip install .[bench]``), each
   pair registered by each method in this run: Dice (grey and white matter, mean over labels then pairs), time and
