@@ -5,7 +5,7 @@ Each scenario is the one a test in Testing/Python runs (same images, schedule an
 bounds. Same seed, same inputs, same thread count: the same result (Testing/Python/test_reproducibility.py), so the
 spread below is the seeds', not noise.
 
-    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking,pretraining
+    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking,pretraining,sequence_3d
 """
 
 from __future__ import annotations
@@ -106,7 +106,41 @@ def pretraining_scenario(seed: int) -> dict:
             "warm_minus_scratch_80": ncc_after(result.model.networks) - ncc_after(None)}
 
 
-SCENARIOS = {"alignment": alignment_scenario, "tracking": tracking_scenario, "pretraining": pretraining_scenario}
+def sequence_3d_scenario(seed: int) -> dict:
+    """test_sequences_3d's recovery test with ``seed``, in both modes (consecutive pairs; every frame from frame 1):
+    each pair's error (mm) between the mean field in the brain and the known translation, the largest and the mean;
+    frame 0 onto the last frame through the composed consecutive fields; MSE after / before; the folded percentage."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from test_sequences_3d import SHIFTS_MM, SHORT, mean_field_mm, moving_volumes
+    from SSMSRRegistrationLib import save_tracking, track
+
+    cine, brain = moving_volumes()
+    measures = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "cine.nii.gz")
+        sitk.WriteImage(cine, path)
+        for mode, reference in (("consecutive", None), ("reference", 1)):
+            result = track(path, reference=reference, seed=seed, **SHORT)
+            errors = [np.linalg.norm(mean_field_mm(result.field(fixed), brain) - (SHIFTS_MM[fixed] - SHIFTS_MM[moving]))
+                      for moving, fixed in result.frame_pairs]
+            summary = result.summary()
+            measures.update({f"{mode}_max_mm": max(errors), f"{mode}_mean_mm": float(np.mean(errors)),
+                             f"{mode}_mse_ratio": summary["mse_after"] / summary["mse_before"],
+                             f"{mode}_folded_percent": summary["max_folded_percent"]})
+            if reference is None:
+                last = len(SHIFTS_MM) - 1
+                written = os.path.join(folder, "out")
+                save_tracking(result, written, accumulated=True)
+                accumulated = sitk.ReadImage(os.path.join(written, f"accumulated_{last:04d}.nii.gz"))
+                measures["accumulated_mm"] = float(np.linalg.norm(mean_field_mm(accumulated, brain) - SHIFTS_MM[last]))
+    return measures
+
+
+SCENARIOS = {"alignment": alignment_scenario, "tracking": tracking_scenario, "pretraining": pretraining_scenario,
+             "sequence_3d": sequence_3d_scenario}
 
 
 def main() -> None:
