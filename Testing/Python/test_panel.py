@@ -209,3 +209,43 @@ def test_a_sequence_of_3d_volumes_shows_the_presets_values_for_3d_cines(scene):
     assert (values.shownKind, values.scales, values.stepsPerScale, values.device) == (
         "cine", cine.scales, cine.steps, "cpu")
     assert panel.configuration(values) == RunConfiguration.of(DEFAULT_PRESET, device="cpu")
+
+
+def test_a_reference_frame_and_a_segmentation_on_it_reach_the_logic_or_say_what_is_wrong(scene, tmp_path):
+    """The reference frame must be a frame of the cine; a segmentation to propagate needs a reference frame (the
+    frame it is drawn on), a sequence node and a segment; the logic receives the frame, and its job file holds it."""
+    volumes = [scene_helpers.addVolumeFromArray(scene, np.random.default_rng(k).random((6, 10, 12)), f"phase {k}")
+               for k in range(3)]
+    phases = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "phases")
+    for index, volume in enumerate(volumes):
+        phases.SetDataNodeAtValue(volume, str(index))
+    values = panel.PanelValues(cineTracking=True, cine=phases)
+    assert values.referenceFrame == -1 and panel.logicCall(values, [])[2]["reference"] is None
+    values.referenceFrame = 3
+    text, enabled, toolTip = panel.applyButton(values, [], running=False)
+    assert not enabled and toolTip == "The reference frame 3 is not a frame of 'phases' (frames 0 to 2)."
+    values.referenceFrame = 2
+    assert panel.applyButton(values, [], running=False)[1]
+
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    values.segmentation = empty
+    assert panel.problems(values, []) == ["The segmentation 'empty' has no segment."]
+    labels = (np.arange(6 * 10 * 12).reshape(6, 10, 12) % 7 == 0).astype(np.uint8)
+    drawn = scene_helpers.addSegmentationFromLabels(scene, labels, volumes[2], "drawn")
+    values.segmentation, values.referenceFrame = drawn, -1
+    assert panel.problems(values, []) == [
+        "The segmentation 'drawn' is propagated from the frame it is drawn on: choose that frame as the reference "
+        "frame, or select no segmentation."]
+    timeVolume = scene_helpers.addVolumeFromArray(scene, np.random.default_rng(9).random((4, 10, 12)), "2D+t")
+    values.cine, values.referenceFrame = timeVolume, 1
+    assert panel.problems(values, []) == [
+        "A segmentation is propagated through a sequence node; '2D+t' is a volume whose third axis is time."]
+
+    values.cine, values.referenceFrame = phases, 2
+    method, args, kwargs = panel.logicCall(values, [])
+    assert (method, args, kwargs["reference"]) == ("trackSequence", (phases,), 2)
+    logic = RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path))
+    logic.workerCommandPrefix = ["python3", "-c", "raise SystemExit(0)"]
+    job = logic.trackSequence(*args, waitForCompletion=False, **kwargs)
+    job.wait(timeoutSeconds=30)
+    assert job.workerJob["command"] == "track" and job.workerJob["arguments"]["reference"] == 2

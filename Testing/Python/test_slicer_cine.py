@@ -16,6 +16,7 @@ vtk = pytest.importorskip("vtk")
 
 from vtk.util import numpy_support  # noqa: E402
 
+from SSMSRRegistrationLib.gui import panel, panel_runs  # noqa: E402
 from SSMSRRegistrationLib.testing import scene_helpers  # noqa: E402
 from SSMSRRegistrationLib.mrml.cine import CineTrackingJob  # noqa: E402
 from SSMSRRegistrationLib.mrml.parameters import cineInputProblems  # noqa: E402
@@ -302,8 +303,9 @@ def centroidRas(segmentationNode) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def volumeTracked(tmp_path_factory):
-    """One real 3D+t tracking run with reference frame REFERENCE_FRAME (temporary files kept), and the white matter
-    of the reference frame as a segmentation."""
+    """One real 3D+t tracking run started as the panel starts it (``panel_runs.BackgroundRuns``), with reference frame
+    REFERENCE_FRAME and the white matter drawn on that frame as the segmentation to propagate (temporary files
+    kept). The run options are the panel's overrides: its widgets edited, the seed in the recorded overrides."""
     scene, sequencesLogic = newScene()
     segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()  # registers the segmentation converters
     segmentationsLogic.SetMRMLScene(scene)
@@ -311,15 +313,25 @@ def volumeTracked(tmp_path_factory):
     logic.sequencesLogic = sequencesLogic
     frames, ijkToRas, labels = volumeFrames()
     sequence, browser = addVolumeSequence(scene, frames, ijkToRas)
-    job = logic.trackSequence(sequence, reference=REFERENCE_FRAME, scales="1/2,1", steps=20, batch_size=0,
-                              device="cpu", seed=0, waitForCompletion=False, keepTemporaryFiles=True)
-    assert job.workerJob["arguments"]["reference"] == REFERENCE_FRAME
-    assert job.wait(timeoutSeconds=300) is JobState.SUCCEEDED, job.errorMessage + "\n" + "\n".join(job.log)
     referenceVolume = scene_helpers.addVolumeFromArray(scene, frames[REFERENCE_FRAME], "reference frame",
                                                        VOLUME_SPACING, ijkToRas[:3, 3], scene_helpers.OBLIQUE_DIRECTIONS)
     segmentation = scene_helpers.addSegmentationFromLabels(scene, labels, referenceVolume, "white matter")
-    yield {"scene": scene, "logic": logic, "sequence": sequence, "browser": browser, "job": job, "frames": frames,
-           "ijkToRas": ijkToRas, "segmentation": segmentation, "folder": job.temporaryDirectory / "tracking"}
+    values = panel.PanelValues(cineTracking=True, cine=sequence, referenceFrame=REFERENCE_FRAME,
+                               segmentation=segmentation, keepTemporaryFiles=True, overrides=json.dumps({"seed": 0}))
+    for edit in ({}, {"scales": "1/2,1", "stepsPerScale": 20, "batchSize": 0, "device": "cpu"}):
+        for name, value in {**edit, **panel.reconcile(values)}.items():
+            setattr(values, name, value)
+    assert panel.applyButton(values, [], running=False)[1]
+    runs = panel_runs.BackgroundRuns(logic)
+    job, run = runs.startFromPanel(values, [])
+    assert job.workerJob["arguments"]["reference"] == REFERENCE_FRAME
+    assert job.workerJob["configuration"]["overrides"] == {"scales": "1/2,1", "steps": 20, "batch_size": 0,
+                                                           "device": "cpu", "seed": 0}
+    assert job.wait(timeoutSeconds=300) is JobState.SUCCEEDED, job.errorMessage + "\n" + "\n".join(job.log)
+    assert not runs.poll()  # the run completes: the panel propagates the segmentation
+    yield {"scene": scene, "logic": logic, "sequence": sequence, "browser": browser, "job": job, "run": run,
+           "frames": frames, "ijkToRas": ijkToRas, "segmentation": segmentation,
+           "folder": job.temporaryDirectory / "tracking"}
     del sequencesLogic, segmentationsLogic
 
 
@@ -389,6 +401,24 @@ def test_segmentation_on_the_reference_frame_is_propagated_to_every_frame(volume
     after, afterGeometry, _ = segmentLabelmap(segmentation)
     assert np.array_equal(after, original) and np.array_equal(afterGeometry, originalGeometry)
     assert segmentation.GetParentTransformNode() is None
+
+
+def test_the_panels_run_propagates_its_segmentation_as_the_logic_does(volumeTracked):
+    """The panel's segmentation, drawn on its reference frame, is propagated when the tracking ends: the same
+    labelmaps on the same grids as ``propagateSegmentation`` (tested above), in the cine's browser, and said in the
+    status line."""
+    run, logic, browser = volumeTracked["run"], volumeTracked["logic"], volumeTracked["browser"]
+    fromPanel = run.propagatedSequence
+    assert fromPanel is not None and browser.IsSynchronizedSequenceNodeID(fromPanel.GetID(), False)
+    assert f"'white matter' was propagated to every frame: '{fromPanel.GetName()}'" in run.status
+    fromLogic = logic.propagateSegmentation(volumeTracked["segmentation"], volumeTracked["job"].transformSequenceNode)
+    assert fromPanel.GetNumberOfDataNodes() == fromLogic.GetNumberOfDataNodes() == len(SHIFTS)
+    for frame in range(len(SHIFTS)):
+        panelLabels, *panelGeometry = segmentLabelmap(fromPanel.GetNthDataNode(frame))
+        logicLabels, *logicGeometry = segmentLabelmap(fromLogic.GetNthDataNode(frame))
+        assert panelLabels.any() and np.array_equal(panelLabels, logicLabels)
+        for panelPart, logicPart in zip(panelGeometry, logicGeometry):  # image-to-world, extent start
+            np.testing.assert_array_equal(panelPart, logicPart)
 
 
 def test_propagation_needs_a_tracking_with_a_reference_frame(tracked, volumeTracked):

@@ -20,7 +20,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (real MRML) is needed")
 
 from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
-from SSMSRRegistrationLib.gui import panel, torch_status  # noqa: E402
+from SSMSRRegistrationLib.gui import panel, panel_runs, torch_status  # noqa: E402
 from SSMSRRegistrationLib.gui.torch_status import TorchAction, torchSetupAction  # noqa: E402
 from SSMSRRegistrationLib.logic import JobState, RegistrationLogic  # noqa: E402
 from SSMSRRegistrationLib.testing import scene_helpers  # noqa: E402
@@ -414,7 +414,7 @@ def test_a_run_completes_with_its_parameter_node_while_the_panel_is_detached(mod
     scene = moduleScene.scene
     fixed, moving = smallPair(scene)
     warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
-    runs = panel.BackgroundRuns(RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path)))
+    runs = panel_runs.BackgroundRuns(RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path)))
     parameterNode = WrapperLikeParameterNode(moduleScene.moduleNode, scales="1", stepsPerScale=5,
                                              mixedPrecision=False, device="cpu", alignFirst="none")
     parameterNode.fixedVolume, parameterNode.movingVolume, parameterNode.outputVolume = fixed, moving, warped
@@ -439,7 +439,7 @@ def test_a_run_completes_with_its_parameter_node_while_the_panel_is_detached(mod
     for composite in moduleScene.composites:  # as setSliceViewerLayers(background=fixed, foreground=warped, 0.5)
         assert composite.GetBackgroundVolumeID() == fixed.GetID()
         assert composite.GetForegroundVolumeID() == warped.GetID()
-        assert composite.GetForegroundOpacity() == pytest.approx(panel.OVERLAY_OPACITY)
+        assert composite.GetForegroundOpacity() == pytest.approx(panel_runs.OVERLAY_OPACITY)
     assert run.status.startswith("Done in") and job.outputTransformNode.GetName() in run.status
 
 
@@ -448,7 +448,7 @@ def test_a_cancelled_or_failed_run_selects_nothing(moduleScene, tmp_path):
     scene = moduleScene.scene
     fixed, moving = smallPair(scene)
     logic = RegistrationLogic(scene, temporaryDirectoryRoot=str(tmp_path))
-    runs = panel.BackgroundRuns(logic)
+    runs = panel_runs.BackgroundRuns(logic)
     parameterNode = WrapperLikeParameterNode(moduleScene.moduleNode, scales="1", stepsPerScale=5, device="cpu")
     parameterNode.fixedVolume, parameterNode.movingVolume = fixed, moving
     nodesBefore = scene.GetNumberOfNodes()
@@ -476,7 +476,7 @@ def test_a_run_whose_parameter_node_left_the_scene_completes_without_it(moduleSc
     fixed, warped = smallPair(scene)
     transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
     parameterNode = WrapperLikeParameterNode(moduleScene.moduleNode)
-    run = panel.PanelRun(parameterNode, "pair")
+    run = panel_runs.PanelRun(parameterNode, "pair")
     scene.RemoveNode(moduleScene.moduleNode)
     job = SimpleNamespace(state=JobState.SUCCEEDED, startTime=time.monotonic(), metrics={}, scene=scene,
                           outputTransformNode=transform, outputVolumeNode=warped, fixedVolumeNode=fixed)

@@ -1,6 +1,6 @@
 """The module's Slicer-side logic: its parameter node, PyTorch set-up, and a QTimer that drives background jobs.
 
-A job started from the panel completes here (``panel.BackgroundRuns``), with the parameter node it started from,
+A job started from the panel completes here (``panel_runs.BackgroundRuns``), with the parameter node it started from,
 whether or not the panel is shown: leaving the module only disconnects the panel's widgets.
 """
 
@@ -12,7 +12,7 @@ from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ..logic import JobState, RegistrationLogic
-from .panel import BackgroundRuns
+from .panel_runs import BackgroundRuns
 from .parameter_node import SSMSRRegistrationParameterNode
 from .pytorch_setup import setupPyTorch
 
@@ -83,7 +83,7 @@ class SSMSRRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def runFromPanel(self, parameterNode, atlases: list, progressCallback=None, completionCallback=None):
         """Start, in the background, the run that ``parameterNode`` (the module's parameter node) asks for. When it
-        ends, its outputs are selected in that parameter node and shown (``panel.PanelRun``), the views are fitted
+        ends, its outputs are selected in that parameter node and shown (``panel_runs.PanelRun``), the views are fitted
         or a cine's plots laid out, and then ``completionCallback(job, run)`` (the panel's own display) is called.
         Returns (job, run)."""
         job, run = self.runs.startFromPanel(parameterNode, atlases, progressCallback=progressCallback,

@@ -20,7 +20,8 @@ from ..common.errors import InputError
 from ..common.presets import DEFAULT_PRESET, PRESETS
 from ..common.protocol import overall_fraction
 from ..common.run_config import OPTIONS, RunConfiguration
-from ..mrml.cine import isVolumeSequence, trackingInputProblems
+from ..mrml.cine import frameCount, isVolumeSequence, trackingInputProblems
+from ..mrml.propagation import propagationProblems
 from ..mrml.jobs import JobState
 from ..mrml.parameters import alignmentProblems, atlasInputProblems, inputProblems, modelFileProblems, stepProblems
 from ..mrml.progress_text import describeProgress
@@ -98,7 +99,8 @@ class Parameter(NamedTuple):
 #: The module state saved with the scene (the parameter node), in the order of the panel.
 #: fixedVolume, movingVolume - images to register (the moving one is aligned to the fixed one).
 #: fixedMask - optional volume on the fixed image (cine: on the frames); similarity only where it is non-zero.
-#: segmentation - optional segmentation of the moving image, propagated onto the fixed image.
+#: segmentation - optional segmentation of the moving image, propagated onto the fixed image (cine: drawn on the
+#: reference frame, propagated to every frame once the tracking ends).
 #: initialTransform - optional linear transform overlaying the moving volume on the fixed one (pre-alignment);
 #: alignFirst - otherwise the pre-alignment the worker computes: "auto", "none", "rigid" or "affine".
 #: outputTransform - receives the displacement field (empty: a new node). outputVolume - the moving volume warped
@@ -110,7 +112,8 @@ class Parameter(NamedTuple):
 #: show the option's value, the override else the preset's; a widget edited records an override (``reconcile``).
 #: modelFile - a model written by `ssmsr train` ("" : none).
 #: atlasSelection, topK - segment the fixed volume with the most similar checked atlases. cineTracking, cine,
-#: batchSize - track the motion through a sequence of 2D images or of 3D volumes, or a volume whose third axis is time.
+#: batchSize - track the motion through a sequence of 2D images or of 3D volumes, or a volume whose third axis is time;
+#: referenceFrame - the frame registered onto every other (-1: consecutive pairs, frame t-1 onto frame t).
 PARAMETERS = {
     "fixedVolume": Parameter(vtkMRMLScalarVolumeNode),
     "movingVolume": Parameter(vtkMRMLScalarVolumeNode),
@@ -138,6 +141,7 @@ PARAMETERS = {
     "cineTracking": Parameter(bool, False),
     "cine": Parameter(Optional[Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]]),
     "batchSize": Parameter(int, _shown(DEFAULT_PRESET, {}, "cine")["batchSize"], (0, 999)),
+    "referenceFrame": Parameter(int, -1, (-1, 99999)),
 }
 
 
@@ -181,6 +185,22 @@ def kindOf(values) -> str:
     if not values.cineTracking:
         return "pair"
     return "volume_cine" if isVolumeSequence(values.cine) else "cine"
+
+
+def referenceFrameOf(values) -> Optional[int]:
+    """The reference frame the panel asks for (None: consecutive pairs, the parameter's -1)."""
+    return values.referenceFrame if values.referenceFrame >= 0 else None
+
+
+def cineProblems(values) -> list[str]:
+    """Sentences for a reference frame that is not a frame of the cine, and for a segmentation that could not be
+    propagated once the tracking ends (``mrml.propagation.propagationProblems``)."""
+    reference, frames = referenceFrameOf(values), frameCount(values.cine)
+    found = []
+    if reference is not None and frames and reference >= frames:
+        found.append(f"The reference frame {reference} is not a frame of '{values.cine.GetName()}' (frames 0 to "
+                     f"{frames - 1}).")
+    return found + propagationProblems(values.cine, reference, values.segmentation)
 
 
 def presetOf(values) -> str:
@@ -273,7 +293,7 @@ def problems(values, atlases: list) -> list[str]:
         return ["No parameter node."]
     current = mode(values)
     if current == "cine":
-        found = trackingInputProblems(values.cine, values.fixedMask)
+        found = trackingInputProblems(values.cine, values.fixedMask) + cineProblems(values)
         if values.modelFile:
             found.append("Cine tracking trains from scratch; clear the pretrained model.")
     elif current == "atlas":
@@ -313,7 +333,8 @@ def logicCall(values, atlases: list) -> tuple[str, tuple, dict]:
     common = dict(configuration=configuration(values), keepTemporaryFiles=values.keepTemporaryFiles)
     current = mode(values)
     if current == "cine":
-        return "trackSequence", (values.cine,), dict(common, maskNode=values.fixedMask)
+        return "trackSequence", (values.cine,), dict(common, maskNode=values.fixedMask,
+                                                     reference=referenceFrameOf(values))
     common["modelFile"] = values.modelFile or None
     if current == "atlas":
         return "segmentWithAtlases", (values.fixedVolume, atlases), dict(common, topK=values.topK,
@@ -382,98 +403,3 @@ def completionStatus(job) -> str:
 def failedStartStatus(error: BaseException) -> str:
     """The status line when a run could not start (the progress bar is hidden again)."""
     return f"Not started: {error}"
-
-
-# Running jobs and completing them ------------------------------------------------------------------------------
-
-
-def showInSliceViews(scene, background, foreground, foregroundOpacity: float) -> None:
-    """Show ``foreground`` over ``background`` in every slice view of ``scene``: what
-    ``slicer.util.setSliceViewerLayers(background=..., foreground=..., foregroundOpacity=...)`` does (v5.6.2,
-    Base/Python/slicer/util.py: it sets the volume IDs and the opacity of each vtkMRMLSliceCompositeNode of
-    ``slicer.mrmlScene``), on any scene and without the application; fitting the views is left to the caller."""
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
-        compositeNode = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
-        compositeNode.SetBackgroundVolumeID(background.GetID())
-        compositeNode.SetForegroundVolumeID(foreground.GetID())
-        compositeNode.SetForegroundOpacity(foregroundOpacity)
-
-
-#: Opacity of the warped moving volume shown over the fixed volume when a pair registration ends.
-OVERLAY_OPACITY = 0.5
-
-
-class PanelRun:
-    """A run the panel started, and how it ends: :meth:`complete` selects the job's outputs in the parameter node
-    the run started from and shows them in the slice views, whether or not the panel is shown (the user may have
-    opened another module, which only disconnects the panel's widgets from the parameter node)."""
-
-    def __init__(self, parameterNode, mode: str):
-        self.parameterNode = parameterNode
-        self.mode = mode
-        #: The status line once the job has ended ("" while it runs).
-        self.status = ""
-
-    def _parameterNodeInScene(self) -> bool:
-        """False once the MRML node under the parameter node wrapper has left the scene (scene closed)."""
-        node = getattr(self.parameterNode, "parameterNode", None)  # the wrapper's vtkMRMLScriptedModuleNode
-        return node is None or node.GetScene() is not None
-
-    def complete(self, job) -> None:
-        self.status = completionStatus(job)
-        if job.state is not JobState.SUCCEEDED or self.mode != "pair":
-            return
-        if self.parameterNode is not None and self._parameterNodeInScene():
-            self.parameterNode.outputTransform = job.outputTransformNode
-        if job.outputVolumeNode is not None:
-            showInSliceViews(job.scene, job.fixedVolumeNode, job.outputVolumeNode, OVERLAY_OPACITY)
-
-
-class BackgroundRuns:
-    """The module's background job (one at a time) on a ``RegistrationLogic``: started here, driven by
-    :meth:`poll` (in Slicer from the module logic's QTimer), and completed by the callbacks given at its start,
-    in order, once it ends. Qt-free: the tests drive it on real MRML."""
-
-    def __init__(self, registration):
-        self.registration = registration
-        self.job = None
-        self._completions: list = []
-
-    @property
-    def isRunning(self) -> bool:
-        return self.registration.activeJob is not None
-
-    def start(self, methodName: str, *args, completions: tuple = (), **kwargs):
-        """``registration.<methodName>(*args, waitForCompletion=False, **kwargs)``; ``completions``: callables of
-        the job (None entries are skipped), called in order when it ends."""
-        job = getattr(self.registration, methodName)(*args, waitForCompletion=False, **kwargs)
-        self.job, self._completions = job, [completion for completion in completions if completion is not None]
-        return job
-
-    def startFromPanel(self, parameterNode, atlases: list, progressCallback=None,
-                       completions: tuple = ()) -> tuple:
-        """Start the run the parameter node asks for (``logicCall``); return (job, its :class:`PanelRun`), which
-        completes first, before ``completions``."""
-        run = PanelRun(parameterNode, mode(parameterNode))
-        method, args, kwargs = logicCall(parameterNode, atlases)
-        job = self.start(method, *args, progressCallback=progressCallback, completions=(run.complete, *completions),
-                         **kwargs)
-        return job, run
-
-    def poll(self) -> bool:
-        """Handle the job's new output; complete it if it has ended. True while a job is still running."""
-        job = self.job
-        if job is None:
-            return False
-        job.poll()
-        if not job.isDone:
-            return True
-        self.job, completions, self._completions = None, self._completions, []
-        for completion in completions:
-            completion(job)
-        return False
-
-    def cancel(self) -> None:
-        """Cancel the running job (the process tree ends within about two seconds) and complete it."""
-        self.registration.cancel()
-        self.poll()

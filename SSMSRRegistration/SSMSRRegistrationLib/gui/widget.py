@@ -34,7 +34,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNodeShown = False  # the widgets connected to the parameter node and observing it
         self._gpuDevicesListed = False
         self._logLinesShown = 0
-        self._run = None  # the panel.PanelRun last started from this panel
+        self._run = None  # the panel_runs.PanelRun last started from this panel
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -86,7 +86,7 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def exit(self) -> None:
         """Only disconnect the widgets, as Slicer's scripted-module template does (v5.6.2,
         Utilities/Templates/Modules/Scripted/TemplateKey.py): the parameter node stays, and a running job still
-        completes with the parameter node it started from (``panel.PanelRun``, driven by the module logic)."""
+        completes with the parameter node it started from (``panel_runs.PanelRun``, driven by the module logic)."""
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -148,9 +148,8 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _showMode(self, currentMode: str) -> None:
         """Atlas mode: the fixed volume is the one to segment, pair-only widgets hidden. Cine mode: only the cine,
-        an optional mask and the pairs per step."""
-        for name in ("movingVolumeLabel", "movingVolumeSelector", "segmentationLabel", "segmentationSelector",
-                     "outputTransformLabel", "outputTransformSelector", "outputVolumeLabel", "outputVolumeSelector",
+        an optional mask, the reference frame, a segmentation drawn on it and the pairs per step."""
+        for name in ("movingVolumeLabel", "movingVolumeSelector", "outputTransformLabel", "outputTransformSelector", "outputVolumeLabel", "outputVolumeSelector",
                      "jacobianVolumeLabel", "jacobianVolumeSelector", "alignFirstLabel", "alignFirstComboBox",
                      "initialTransformLabel", "initialTransformSelector"):
             getattr(self.ui, name).setVisible(currentMode == "pair")
@@ -158,8 +157,13 @@ class SSMSRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             getattr(self.ui, name).setVisible(currentMode == "atlas")
         for name in ("fixedVolumeLabel", "fixedVolumeSelector", "atlasSelectionLabel", "atlasSelectionCheckBox"):
             getattr(self.ui, name).setVisible(currentMode != "cine")
-        for name in ("cineLabel", "cineSelector", "batchSizeLabel", "batchSizeSpinBox"):
+        for name in ("cineLabel", "cineSelector", "batchSizeLabel", "batchSizeSpinBox", "referenceFrameLabel",
+                     "referenceFrameSpinBox"):
             getattr(self.ui, name).setVisible(currentMode == "cine")
+        for name in ("segmentationLabel", "segmentationSelector"):
+            getattr(self.ui, name).setVisible(currentMode != "atlas")
+        self.ui.segmentationLabel.text = (_("Segmentation on the reference frame:") if currentMode == "cine"
+                                          else _("Segmentation to propagate:"))
         self.ui.fixedVolumeLabel.text = _("Volume to segment:") if currentMode == "atlas" else _("Fixed volume:")
         self.ui.fixedMaskLabel.text = _("Mask (on the frames):") if currentMode == "cine" else _("Fixed mask:")
 

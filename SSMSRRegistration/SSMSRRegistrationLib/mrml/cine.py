@@ -22,8 +22,8 @@ cancel):
   nlcc_identity, nlcc, folded_percent);
 * two plot charts over the pairs: MSE and NLCC, identity and SSMSR.
 
-With a reference frame, :func:`propagateSegmentation` turns a segmentation drawn on that frame into a sequence of
-segmentation nodes, one per frame, in the same browser.
+With a reference frame, ``propagation.propagateSegmentation`` turns a segmentation drawn on that frame into a sequence
+of segmentation nodes, one per frame, in the same browser.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _firstChannelArray(volumeNode) -> np.ndarray:
     return values.reshape(slices, rows, columns).copy()
 
 
-def _geometryNode(dimensions, frameIjkToRas: np.ndarray):
+def frameGeometryNode(dimensions, frameIjkToRas: np.ndarray):
     """A volume node outside any scene carrying one frame's grid (``dimensions`` (i, j, k) and IJK-to-RAS)."""
     node = slicer.vtkMRMLScalarVolumeNode()
     imageData = vtk.vtkImageData()
@@ -115,7 +115,7 @@ def _sequenceFrames(cineNode) -> tuple[list[np.ndarray], list, list[str]]:
                                     "the reference volume).")
         voxels = _firstChannelArray(frame)
         arrays.append(voxels[0] if dimensions[2] == 1 else voxels)
-        geometries.append(_geometryNode(dimensions, matrix))
+        geometries.append(frameGeometryNode(dimensions, matrix))
         indexValues.append(cineNode.GetNthIndexValue(item))
     return arrays, geometries, indexValues
 
@@ -142,7 +142,7 @@ def cineFrames(cineNode) -> tuple[list[np.ndarray], list, list[str]]:
         for frame in range(dimensions[2]):
             frameIjkToRas = matrix.copy()
             frameIjkToRas[:3, 3] += frame * matrix[:3, 2]
-            geometries.append(_geometryNode(dimensions[:2] + (1,), frameIjkToRas))
+            geometries.append(frameGeometryNode(dimensions[:2] + (1,), frameIjkToRas))
         return list(stack), geometries, [str(frame) for frame in range(dimensions[2])]
     raise RegistrationError("Select a sequence of 2D images or of 3D volumes, or a volume whose third axis is time.")
 
@@ -182,6 +182,16 @@ def referenceProblems(reference, frames: int) -> list[str]:
         return []
     return [f"reference must be a frame number from 0 to {frames - 1} (the frame registered onto every other), or "
             f"None for consecutive pairs; got {reference!r}."]
+
+
+def frameCount(cineNode) -> int:
+    """The frames of a cine node: a sequence's items, the slices of a volume whose third axis is time (0 for
+    anything else, or a volume without image data)."""
+    if isinstance(cineNode, slicer.vtkMRMLSequenceNode):
+        return cineNode.GetNumberOfDataNodes()
+    if isinstance(cineNode, slicer.vtkMRMLScalarVolumeNode) and cineNode.GetImageData() is not None:
+        return cineNode.GetImageData().GetDimensions()[2]
+    return 0
 
 
 def sequenceBrowsersOf(scene, sequenceNode) -> list:
@@ -423,67 +433,3 @@ class CineTrackingJob(Job):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Segmentation propagated to every frame
-
-
-def propagateSegmentation(scene, segmentationNode, transformSequenceNode, sequencesLogic=None):
-    """A new sequence of segmentation nodes, one per frame (the transforms' index values), in the transforms'
-    browser: ``segmentationNode``, drawn on the reference frame R of a tracking with a reference frame, warped onto
-    each frame. Returns the new sequence node; ``segmentationNode`` is not modified.
-
-    Frame t's transform maps a point p of frame t to p + u_t(p) in frame R, so frame t's segmentation is frame R's
-    resampled through it: what hardening a copy under frame t's transform does (binary labelmap, nearest
-    neighbour). Each result is then resampled onto frame t's grid (the Segment Editor's "specify geometry"), which
-    also becomes its reference geometry. Frame R's is the copy itself. Raises RegistrationError (the scene unchanged)
-    when the inputs do not fit.
-    """
-    cineNode = transformSequenceNode.GetNodeReference(CINE_REFERENCE_ROLE) if transformSequenceNode else None
-    reference = transformSequenceNode.GetAttribute(REFERENCE_FRAME_ATTRIBUTE) if transformSequenceNode else None
-    if not isinstance(segmentationNode, slicer.vtkMRMLSegmentationNode) \
-            or segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
-        raise RegistrationError("Select a segmentation with at least one segment, drawn on the reference frame.")
-    if not isinstance(cineNode, slicer.vtkMRMLSequenceNode) \
-            or cineNode.GetNumberOfDataNodes() != transformSequenceNode.GetNumberOfDataNodes():
-        raise RegistrationError("Select a transform sequence made by SSMSR tracking of a sequence node (its cine is "
-                                "missing, or is a volume whose third axis is time).")
-    if reference is None:
-        raise RegistrationError(f"The transforms '{transformSequenceNode.GetName()}' register consecutive frames; "
-                                "track with a reference frame (reference=R, R the frame the segmentation is drawn "
-                                "on) to propagate a segmentation.")
-    parent = segmentationNode.GetParentTransformNode()
-    browsers = sequenceBrowsersOf(scene, transformSequenceNode)
-    if parent is not None and not any(parent is browser.GetProxyNode(transformSequenceNode) for browser in browsers):
-        raise RegistrationError(f"The segmentation '{segmentationNode.GetName()}' is under the transform "
-                                f"'{parent.GetName()}'; harden or remove it first.")
-    labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-    with SceneTransaction(scene) as transaction:
-        sequence = newSequenceLike(scene, f"{segmentationNode.GetName()} propagated (SSMSR)", transformSequenceNode)
-        for frame in range(transformSequenceNode.GetNumberOfDataNodes()):
-            copy = slicer.vtkMRMLSegmentationNode()
-            copy.SetName(f"{segmentationNode.GetName()} frame {frame}")
-            segmentation = copy.GetSegmentation()
-            segmentation.DeepCopy(segmentationNode.GetSegmentation())
-            if segmentation.GetSourceRepresentationName() != labelmapName:
-                segmentation.CreateRepresentation(labelmapName)
-                segmentation.SetSourceRepresentationName(labelmapName)
-            if frame != int(reference):
-                # What vtkSlicerTransformLogic::hardenTransform does: apply the transform to world (a general
-                # transform: the inverse of the "from parent" grid); the labelmap is resampled through the grid
-                # itself, the field is not inverted.
-                toWorld = vtk.vtkGeneralTransform()
-                toWorld.Concatenate(transformSequenceNode.GetNthDataNode(frame).GetTransformFromParent().GetInverse())
-                copy.ApplyTransform(toWorld)
-            frameNode = cineNode.GetNthDataNode(frame)
-            geometry = _geometryNode(frameNode.GetImageData().GetDimensions(), ijkToRas(frameNode))
-            resampler = slicer.vtkSlicerSegmentationGeometryLogic()
-            resampler.SetInputSegmentationNode(copy)
-            resampler.SetSourceGeometryNode(geometry)
-            error = resampler.CalculateOutputGeometry()
-            if error:
-                raise RegistrationError(f"the segmentation could not be resampled onto frame {frame}: {error}")
-            resampler.ResampleLabelmapsInSegmentationNode()
-            copy.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
-            if sequence.SetDataNodeAtValue(copy, transformSequenceNode.GetNthIndexValue(frame)) is None:
-                raise RegistrationError(f"the segmentation of frame {frame} could not be added to the sequence.")
-        sequence.SetNodeReferenceID(CINE_REFERENCE_ROLE, cineNode.GetID())
-        synchronizeWithBrowser(scene, sequence, transformSequenceNode, transaction, sequencesLogic)
-    return sequence

@@ -27,12 +27,12 @@ from typing import Any
 from ..common.errors import InputError
 from ..common.protocol import ProgressCallback
 from ..common.run_config import ResolvedRun, RunConfiguration, combined, takes_run_options
-from .cine import (CineTrackingJob, cineFrames, isVolumeSequence, propagateSegmentation, referenceProblems,
-                   trackingInputProblems, writeCine)
+from .cine import CineTrackingJob, cineFrames, isVolumeSequence, referenceProblems, trackingInputProblems, writeCine
 from .geometry import SlicePlane, isSingleSlice
 from .jobs import Job, JobState, RegistrationCancelledError, RegistrationError
 from .parameters import (alignmentProblems, atlasInputProblems, atlasVolumeNode, inputProblems, modelFileProblems,
                          stepProblems)
+from .propagation import propagateSegmentation
 from .registration_jobs import AtlasSegmentationJob, RegistrationJob
 from .storage import writeAtlasLabels, writeInitialTransform, writeVolume
 from .worker_command import defaultWorkerPrefix, jobDocument, workerEnvironment, writeJob
@@ -187,7 +187,7 @@ class RegistrationLogic:
         frame: returns a new sequence of segmentation nodes (one per frame, the cine's index values) synchronised
         in the tracking's browser, so that scrubbing shows each frame's segmentation. ``segmentationNode`` is left
         as it is. Raises RegistrationError (the scene unchanged) for a consecutive tracking or other unfit inputs;
-        see ``mrml.cine.propagateSegmentation``."""
+        see ``mrml.propagation.propagateSegmentation``."""
         return propagateSegmentation(self.scene, segmentationNode, transformSequenceNode, self.sequencesLogic)
 
     @takes_run_options("pair")
