@@ -22,8 +22,8 @@ from test_alignment import rotation
 #: pair moves by 5.4 mm, forwards or backwards, and frame 0 onto frame 2 by 10.8 mm.
 AMPLITUDE_MM = np.array([3.0, -2.0, 4.0])
 SHIFTS_MM = [AMPLITUDE_MM * t for t in range(3)]
-#: Short, and enough for motions of up to 11 mm (5 voxels) on this 32x40x32 grid: every pair in every step (with 2
-#: of 3 pairs per step, 60 steps left some consecutive pairs 6 mm off).
+#: Short, and enough for these motions on this 32^3 grid: every pair in every step (with 2 of 3 pairs per step, 60 steps
+#: left some pairs 6 mm off, in a motion of four frames).
 SHORT = dict(scales="1/4,1/2,1", steps=60, batch_size=0, device="cpu")
 
 
@@ -37,12 +37,14 @@ def oblique(image: sitk.Image) -> sitk.Image:
 
 
 def moving_volumes():
-    """(4D image x, y, z, t of the moving volume, brain mask as a (z, y, x) bool array of the frame grid)."""
+    """(4D image x, y, z, t of the moving volume, brain mask as a (z, y, x) bool array of the frame grid): the
+    volume moved on its 32x40x32 grid, then seen through the central 32 of its 40 rows (a 32^3 field of view, which
+    the U-Net computes without padding; the brain moves across its borders)."""
     t1, white_matter = (oblique(image) for image in sample_data.shipped_brain_crop())
     frames = [sitk.Resample(t1, t1, sitk.TranslationTransform(3, tuple(shift)), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
               for shift in SHIFTS_MM]
     brain = sitk.GetArrayFromImage(sitk.BinaryDilate(white_matter, [2, 2, 2])) > 0
-    return sitk.JoinSeries(frames), brain
+    return sitk.JoinSeries(frames)[:, 4:36, :, :], brain[:, 4:36, :]
 
 
 def mean_field_mm(field: sitk.Image, inside: np.ndarray) -> np.ndarray:
@@ -62,7 +64,7 @@ def test_a_4d_image_is_read_as_3d_frames_on_its_grid(cine_4d):
     path, _ = cine_4d
     cine = read_cine(path)
     image = sitk.ReadImage(str(path))
-    assert cine.dimension == 3 and cine.frames.shape == (3, 32, 40, 32)
+    assert cine.dimension == 3 and cine.frames.shape == (3, 32, 32, 32)
     assert cine.frame_grid.GetSize() == image.GetSize()[:3]
     assert np.allclose(cine.frame_grid.GetSpacing(), (2.0, 2.0, 2.5))
     assert np.allclose(cine.frame_grid.GetOrigin(), image.GetOrigin()[:3])
@@ -76,16 +78,17 @@ def test_the_fields_recover_the_known_motion_in_millimetres(cine_4d, reference, 
     translation between the pair's frames (5.4 mm), and frame 0 onto frame 2 through the composed consecutive
     fields is the 10.8 mm drift. Over seeds 0-4 of this very run in both precisions (`python
     Testing/benchmarks/seed_spread.py --scenarios sequence_3d`, with and without the AVX2 cap), a run's largest pair
-    error was 0.51 +- 0.08 mm (at most 0.65 mm): the bound, 1.0 mm, is the mean plus 6 standard deviations, half the
-    smallest voxel side. The composed field's error was 0.75 +- 0.15 mm (at most 1.06 mm): bound 1.5 mm."""
+    error was 0.59 +- 0.17 mm (at most 0.91 mm): the bound, 1.5 mm, is the mean plus 5.4 standard deviations, three
+    quarters of the smallest voxel side. The composed field's error was 0.69 +- 0.09 mm (at most 0.81 mm), under the
+    same bound."""
     path, brain = cine_4d
     result = ssmsr.track(path, reference=reference, seed=0, **SHORT)
     expected_pairs = [(0, 1), (1, 2)] if reference is None else [(1, 0), (1, 2)]
     assert result.frame_pairs == expected_pairs
     for moving, fixed in result.frame_pairs:
         error = np.linalg.norm(mean_field_mm(result.field(fixed), brain) - (SHIFTS_MM[fixed] - SHIFTS_MM[moving]))
-        assert error < 1.0, (moving, fixed, error)
-    summary = result.summary()  # MSE after / before over the same seeds: 0.45-0.46 (consecutive), 0.04-0.06 (reference)
+        assert error < 1.5, (moving, fixed, error)
+    summary = result.summary()  # MSE after / before over the same seeds: 0.44-0.45 (consecutive), 0.05-0.06 (reference)
     assert summary["mse_after"] < 0.6 * summary["mse_before"] and summary["max_folded_percent"] < 0.1
 
     written = ssmsr.save_tracking(result, str(tmp_path / "out"), accumulated=reference is None)
@@ -117,14 +120,14 @@ def test_the_fields_recover_the_known_motion_in_millimetres(cine_4d, reference, 
 def test_a_folder_of_volumes_on_different_grids_is_resampled_onto_the_reference_frame(tmp_path):
     cine, _ = moving_volumes()
     frames = [cine[:, :, :, t] for t in range(3)]
-    frames[2] = sitk.RegionOfInterest(frames[2], [24, 30, 24], [4, 5, 6])  # a smaller field of view, shifted origin
+    frames[2] = sitk.RegionOfInterest(frames[2], [24, 24, 24], [4, 5, 6])  # a smaller field of view, shifted origin
     for index, frame in enumerate(frames):
         sitk.WriteImage(frame, str(tmp_path / f"phase_{index * 10}.nrrd"))
     read = read_cine(tmp_path, reference=1)
-    assert read.frames.shape == (3, 32, 40, 32) and read.frame_grid.GetSize() == frames[1].GetSize()
+    assert read.frames.shape == (3, 32, 32, 32) and read.frame_grid.GetSize() == frames[1].GetSize()
     assert np.allclose(read.frame_grid.GetOrigin(), frames[1].GetOrigin())
     # Frame 2 on frame 1's grid: its voxels are where they were in space, zero outside its field of view.
-    resampled = read.frames[2][6:6 + 24, 5:5 + 30, 4:4 + 24]
+    resampled = read.frames[2][6:6 + 24, 5:5 + 24, 4:4 + 24]
     original = sitk.GetArrayFromImage(frames[2])
     low, high = float(sitk.GetArrayViewFromImage(cine).min()), float(sitk.GetArrayViewFromImage(cine).max())
     np.testing.assert_allclose(resampled, (original - low) / (high - low), atol=1e-4)
@@ -191,7 +194,7 @@ def test_masks_of_3d_frames_one_for_all_or_one_per_frame(cine_4d, tmp_path):
     with pytest.raises(InputError, match="The mask is empty in every fixed frame of the pairs"):
         ssmsr.track(path, mask=str(tmp_path / "reference_only.nii.gz"), reference=1, **SHORT)
     sitk.WriteImage(one[:, :, :20], str(tmp_path / "small.nii.gz"))
-    with pytest.raises(InputError, match="The mask is 32x40x20 but the cine's frames are 32x40x32"):
+    with pytest.raises(InputError, match="The mask is 32x32x20 but the cine's frames are 32x32x32"):
         read_masks(str(tmp_path / "small.nii.gz"), cine)
 
 
