@@ -30,6 +30,17 @@ def pair(scene):
     return fixed, moving
 
 
+@pytest.fixture
+def phases(scene):
+    """A sequence node "phases" of three 3D volumes of 12x10x6 voxels (a 3D+t cine)."""
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "phases")
+    for index in range(3):
+        volume = scene_helpers.addVolumeFromArray(scene, np.random.default_rng(index).random((6, 10, 12)),
+                                                  f"phase {index}")
+        sequence.SetDataNodeAtValue(volume, str(index))
+    return sequence
+
+
 def test_a_new_panel_starts_from_the_default_preset_and_says_what_is_missing():
     values = panel.PanelValues()
     assert values.preset == DEFAULT_PRESET == "balanced" and values.smoothnessWeight == 3.0
@@ -186,14 +197,9 @@ def test_versions():
     assert panel.versionAtLeast("2.4.0", "2.4") and not panel.versionAtLeast("2.3.1", "2.4")
 
 
-def test_a_sequence_of_3d_volumes_shows_the_presets_values_for_3d_cines(scene):
+def test_a_sequence_of_3d_volumes_shows_the_presets_values_for_3d_cines(scene, phases):
     """The worker trains a sequence of volumes with the preset's 3D+t values (``volume_cine``), not the echo cines':
     the panel shows those, and switching between a 2D and a 3D cine keeps the user's overrides."""
-    volumes = [scene_helpers.addVolumeFromArray(scene, np.random.default_rng(k).random((6, 10, 12)), f"phase {k}")
-               for k in range(3)]
-    phases = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "phases")
-    for index, volume in enumerate(volumes):
-        phases.SetDataNodeAtValue(volume, str(index))
     values = panel.PanelValues(cineTracking=True, cine=phases)
     apply(values, panel.reconcile(values))
     volumeCine, cine = (RunConfiguration().resolve(kind) for kind in ("volume_cine", "cine"))
@@ -211,14 +217,9 @@ def test_a_sequence_of_3d_volumes_shows_the_presets_values_for_3d_cines(scene):
     assert panel.configuration(values) == RunConfiguration.of(DEFAULT_PRESET, device="cpu")
 
 
-def test_a_reference_frame_and_a_segmentation_on_it_reach_the_logic_or_say_what_is_wrong(scene, tmp_path):
+def test_a_reference_frame_and_a_segmentation_on_it_reach_the_logic_or_say_what_is_wrong(scene, phases, tmp_path):
     """The reference frame must be a frame of the cine; a segmentation to propagate needs a reference frame (the
     frame it is drawn on), a sequence node and a segment; the logic receives the frame, and its job file holds it."""
-    volumes = [scene_helpers.addVolumeFromArray(scene, np.random.default_rng(k).random((6, 10, 12)), f"phase {k}")
-               for k in range(3)]
-    phases = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "phases")
-    for index, volume in enumerate(volumes):
-        phases.SetDataNodeAtValue(volume, str(index))
     values = panel.PanelValues(cineTracking=True, cine=phases)
     assert values.referenceFrame == -1 and panel.logicCall(values, [])[2]["reference"] is None
     values.referenceFrame = 3
@@ -231,7 +232,7 @@ def test_a_reference_frame_and_a_segmentation_on_it_reach_the_logic_or_say_what_
     values.segmentation = empty
     assert panel.problems(values, []) == ["The segmentation 'empty' has no segment."]
     labels = (np.arange(6 * 10 * 12).reshape(6, 10, 12) % 7 == 0).astype(np.uint8)
-    drawn = scene_helpers.addSegmentationFromLabels(scene, labels, volumes[2], "drawn")
+    drawn = scene_helpers.addSegmentationFromLabels(scene, labels, phases.GetNthDataNode(2), "drawn")
     values.segmentation, values.referenceFrame = drawn, -1
     assert panel.problems(values, []) == [
         "The segmentation 'drawn' is propagated from the frame it is drawn on: choose that frame as the reference "
