@@ -155,13 +155,12 @@ def predict(network: RegistrationUNet, pair: torch.Tensor, mixed_precision: bool
 
     With ``mixed_precision`` the convolutions run in bfloat16 on channels-last tensors (weights and Adam
     state stay float32, the field is returned in float32); without it, a float32 forward pass, channels-last for a
-    batch of pairs on the CPU (one pair stays as it is: one volume for ``convolve``'s halves, one image because it
-    was slower channels-last on one AVX2 thread). A training step on 3 pairs of 32x40x32 is 1.3x faster with AVX2
-    only, 1.5x with AVX-512; on 2 pairs of 144x160 pixels 1.3x and 1.7x (Testing/benchmarks/RESULTS.md "float32").
+    batch of volumes on the CPU (a training step on 3 pairs of 32x40x32 1.3x faster with AVX2 only, 1.5x with
+    AVX-512; one volume stays as it is, for ``convolve``'s halves: Testing/benchmarks/RESULTS.md "float32").
     """
     if not mixed_precision:
-        if pair.device.type == "cpu" and pair.shape[0] > 1:
-            return network(pair.contiguous(memory_format=_layout(pair.dim() - 2))).contiguous()
+        if pair.dim() == 5 and pair.shape[0] > 1 and pair.device.type == "cpu":
+            return network(pair.contiguous(memory_format=_layout(3))).contiguous()
         return network(pair)
     with torch.autocast(pair.device.type, dtype=torch.bfloat16):
         return network(pair.contiguous(memory_format=_layout(network.ndim))).float()
