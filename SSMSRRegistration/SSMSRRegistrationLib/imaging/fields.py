@@ -56,6 +56,28 @@ def image_to_voxel_field(field: sitk.Image) -> np.ndarray:
     return index_vectors[::-1].copy()
 
 
+def sample_field(field: sitk.Image, points: np.ndarray):
+    """Linear interpolation of a vector field at (N, ndim) physical points, as ITK's DisplacementFieldTransform does
+    it (neighbours clamped at the border). Returns (values (N, ndim), inside (N,)): inside is False beyond half a
+    voxel outside the grid, where ITK takes the displacement as 0 (the values there are the clamped border's)."""
+    origin, matrix = np.array(field.GetOrigin(), dtype=np.float64), _index_to_physical_matrix(field)
+    size = np.array(field.GetSize())
+    index = (np.asarray(points, dtype=np.float64) - origin) @ np.linalg.inv(matrix).T  # continuous index (x, y[, z])
+    inside = np.all((index >= -0.5) & (index < size - 0.5), axis=1)
+    index = np.clip(np.nan_to_num(index), 0, size - 1)
+    base = np.minimum(np.floor(index).astype(np.int64), np.maximum(size - 2, 0))
+    fraction = index - base
+    array = sitk.GetArrayViewFromImage(field)  # (*reversed size, ndim)
+    ndim = len(size)
+    values = np.zeros((len(index), ndim))
+    for corner in np.ndindex(*([2] * ndim)):
+        offset = np.array(corner)
+        corner_index = np.minimum(base + offset, size - 1)
+        weight = np.prod(np.where(offset == 1, fraction, 1.0 - fraction), axis=1)
+        values += weight[:, None] * array[tuple(corner_index[:, ndim - 1 - k] for k in range(ndim))]
+    return values, inside
+
+
 def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
     """A SimpleITK transform for a physical field (the field image is copied, not consumed)."""
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))

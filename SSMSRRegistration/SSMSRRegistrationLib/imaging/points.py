@@ -15,7 +15,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -159,3 +159,33 @@ def write_points(point_file: PointFile, moved_lps: np.ndarray, path: str) -> str
             stream.write(text)
 
     return write_atomically(path, write)
+
+
+def read_cine_landmarks(path: str, ndim: int, frames: int) -> Dict[int, Dict[str, np.ndarray]]:
+    """Landmarks of a cine's frames from a CSV whose header names the coordinate convention (L,P,S or R,A,S; 2D:
+    L,P or R,A), a ``frame`` column (0 to ``frames`` - 1) and, optionally, a ``label`` column: a landmark is the same
+    structure in every frame where its label appears (without labels, the k-th row of each frame). Returns {frame:
+    {label: (ndim,) point, LPS mm}}."""
+    point_file = read_points(path, ndim)
+    if point_file.kind != "csv":
+        raise InputError(f"The landmarks {path!r} must be a CSV with a 'frame' column (a markups file holds no frame).")
+    header = [name.strip().lower() for name in point_file.content[0]]
+    if header.count("frame") != 1:
+        raise InputError(f"The landmarks {path!r} need one 'frame' column (the frame, from 0, of each point); its "
+                         f"header is {','.join(point_file.content[0])}.")
+    frame_column = header.index("frame")
+    label_column = header.index("label") if "label" in header else None
+    landmarks: Dict[int, Dict[str, np.ndarray]] = {}
+    for number, (row, point) in enumerate(zip(point_file.content[1:], point_file.points)):
+        text = row[frame_column].strip()
+        if not text.isdigit() or int(text) >= frames:
+            raise InputError(f"Row {number + 2} of {path!r} gives frame {text!r}; the cine's frames are 0 to "
+                             f"{frames - 1}.")
+        points = landmarks.setdefault(int(text), {})
+        label = row[label_column].strip() if label_column is not None else str(len(points))
+        if label in points:
+            raise InputError(f"Row {number + 2} of {path!r} gives landmark {label!r} of frame {text} a second time.")
+        points[label] = point
+    if not landmarks:
+        raise InputError(f"The landmarks {path!r} hold no point.")
+    return landmarks

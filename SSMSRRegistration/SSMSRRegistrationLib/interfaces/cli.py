@@ -27,7 +27,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_DIFFERENT, EXIT_CAN
 OUTPUT_OPTIONS = {"register": ("output", "warped", "warped_labels", "jacobian", "affine_output", "inverse"),
                   "track": ("output",), "segment": ("output",)}
 #: Options of ``register`` and ``track`` that name files they read (made absolute in the provenance's command).
-INPUT_OPTIONS = ("fixed", "moving", "moving_labels", "fixed_mask", "model", "initial", "cine", "mask", "target")
+INPUT_OPTIONS = ("fixed", "moving", "moving_labels", "fixed_mask", "model", "initial", "cine", "mask", "target", "landmarks")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "one test-time training for the whole sequence, and write "
                                           "OUTDIR/field_NNNN.nii.gz (warps the pair's moving frame onto frame NNNN), "
                                           "fields.nii.gz (all of them, on the cine grid), mask.nii.gz, metrics.csv "
-                                          "(MSE, NLCC and folding per pair, identity and SSMSR), summary.json, "
+                                          "(MSE, NLCC, folding and with --landmarks TRE per pair), summary.json, "
                                           "tracking.gif and tracking.png (3D frames: their middle slice).")
     trk.add_argument("cine", help="multi-frame DICOM, NIfTI/NRRD whose last axis is time (x,y,t or x,y,z,t), a folder "
                                   "of 2D frames or of 3D volumes, or a DICOM folder with several temporal positions")
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     trk.add_argument("--reference", type=int, metavar="R",
                      help="register frame R (from 0) onto every other frame instead of consecutive pairs; 3D frames "
                           "on other grids are resampled onto its grid")
+    trk.add_argument("--landmarks", metavar="CSV", help="each pair's target registration error from landmarks: "
+                     "columns frame, L,P,S or R,A,S, optional label (else the k-th point of each frame)")
     trk.add_argument("--accumulate", action="store_true",
                      help="also write accumulated_NNNN.nii.gz and accumulated.nii.gz (frame 0 onto frame NNNN; "
                           "consecutive pairs only)")
@@ -263,8 +265,8 @@ def run_track(args, reporter: Reporter) -> None:
                          "reference frame to every other.")
     if not args.no_figures:
         check_figure_support()
-    result = track(args.cine, mask=args.mask, reference=reference, config=run_configuration(args, "cine"),
-                   progress=reporter.handle)
+    result = track(args.cine, mask=args.mask, reference=reference, landmarks=getattr(args, "landmarks", None),
+                   config=run_configuration(args, "cine"), progress=reporter.handle)
     result.provenance["command"] = command_record(args)
     outputs = save_tracking(result, args.output, accumulated=args.accumulate, draw_figures=not args.no_figures)
     reporter.finished(outputs, result.summary())

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 from ..common.errors import InputError
 from ..imaging.alignment import identity, inverse_field
-from ..imaging.fields import displacement_transform, read_field
+from ..imaging.fields import displacement_transform, read_field, sample_field
 from ..imaging.images import ImageLike, read_image
 from ..imaging.points import is_markups_path, read_points, write_points
 
@@ -48,34 +48,6 @@ UNMAPPED_CHOICES = ("nan", "error")
 
 class UnmappedPointsWarning(UserWarning):
     """Some points could not be mapped and were set to NaN."""
-
-
-def _geometry(image: sitk.Image):
-    """(origin, index -> physical matrix, size in ITK order) of an image's grid."""
-    ndim = image.GetDimension()
-    matrix = np.array(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim) @ np.diag(image.GetSpacing())
-    return np.array(image.GetOrigin(), dtype=np.float64), matrix, np.array(image.GetSize())
-
-
-def sample_field(field: sitk.Image, points: np.ndarray):
-    """Linear interpolation of a vector field at (N, ndim) physical points, as ITK's DisplacementFieldTransform does
-    it (neighbours clamped at the border). Returns (values (N, ndim), inside (N,)): inside is False beyond half a
-    voxel outside the grid, where ITK takes the displacement as 0 (the values there are the clamped border's)."""
-    origin, matrix, size = _geometry(field)
-    index = (np.asarray(points, dtype=np.float64) - origin) @ np.linalg.inv(matrix).T  # continuous index (x, y[, z])
-    inside = np.all((index >= -0.5) & (index < size - 0.5), axis=1)
-    index = np.clip(np.nan_to_num(index), 0, size - 1)
-    base = np.minimum(np.floor(index).astype(np.int64), np.maximum(size - 2, 0))
-    fraction = index - base
-    array = sitk.GetArrayViewFromImage(field)  # (*reversed size, ndim)
-    ndim = len(size)
-    values = np.zeros((len(index), ndim))
-    for corner in np.ndindex(*([2] * ndim)):
-        offset = np.array(corner)
-        corner_index = np.minimum(base + offset, size - 1)
-        weight = np.prod(np.where(offset == 1, fraction, 1.0 - fraction), axis=1)
-        values += weight[:, None] * array[tuple(corner_index[:, ndim - 1 - k] for k in range(ndim))]
-    return values, inside
 
 
 def _check_unmapped(mapped: np.ndarray, failed: np.ndarray, reason: str, unmapped: str) -> np.ndarray:

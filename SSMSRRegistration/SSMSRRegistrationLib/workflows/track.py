@@ -38,8 +38,9 @@ from ..engine.spatial import compose
 from ..imaging.atomic import check_output_folder, publish_folder
 from ..imaging.cine import (MASK_DILATION_RADIUS, MASK_HIGH, MASK_LOW, Cine, CineSource, check_reference,
                             default_masks, read_cine, read_masks)
-from ..imaging.fields import voxel_field_to_image, write_field, write_image
+from ..imaging.fields import sample_field, voxel_field_to_image, write_field, write_image
 from ..imaging.images import ImageLike
+from ..imaging.points import read_cine_landmarks
 from .provenance import file_digest, image_digest, run_record
 
 __all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", "frame_pairs", "frames_digest",
@@ -47,6 +48,9 @@ __all__ = ["ExtraFiles", "TrackingResult", "accumulate", "check_output_folder", 
 
 #: Writes extra files into a results folder before it is published; returns {output name: file name}.
 ExtraFiles = Callable[[str], Dict[str, str]]
+#: Per-pair metrics of a tracking with landmarks (``landmark_errors``): target registration error (mm) without
+#: registration and with the pair's field.
+LANDMARK_METRIC_NAMES = ("tre_identity_mm", "tre_mm")
 
 
 def frame_pairs(frames: int, reference: Optional[int] = None) -> List[Tuple[int, int]]:
@@ -56,6 +60,29 @@ def frame_pairs(frames: int, reference: Optional[int] = None) -> List[Tuple[int,
     if reference is None:
         return [(t - 1, t) for t in range(1, frames)]
     return [(reference, t) for t in range(frames) if t != reference]
+
+
+def shared_landmarks(landmarks: Dict[int, Dict[str, np.ndarray]], moving: int, fixed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(points on the fixed frame, the same landmarks on the moving frame), (N, ndim) LPS mm each, in label order."""
+    labels = sorted(set(landmarks.get(moving, {})) & set(landmarks.get(fixed, {})))
+    ndim = len(next(iter(next(iter(landmarks.values())).values())))
+    return tuple(np.array([landmarks[frame][label] for label in labels]).reshape(-1, ndim) for frame in (fixed, moving))
+
+
+def landmark_errors(fields: List[sitk.Image], pairs: List[Tuple[int, int]],
+                    landmarks: Dict[int, Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Target registration error of each pair ((moving, fixed) frames, with its field on the fixed frame): the mean
+    distance (mm) between a landmark of the moving frame and the same landmark of the fixed frame carried by the
+    field (p + u(p), u linearly interpolated), and without registration (p itself); NaN for a pair whose frames share
+    no landmark. Returns {name of LANDMARK_METRIC_NAMES: (pairs,) array}."""
+    errors = {name: np.full(len(pairs), np.nan) for name in LANDMARK_METRIC_NAMES}
+    for index, (field, (moving, fixed)) in enumerate(zip(fields, pairs)):
+        on_fixed, on_moving = shared_landmarks(landmarks, moving, fixed)
+        if len(on_fixed):
+            displacement, _ = sample_field(field, on_fixed)
+            errors["tre_identity_mm"][index] = np.linalg.norm(on_fixed - on_moving, axis=1).mean()
+            errors["tre_mm"][index] = np.linalg.norm(on_fixed + displacement - on_moving, axis=1).mean()
+    return errors
 
 
 def accumulate(displacements: torch.Tensor) -> torch.Tensor:
@@ -125,13 +152,16 @@ class TrackingResult:
     def summary(self) -> dict:
         """Means over the pairs (ignoring pairs with an empty mask), named as the ``register`` metrics:
         mse_before/mse_after (identity/SSMSR MSE), ncc_before/ncc_after (identity/SSMSR NLCC, radius
-        ``nlcc_radius``); the largest percentage of folded pixels of a pair (max_folded_percent); with the frame and
-        pair counts, the training time and the device."""
+        ``nlcc_radius``); the largest percentage of folded pixels of a pair (max_folded_percent); with landmarks,
+        tre_before_mm/tre_after_mm (over the pairs whose frames share landmarks); with the frame and pair counts, the
+        training time and the device."""
         means = {name: float(np.nanmean(values)) for name, values in self.metrics.items()}
+        landmarks = ({"tre_before_mm": means["tre_identity_mm"], "tre_after_mm": means["tre_mm"]}
+                     if "tre_mm" in self.metrics else {})
         return {"frames": int(self.cine.frames.shape[0]), "pairs": len(self.pairs),
                 "mse_before": means["mse_identity"], "mse_after": means["mse"],
                 "ncc_before": means["nlcc_identity"], "ncc_after": means["nlcc"], "nlcc_radius": NLCC_RADIUS,
-                "max_folded_percent": float(np.max(self.metrics["folded_percent"])),
+                "max_folded_percent": float(np.max(self.metrics["folded_percent"])), **landmarks,
                 "seconds": self.seconds, "device": self.device}
 
     def save(self, folder: str, accumulated: bool = False,
@@ -190,11 +220,12 @@ class TrackingResult:
             json.dump({**self.provenance, "outputs": outputs}, stream, indent=2, allow_nan=False, default=str)
 
     def _write_metrics(self, path: str) -> None:
+        names = [*PAIR_METRIC_NAMES, *(name for name in LANDMARK_METRIC_NAMES if name in self.metrics)]
         with open(path, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
-            writer.writerow(["pair", "moving_frame", "fixed_frame", *PAIR_METRIC_NAMES])
+            writer.writerow(["pair", "moving_frame", "fixed_frame", *names])
             for index, (moving, fixed) in enumerate(self.frame_pairs):
-                writer.writerow([fixed, moving, fixed, *(f"{self.metrics[name][index]:.6g}" for name in PAIR_METRIC_NAMES)])
+                writer.writerow([fixed, moving, fixed, *(f"{self.metrics[name][index]:.6g}" for name in names)])
 
     def _description(self) -> dict:
         settings = self.settings
@@ -218,8 +249,9 @@ def frames_digest(cine: Cine) -> str:
 
 @takes_run_options("cine")
 def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", reference: Optional[int] = None,
-          progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
-          config: Optional[RunConfiguration] = None, preset: Optional[str] = None, **options) -> TrackingResult:
+          landmarks: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+          should_stop: Optional[Callable[[], bool]] = None, config: Optional[RunConfiguration] = None,
+          preset: Optional[str] = None, **options) -> TrackingResult:
     """Track a 2D+t or 3D+t cine: SSMSR on all its pairs with one test-time training for the sequence.
 
     Args:
@@ -227,6 +259,8 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
         mask: "auto" (or None) for the paper's masks (``default_masks``), or a mask file/image (``read_masks``).
         reference: None for consecutive pairs; a frame number to register that frame onto every other (its grid is
             the one 3D frames on different grids are resampled onto).
+        landmarks: None, or a CSV of landmarks per frame (``imaging.points.read_cine_landmarks``): each pair's target
+            registration error is then measured (``landmark_errors``; metrics tre_identity_mm and tre_mm).
         progress, should_stop: the engine's progress callback and cancel poll.
         config, preset, options: the run configuration, as for ``register``, with the preset's values for 2D+t cines
             or for 3D+t cines (``presets.KINDS``); a preset's schedule drops the scales that would leave a frame axis
@@ -253,6 +287,12 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     settings.validate()
     torch_device = resolve_device(run.device)
     pairs = frame_pairs(cine.frames.shape[0], reference)
+    frame_landmarks = None
+    if landmarks is not None:
+        frame_landmarks = read_cine_landmarks(landmarks, cine.dimension, cine.frames.shape[0])
+        if not any(len(shared_landmarks(frame_landmarks, *pair)[0]) for pair in pairs):
+            raise InputError(f"No pair's two frames share a landmark of {os.fspath(landmarks)!r}; give the same "
+                             "labels (or as many rows) in the frames of at least one pair.", setting="landmarks")
     if "scales" not in configuration.overrides:  # a preset's schedule: scales too coarse for small frames go
         settings.scales = fitting_schedule(cine.frames.shape[1:], settings.scales)
     automatic = mask is None or (isinstance(mask, str) and mask == "auto")
@@ -270,8 +310,11 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     result = register_tensors(fixed, moving, settings, fixed_mask=fixed_masks, device=torch_device,
                               progress=progress, should_stop=should_stop)
     metrics = pair_metrics(fixed, moving, result.displacement, fixed_masks)
+    if frame_landmarks is not None:
+        fields = [voxel_field_to_image(field.double().cpu().numpy(), cine.frame_grid) for field in result.displacement]
+        metrics.update(landmark_errors(fields, pairs, frame_landmarks))
     provenance = run_record("track", settings, configuration,
-                            inputs={"cine": source, "mask": None if automatic else mask},
+                            inputs={"cine": source, "mask": None if automatic else mask, "landmarks": landmarks},
                             options={"mask": mask_source, "reference": reference,
                                      "frames_sha256": frames_digest(cine)}, device=result.device)
     return TrackingResult(cine=cine, masks=masks, reference=reference, displacements=result.displacement.cpu(),
