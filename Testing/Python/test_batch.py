@@ -32,9 +32,12 @@ MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"
 ENV = dict(os.environ, PYTHONPATH=MODULE_DIRECTORY + os.pathsep + os.environ.get("PYTHONPATH", ""))
 SHORT = dict(device="cpu", scales="1/2,1", steps=5, precision="float32", seed=0)
 SLICES = (95, 99, 103)
-HEADER = "case,kind,fixed,moving,moving_labels,fixed_labels,target,atlases,cine\n"
-REGISTER_ROWS = ("r1,register,s95.nii.gz,s99.nii.gz,l99.nii.gz,l95.nii.gz,,,\n"
-                 "r2,register,s99.nii.gz,s103.nii.gz,,,,,\n")
+HEADER = "case,kind,fixed,moving,moving_labels,fixed_labels,target,atlases,cine,landmarks\n"
+REGISTER_ROWS = ("r1,register,s95.nii.gz,s99.nii.gz,l99.nii.gz,l95.nii.gz,,,,\n"
+                 "r2,register,s99.nii.gz,s103.nii.gz,,,,,,\n")
+#: Two landmarks (LPS mm) in each frame of the cohort's cine: {label: (frames, 2)}.
+LANDMARKS = {"a": np.array([[60.0, 60.0], [62.0, 61.0], [63.0, 64.0]]),
+             "b": np.array([[100.0, 80.0], [101.0, 83.0], [99.0, 85.0]])}
 
 
 def _write(array: np.ndarray, path: Path) -> None:
@@ -59,9 +62,11 @@ def cohort(tmp_path_factory) -> Path:
     sitk.WriteImage(cine, str(folder / "cine.nii.gz"))
     (folder / "jobs.csv").write_text(
         HEADER + REGISTER_ROWS
-        + "seg,segment,,,,l95.nii.gz,s95.nii.gz,s99.nii.gz:l99.nii.gz;s103.nii.gz:l103.nii.gz,\n"
-        + "trk,track,,,,,,,cine.nii.gz\n"
-        + "bad,register,s95.nii.gz,missing.nii.gz,,,,,\n")
+        + "seg,segment,,,,l95.nii.gz,s95.nii.gz,s99.nii.gz:l99.nii.gz;s103.nii.gz:l103.nii.gz,,\n"
+        + "trk,track,,,,,,,cine.nii.gz,landmarks.csv\n"
+        + "bad,register,s95.nii.gz,missing.nii.gz,,,,,,\n")
+    (folder / "landmarks.csv").write_text("frame,label,L,P\n" + "".join(
+        f"{frame},{label},{x},{y}\n" for label, points in LANDMARKS.items() for frame, (x, y) in enumerate(points)))
     (folder / "register.csv").write_text(HEADER + REGISTER_ROWS)
     return folder
 
@@ -126,6 +131,11 @@ def test_an_embedded_cluster_of_two_workers_gives_what_each_case_gives_alone(emb
         assert float(table["r1"][f"dice_{label}"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-5)
     assert float(table["r1"]["dice_mean"]) > 0.5 and float(table["seg"]["dice_mean"]) > 0.5
     assert table["r2"]["dice_mean"] == "" and table["trk"]["dice_1"] == ""
+    # The tracking case's landmarks: the error without registration is the mean distance between the frames' points.
+    points = np.stack(list(LANDMARKS.values()))  # (label, frame, 2)
+    before = np.mean([np.linalg.norm(points[:, fixed] - points[:, fixed - 1], axis=1).mean() for fixed in (1, 2)])
+    assert float(table["trk"]["tre_before_mm"]) == pytest.approx(before, rel=1e-5)
+    assert float(table["trk"]["tre_after_mm"]) >= 0 and table["r1"]["tre_before_mm"] == ""
     _assert_nothing_partial(output)
 
 

@@ -40,7 +40,7 @@ from .track import track
 #: kind -> (required columns, optional columns).
 KINDS = {"register": (("fixed", "moving"), ("moving_labels", "fixed_labels", "fixed_mask")),
          "segment": (("target", "atlases"), ("fixed_labels", "fixed_mask")),
-         "track": (("cine",), ("mask",))}
+         "track": (("cine",), ("mask", "landmarks"))}
 INPUT_COLUMNS = tuple(dict.fromkeys(column for required, optional in KINDS.values() for column in required + optional))
 
 RECORD = "case.json"
@@ -49,7 +49,7 @@ CASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 #: Results columns before the per-label Dice columns (dice_LABEL, label order) and "error".
 COLUMNS = ("case", "kind", "status", "seconds", "device", "final_loss", FOLDED_PERCENT, "ncc_before", "ncc_after",
-           "mse_before", "mse_after", "dice_mean")
+           "mse_before", "mse_after", "tre_before_mm", "tre_after_mm", "dice_mean")
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 #: Polled during training; True cancels the case.
@@ -222,14 +222,15 @@ def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Opti
 
 
 def _run_track(job: Job, staging: str, options: CaseOptions, should_stop: Optional[StopPoll]):
-    result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), config=options.config.only_for("cine"),
-                   should_stop=should_stop)
+    result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), landmarks=job.inputs.get("landmarks"),
+                   config=options.config.only_for("cine"), should_stop=should_stop)
     files = {key: name for key, name in result.write_files(staging).items() if name}
     summary = result.summary()
     last_scale = list(result.loss_history.values())[-1]
     values = {"device": summary["device"], "final_loss": last_scale[-1] if last_scale else float("nan"),
               FOLDED_PERCENT: summary["max_folded_percent"],
-              **{name: summary[name] for name in ("ncc_before", "ncc_after", "mse_before", "mse_after")}}
+              **{name: summary[name] for name in ("ncc_before", "ncc_after", "mse_before", "mse_after", "tre_before_mm",
+                                                  "tre_after_mm") if name in summary}}
     return files, summary, values
 
 
