@@ -32,9 +32,11 @@ MODULE_DIRECTORY = str(Path(__file__).resolve().parents[2] / "SSMSRRegistration"
 ENV = dict(os.environ, PYTHONPATH=MODULE_DIRECTORY + os.pathsep + os.environ.get("PYTHONPATH", ""))
 SHORT = dict(device="cpu", scales="1/2,1", steps=5, precision="float32", seed=0)
 SLICES = (95, 99, 103)
-HEADER = "case,kind,fixed,moving,moving_labels,fixed_labels,target,atlases,cine,landmarks\n"
-REGISTER_ROWS = ("r1,register,s95.nii.gz,s99.nii.gz,l99.nii.gz,l95.nii.gz,,,,\n"
-                 "r2,register,s99.nii.gz,s103.nii.gz,,,,,,\n")
+HEADER = "case,kind,fixed,moving,moving_labels,fixed_labels,target,atlases,cine,landmarks,reference\n"
+REGISTER_ROWS = ("r1,register,s95.nii.gz,s99.nii.gz,l99.nii.gz,l95.nii.gz,,,,,\n"
+                 "r2,register,s99.nii.gz,s103.nii.gz,,,,,,,\n")
+#: The tracking case registers this frame of the cine onto the others.
+REFERENCE_FRAME = 1
 #: Two landmarks (LPS mm) in each frame of the cohort's cine: {label: (frames, 2)}.
 LANDMARKS = {"a": np.array([[60.0, 60.0], [62.0, 61.0], [63.0, 64.0]]),
              "b": np.array([[100.0, 80.0], [101.0, 83.0], [99.0, 85.0]])}
@@ -62,9 +64,9 @@ def cohort(tmp_path_factory) -> Path:
     sitk.WriteImage(cine, str(folder / "cine.nii.gz"))
     (folder / "jobs.csv").write_text(
         HEADER + REGISTER_ROWS
-        + "seg,segment,,,,l95.nii.gz,s95.nii.gz,s99.nii.gz:l99.nii.gz;s103.nii.gz:l103.nii.gz,,\n"
-        + "trk,track,,,,,,,cine.nii.gz,landmarks.csv\n"
-        + "bad,register,s95.nii.gz,missing.nii.gz,,,,,,\n")
+        + "seg,segment,,,,l95.nii.gz,s95.nii.gz,s99.nii.gz:l99.nii.gz;s103.nii.gz:l103.nii.gz,,,\n"
+        + f"trk,track,,,,,,,cine.nii.gz,landmarks.csv,{REFERENCE_FRAME}\n"
+        + "bad,register,s95.nii.gz,missing.nii.gz,,,,,,,\n")
     (folder / "landmarks.csv").write_text("frame,label,L,P\n" + "".join(
         f"{frame},{label},{x},{y}\n" for label, points in LANDMARKS.items() for frame, (x, y) in enumerate(points)))
     (folder / "register.csv").write_text(HEADER + REGISTER_ROWS)
@@ -83,7 +85,8 @@ def alone(cohort):
                    for case, fixed, moving in (("r1", 95, 99), ("r2", 99, 103))}
         atlases = [(path(f"s{z}.nii.gz"), path(f"l{z}.nii.gz")) for z in (99, 103)]
         outputs["seg"] = sitk.GetArrayFromImage(segment(path("s95.nii.gz"), atlases, **SHORT).labels)
-        outputs["trk"] = sitk.GetArrayFromImage(track(path("cine.nii.gz"), **SHORT).stacked_field())
+        outputs["trk"] = sitk.GetArrayFromImage(track(path("cine.nii.gz"), reference=REFERENCE_FRAME,
+                                                      **SHORT).stacked_field())
     finally:
         torch.set_num_threads(threads)
     return outputs
@@ -131,9 +134,11 @@ def test_an_embedded_cluster_of_two_workers_gives_what_each_case_gives_alone(emb
         assert float(table["r1"][f"dice_{label}"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-5)
     assert float(table["r1"]["dice_mean"]) > 0.5 and float(table["seg"]["dice_mean"]) > 0.5
     assert table["r2"]["dice_mean"] == "" and table["trk"]["dice_1"] == ""
-    # The tracking case's landmarks: the error without registration is the mean distance between the frames' points.
+    # The tracking case's landmarks: the error without registration is the mean distance between the points of the
+    # reference frame and of each other frame.
     points = np.stack(list(LANDMARKS.values()))  # (label, frame, 2)
-    before = np.mean([np.linalg.norm(points[:, fixed] - points[:, fixed - 1], axis=1).mean() for fixed in (1, 2)])
+    before = np.mean([np.linalg.norm(points[:, fixed] - points[:, REFERENCE_FRAME], axis=1).mean()
+                      for fixed in (0, 2)])
     assert float(table["trk"]["tre_before_mm"]) == pytest.approx(before, rel=1e-5)
     assert float(table["trk"]["tre_after_mm"]) >= 0 and table["r1"]["tre_before_mm"] == ""
     _assert_nothing_partial(output)
@@ -267,6 +272,8 @@ def test_an_attached_scheduler_gives_the_same_results(cohort, alone, tmp_path):
                                                                             "moving_labels"),
     ("case,kind,fixed,moving\nr,register,a.nii\n", "3 fields, but the header has 4"),
     ("case,kind,fixed,moving\n", "holds no case"),
+    ("case,kind,fixed,moving,reference\nr,register,a.nii,b.nii,1\n", "the reference '1' is not usable"),
+    ("case,kind,cine,reference\nt,track,c.nii,end-exhale\n", "reference frame as a number from 0"),
 ])
 def test_a_bad_jobs_file_is_refused_before_anything_runs_with_what_to_fix(tmp_path, content, message, capsys):
     jobs = tmp_path / "jobs.csv"

@@ -3,7 +3,7 @@ results table. ``interfaces.batch`` runs ``run_case`` on Dask; nothing here know
 
 JOBS.csv has a header and one row per case: ``case`` (the case id and output folder name), ``kind`` and that kind's
 inputs (``KINDS``); relative paths are relative to the CSV's folder, ``atlases`` is ``IMAGE:LABELS;IMAGE:LABELS``,
-blank lines and lines starting with ``#`` are ignored. Mistakes in the file itself (columns, kinds, case names,
+a track case's ``reference`` is the frame registered onto every other (empty: consecutive pairs), blank lines and lines starting with ``#`` are ignored. Mistakes in the file itself (columns, kinds, case names,
 empty cells) are reported at once for the whole file; a missing or unreadable input file fails that case alone.
 
 A case writes into ``OUTDIR/.CASE.partial-XXXXXXXX`` and, once everything including ``case.json`` (inputs,
@@ -42,6 +42,8 @@ KINDS = {"register": (("fixed", "moving"), ("moving_labels", "fixed_labels", "fi
          "segment": (("target", "atlases"), ("fixed_labels", "fixed_mask")),
          "track": (("cine",), ("mask", "landmarks"))}
 INPUT_COLUMNS = tuple(dict.fromkeys(column for required, optional in KINDS.values() for column in required + optional))
+#: The column that is not a path: a track case's reference frame.
+REFERENCE = "reference"
 
 RECORD = "case.json"
 RESULTS = "results.csv"
@@ -58,7 +60,8 @@ StopPoll = Callable[[], bool]
 
 @dataclass(frozen=True)
 class Job:
-    """One row of JOBS.csv: ``inputs`` maps its columns to absolute paths (``atlases``: (image, labels) pairs)."""
+    """One row of JOBS.csv: ``inputs`` maps its columns to absolute paths (``atlases``: (image, labels) pairs;
+    ``reference``: a frame number)."""
 
     case: str
     kind: str
@@ -114,6 +117,10 @@ def _job(jobs_csv: str, folder: str, line: int, cells: Dict[str, str]) -> Job:
         if cells.get(column) and column not in required + optional:
             raise _problem(jobs_csv, line, f"case {case}: a {kind} case does not use the column {column!r}; leave "
                                            "it empty")
+    reference = cells.get(REFERENCE, "")
+    if reference and (kind != "track" or not reference.isdigit()):
+        raise _problem(jobs_csv, line, f"case {case}: the reference {reference!r} is not usable; give a track case's "
+                                       "reference frame as a number from 0, or leave it empty (consecutive pairs)")
     if kind == "register" and cells.get("fixed_labels") and not cells.get("moving_labels"):
         raise _problem(jobs_csv, line, f"case {case}: fixed_labels (for Dice) needs moving_labels")
     inputs: Dict[str, Any] = {}
@@ -124,6 +131,8 @@ def _job(jobs_csv: str, folder: str, line: int, cells: Dict[str, str]) -> Job:
                                   else _path(folder, cells[column]))
             except ValueError as error:
                 raise _problem(jobs_csv, line, f"case {case}: {error}") from None
+    if reference:
+        inputs[REFERENCE] = int(reference)
     return Job(case=case, kind=kind, inputs=inputs, line=line)
 
 
@@ -140,12 +149,12 @@ def read_jobs(jobs_csv: str) -> List[Job]:
         raise InputError(f"The jobs file {jobs_csv!r} is empty; give a header line and one line per case.")
     rows = list(csv.reader(text for _, text in numbered))
     header = [name.strip().lower() for name in rows[0]]
-    known = ("case", "kind") + INPUT_COLUMNS
+    known = ("case", "kind") + INPUT_COLUMNS + (REFERENCE,)
     unknown = [name for name in header if name not in known]
     missing = [name for name in ("case", "kind") if name not in header]
     if unknown or missing or len(set(header)) != len(header):
         raise _problem(jobs_csv, numbered[0][0], f"the header {','.join(header)!r} needs the columns case and kind, "
-                                                 f"each once, and may hold {', '.join(INPUT_COLUMNS)}"
+                                                 f"each once, and may hold {', '.join(INPUT_COLUMNS + (REFERENCE,))}"
                                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     jobs, seen = [], set()
     folder = os.path.dirname(jobs_csv)
@@ -222,8 +231,9 @@ def _run_segment(job: Job, staging: str, options: CaseOptions, should_stop: Opti
 
 
 def _run_track(job: Job, staging: str, options: CaseOptions, should_stop: Optional[StopPoll]):
-    result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), landmarks=job.inputs.get("landmarks"),
-                   config=options.config.only_for("cine"), should_stop=should_stop)
+    result = track(job.inputs["cine"], mask=job.inputs.get("mask", "auto"), reference=job.inputs.get(REFERENCE),
+                   landmarks=job.inputs.get("landmarks"), config=options.config.only_for("cine"),
+                   should_stop=should_stop)
     files = {key: name for key, name in result.write_files(staging).items() if name}
     summary = result.summary()
     last_scale = list(result.loss_history.values())[-1]
