@@ -3,8 +3,9 @@ results table. ``interfaces.batch`` runs ``run_case`` on Dask; nothing here know
 
 JOBS.csv has a header and one row per case: ``case`` (the case id and output folder name), ``kind`` and that kind's
 inputs (``KINDS``); relative paths are relative to the CSV's folder, ``atlases`` is ``IMAGE:LABELS;IMAGE:LABELS``,
-a track case's ``reference`` is the frame registered onto every other (empty: consecutive pairs), blank lines and lines starting with ``#`` are ignored. Mistakes in the file itself (columns, kinds, case names,
-empty cells) are reported at once for the whole file; a missing or unreadable input file fails that case alone.
+a track case's ``reference`` is the frame registered onto every other (empty: consecutive pairs), blank lines and
+lines starting with ``#`` are ignored. Mistakes in the file itself (columns, kinds, case names, empty cells) are
+reported at once for the whole file; a missing or unreadable input file fails that case alone.
 
 A case writes into ``OUTDIR/.CASE.partial-XXXXXXXX`` and, once everything including ``case.json`` (inputs,
 options, metrics and the results row) is written, renames it to ``OUTDIR/CASE`` (``imaging.atomic.publish_folder``):

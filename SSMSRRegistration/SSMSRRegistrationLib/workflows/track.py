@@ -62,11 +62,9 @@ def frame_pairs(frames: int, reference: Optional[int] = None) -> List[Tuple[int,
     return [(reference, t) for t in range(frames) if t != reference]
 
 
-def shared_landmarks(landmarks: Dict[int, Dict[str, np.ndarray]], moving: int, fixed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(points on the fixed frame, the same landmarks on the moving frame), (N, ndim) LPS mm each, in label order."""
-    labels = sorted(set(landmarks.get(moving, {})) & set(landmarks.get(fixed, {})))
-    ndim = len(next(iter(next(iter(landmarks.values())).values())))
-    return tuple(np.array([landmarks[frame][label] for label in labels]).reshape(-1, ndim) for frame in (fixed, moving))
+def shared_labels(landmarks: Dict[int, Dict[str, np.ndarray]], moving: int, fixed: int) -> List[str]:
+    """The labels of the landmarks that both frames have, sorted."""
+    return sorted(set(landmarks.get(moving, {})) & set(landmarks.get(fixed, {})))
 
 
 def landmark_errors(fields: List[sitk.Image], pairs: List[Tuple[int, int]],
@@ -77,8 +75,9 @@ def landmark_errors(fields: List[sitk.Image], pairs: List[Tuple[int, int]],
     no landmark. Returns {name of LANDMARK_METRIC_NAMES: (pairs,) array}."""
     errors = {name: np.full(len(pairs), np.nan) for name in LANDMARK_METRIC_NAMES}
     for index, (field, (moving, fixed)) in enumerate(zip(fields, pairs)):
-        on_fixed, on_moving = shared_landmarks(landmarks, moving, fixed)
-        if len(on_fixed):
+        labels = shared_labels(landmarks, moving, fixed)
+        if labels:
+            on_fixed, on_moving = (np.array([landmarks[frame][label] for label in labels]) for frame in (fixed, moving))
             displacement, _ = sample_field(field, on_fixed)
             errors["tre_identity_mm"][index] = np.linalg.norm(on_fixed - on_moving, axis=1).mean()
             errors["tre_mm"][index] = np.linalg.norm(on_fixed + displacement - on_moving, axis=1).mean()
@@ -290,7 +289,7 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     frame_landmarks = None
     if landmarks is not None:
         frame_landmarks = read_cine_landmarks(landmarks, cine.dimension, cine.frames.shape[0])
-        if not any(len(shared_landmarks(frame_landmarks, *pair)[0]) for pair in pairs):
+        if not any(shared_labels(frame_landmarks, *pair) for pair in pairs):
             raise InputError(f"No pair's two frames share a landmark of {os.fspath(landmarks)!r}; give the same "
                              "labels (or as many rows) in the frames of at least one pair.", setting="landmarks")
     if "scales" not in configuration.overrides:  # a preset's schedule: scales too coarse for small frames go
@@ -310,15 +309,16 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
     result = register_tensors(fixed, moving, settings, fixed_mask=fixed_masks, device=torch_device,
                               progress=progress, should_stop=should_stop)
     metrics = pair_metrics(fixed, moving, result.displacement, fixed_masks)
-    if frame_landmarks is not None:
-        fields = [voxel_field_to_image(field.double().cpu().numpy(), cine.frame_grid) for field in result.displacement]
-        metrics.update(landmark_errors(fields, pairs, frame_landmarks))
     provenance = run_record("track", settings, configuration,
                             inputs={"cine": source, "mask": None if automatic else mask, "landmarks": landmarks},
                             options={"mask": mask_source, "reference": reference,
                                      "frames_sha256": frames_digest(cine)}, device=result.device)
-    return TrackingResult(cine=cine, masks=masks, reference=reference, displacements=result.displacement.cpu(),
-                          displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
-                          metrics=metrics, loss_history=result.loss_history, settings=settings,
-                          seconds=result.seconds, device=result.device, mask_source=mask_source,
-                          provenance=provenance)
+    tracking = TrackingResult(cine=cine, masks=masks, reference=reference, displacements=result.displacement.cpu(),
+                              displacements_per_scale=[d.cpu() for d in result.displacements_per_scale],
+                              metrics=metrics, loss_history=result.loss_history, settings=settings,
+                              seconds=result.seconds, device=result.device, mask_source=mask_source,
+                              provenance=provenance)
+    if frame_landmarks is not None:
+        fields = [tracking.field(pair) for pair in tracking.pairs]
+        tracking.metrics.update(landmark_errors(fields, pairs, frame_landmarks))
+    return tracking
