@@ -86,9 +86,9 @@ def test_scales_larger_than_the_patch_train_on_patches_and_predict_the_whole_ima
     shapes = []
     forward = RegistrationUNet.forward
 
-    def recording(network, pair):
+    def recording(network, pair, half_resolution=False):
         shapes.append((tuple(pair.shape), torch.is_grad_enabled()))
-        return forward(network, pair)
+        return forward(network, pair, half_resolution)
 
     monkeypatch.setattr(RegistrationUNet, "forward", recording)
     fixed = blobs((40, 48, 40))

@@ -18,9 +18,10 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
   1 mm, about 5 million voxels, and the template) through ``register`` with a preset (``fast`` unless told) and its
   automatic working grid: the plan announced before training (grid, memory and time estimates), then the measured
   time, the training seconds of each scale, peak memory, Dice and folding. ``--whole-brain-preset``,
-  ``--whole-brain-patch``, ``--whole-brain-finest-steps`` and ``--whole-brain-precision`` choose the preset, the
-  training patch, the steps at the finest scale and the precision; ``--whole-brain-steps N`` trains N steps per
-  scale instead of the preset's and projects the preset's time from the measured time per step of each scale;
+  ``--whole-brain-patch``, ``--whole-brain-finest-steps``, ``--whole-brain-precision`` and
+  ``--whole-brain-half-field-below`` choose the preset, the training patch, the steps at the finest scale, the
+  precision and the half-resolution fields; ``--whole-brain-steps N`` trains N steps per scale instead of the
+  preset's and projects the preset's time from the measured time per step of each scale;
   ``--whole-brain-ants default,paper`` also runs ANTs SyN with antspyx's default settings and/or the paper's on the
   same pair.
 * ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 import SimpleITK as sitk
@@ -167,10 +168,10 @@ def section_large(device: torch.device, report: Dict) -> None:
 
 
 def section_whole_brain(device: torch.device, steps: int, ants_settings: List[str], report: Dict,
-                        preset: str = "fast", patch_size: Optional[int] = None, precision: Optional[str] = None,
-                        finest_steps: Optional[int] = None) -> None:
-    resolved = RunConfiguration.of(preset, patch_size=patch_size, precision=precision,
-                                   finest_steps=finest_steps).resolve("pair")
+                        preset: str = "fast", **options) -> None:
+    """``options``: run options for SSMSR (None: the preset's)."""
+    resolved = RunConfiguration.of(preset, **options).resolve("pair")
+    finest_steps = options.get("finest_steps")
     print(f"\n## 1 mm whole brain, {preset} preset ({resolved.scales} x {steps or resolved.steps} steps per scale, "
           f"{resolved.finest_steps if finest_steps is not None else 'as many'} at the finest, "
           f"training patch {resolved.patch_size or 'automatic'}, precision {resolved.precision})")
@@ -182,9 +183,7 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
           f"({np.prod(pair.fixed.GetSize()) / 1e6:.1f} million)")
     events: List[dict] = []
     output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset=preset,
-                                              steps=steps or None, patch_size=patch_size, precision=precision,
-                                              finest_steps=finest_steps,
-                                              device=str(device),
+                                              steps=steps or None, **options, device=str(device),
                                               progress=events.append))
     started = next(event for event in events if event["event"] == "started")
     print(f"announced before training: {started['plan']}")
@@ -196,7 +195,8 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
              "folded_percent": metrics["percent_non_positive_jacobian"],
              "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size,
-             "precision": resolved.precision, "finest_steps": finest_steps}
+             "precision": resolved.precision, "finest_steps": finest_steps,
+             "half_field_below": resolved.half_field_below}
     # Seconds of each scale from the progress events (the scale's last event minus the previous one's; a scale
     # trained 0 steps reports none and took no training time).
     ends: List[float] = []
@@ -283,6 +283,8 @@ def main() -> None:
                         help="'wholebrain': steps at the finest scale (default: as many as the other scales)")
     parser.add_argument("--whole-brain-precision", choices=("mixed", "float32"),
                         help="'wholebrain': the precision (default: the preset's, mixed)")
+    parser.add_argument("--whole-brain-half-field-below", type=float, metavar="MM",
+                        help="'wholebrain': half-resolution fields below this voxel side (default: the preset's)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -304,8 +306,10 @@ def main() -> None:
         "large": lambda: section_large(device, report),
         "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps,
                                                   [name for name in args.whole_brain_ants.split(",") if name], report,
-                                                  args.whole_brain_preset, args.whole_brain_patch,
-                                                  args.whole_brain_precision, args.whole_brain_finest_steps),
+                                                  args.whole_brain_preset, patch_size=args.whole_brain_patch,
+                                                  precision=args.whole_brain_precision,
+                                                  finest_steps=args.whole_brain_finest_steps,
+                                                  half_field_below=args.whole_brain_half_field_below),
         "presets": lambda: section_presets(device, args.pairs, args.presets.split(","), report),
     }
     for section in sections:

@@ -4,7 +4,7 @@ SlicerSequenceRegistration runs elastix).
 
     python Testing/benchmarks/track_volumes.py [--frames 8] [--size 96] [--amplitude 12]
         [--methods ssmsr,ssmsr-fast,ants,elastix] [--batch N] [--patch N] [--steps N] [--finest-steps N] [--scales S]
-        [--json results/track_volumes.json]
+        [--half-field-below MM] [--json results/track_volumes.json]
 
 The series: the ICBM152 2009a T1 (nilearn, 1 mm) cropped to SIZE^3 voxels around the brain's centre, intensities in
 [0, 1]. Frame t is that volume warped by a known smooth field v_t (mm, LPS): a superior-inferior displacement
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="SSMSR's steps per scale (default: the preset's)")
     parser.add_argument("--finest-steps", type=int, help="SSMSR's steps at the finest scale (default: --steps)")
     parser.add_argument("--scales", help="SSMSR's schedule, e.g. 1/4,1/2 (default: the preset's)")
+    parser.add_argument("--half-field-below", type=float,
+                        help="SSMSR's half-resolution fields below this voxel side (mm; default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args()
@@ -139,12 +141,13 @@ def main() -> None:
         "elastix": lambda: run_elastix(images, head, config),
     }
     overrides = dict(batch_size=args.batch, patch_size=args.patch, steps=args.steps, scales=args.scales,
-                     finest_steps=args.finest_steps)
+                     finest_steps=args.finest_steps, half_field_below=args.half_field_below)
     batch = "" if args.batch is None else f", {'every pair' if args.batch == 0 else args.batch} per step"
     batch += "" if args.patch is None else f", patches of {args.patch}^3"
     batch += "" if args.steps is None else f", {args.steps} steps per scale"
     batch += "" if args.finest_steps is None else f", {args.finest_steps} at the finest scale"
     batch += "" if args.scales is None else f", scales {args.scales}"
+    batch += "" if args.half_field_below is None else f", half-resolution fields below {args.half_field_below} mm"
     names = {"ssmsr": f"SSMSR sequence (balanced{batch})", "ssmsr-fast": f"SSMSR sequence (fast{batch})",
              "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}

@@ -17,6 +17,11 @@ kind of run, shared by the command line, the Python API, batch and the Slicer mo
 in 2D): grids of the paper's sizes fit in it and train on the whole image as measured above; larger 3D grids (a 1 mm
 brain's finest scale) train on patches. ``paper`` trains on the whole image at every size.
 
+``balanced`` and ``fast`` predict the fields of 3D images whose working voxels are under 1.5 mm at half resolution
+at every scale but the coarsest (``half_field_below``: a 1 mm brain's finest field at 2 mm, each of those steps about
+a quarter of the operations); images at the paper's sizes (2 mm) are not affected, nor are 2D images
+(Testing/benchmarks/RESULTS.md "Fields at half resolution"). ``paper`` predicts at full resolution at every size.
+
 3D+t cines (sequences of volumes, ``volume_cine`` runs) take each preset's values for pairs, their steps counted for
 the whole sequence: the echo cines' MSE term misled them (test_sequences_3d.py).
 
@@ -55,8 +60,12 @@ WHOLE_IMAGE = {"patch_size": 0}
 PAPER_PRETRAINING = {name: value for name, value in PAPER_PAIRS.items() if name != "mse_weight"}
 #: Pairs of ``balanced`` and ``fast``; a preset's 3D+t cines take its pairs' values: the echo cines' MSE term
 #: (weight 1000) made a sequence of brain volumes miss known motions by up to 10 mm (test_sequences_3d.py).
-BALANCED_PAIRS = {**PAPER_PAIRS, "scales": "1/4,1/2,1", "steps": 300, "smoothness_weight": 3.0}
-FAST_PAIRS = {**PAPER_PAIRS, "scales": "1/4,1/2,1", "steps": 80}
+#: ``balanced`` and ``fast`` predict the fields of 3D images finer than 1.5 mm at half resolution but at the coarsest
+#: scale (a 1 mm brain's finest field at 2 mm; images of the paper's sizes, at 2 mm, are not affected).
+HALF_FIELD_BELOW_MM = 1.5
+BALANCED_PAIRS = {**PAPER_PAIRS, "scales": "1/4,1/2,1", "steps": 300, "smoothness_weight": 3.0,
+                  "half_field_below": HALF_FIELD_BELOW_MM}
+FAST_PAIRS = {**BALANCED_PAIRS, "steps": 80, "smoothness_weight": PAPER_SMOOTHNESS_WEIGHT}
 #: 2D+t cines of ``balanced`` and ``fast``: lambda 2 and the MSE term, measured on the echo cine (RESULTS.md).
 CINES = {"scales": "1/8,1/4,1/2,1", "steps": 600, "smoothness_weight": 2.0, "learning_rate": PAPER_LEARNING_RATE,
          "mse_weight": 1000.0}

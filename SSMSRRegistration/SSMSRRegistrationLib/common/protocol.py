@@ -4,7 +4,8 @@ Every ``ssmsr`` command run with ``--progress jsonl`` writes one JSON object per
 the workflows emit the same dicts to their ``progress`` callbacks. The Slicer logic reads them. Events:
 
     started     {"device", "scales": ["1/2", "1"], "steps_per_scale", "image_size": [x, y(, z)], "pairs",
-                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale);
+                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale) and
+                "half_field_scales" (the scales predicting their fields at half resolution, often none);
                 ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
                 ``register`` adds its working grid: "working_grid" {"size", "spacing_mm", "resampled"},
                 "ncc_window_voxels", "ncc_window_mm", "memory_estimate_bytes", "available_memory_bytes",
@@ -100,6 +101,9 @@ class Started(Event):
 
     def steps_text(self) -> str:
         return steps_text(self.to_dict())
+
+    def half_field_text(self) -> str:
+        return half_field_text(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,13 @@ def steps_text(started: dict) -> str:
     "started" event."""
     steps = scale_steps(started)
     return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"steps {'/'.join(map(str, steps))} by scale"
+
+
+def half_field_text(started: dict) -> str:
+    """", fields at half resolution at scale 1" (the scales that predict so), or "" where none does, from a "started"
+    event."""
+    scales = started.get("half_field_scales") or []
+    return f", fields at half resolution at scale{'s' if len(scales) > 1 else ''} {','.join(scales)}" if scales else ""
 
 
 def started_event(device: str, scales: Sequence[str], steps_per_scale: int, image_size: Sequence[int], pairs: int,

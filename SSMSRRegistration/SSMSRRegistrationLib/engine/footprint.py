@@ -84,10 +84,12 @@ def available_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def seconds_per_voxel_step(ndim: int, voxels: int, device: torch.device, encoder_channels: Sequence[int],
-                           decoder_channels: Sequence[int], window: int, mixed_precision: bool = False) -> float:
+                           decoder_channels: Sequence[int], window: int, mixed_precision: bool = False,
+                           half_resolution: bool = False) -> float:
     """Seconds one training step of one pair costs per voxel on ``device``, timed on random data on a cube of
     min(``voxels``, PROBE_VOXELS) voxels (``voxels``: those a step trains on), one warm-up step then one timed, in
-    the run's precision (``mixed_precision``: bfloat16 convolutions, see ``unet.predict``)."""
+    the run's precision (``mixed_precision``: bfloat16 convolutions, see ``unet.predict``) and with the field at
+    half resolution where the scale predicts it so (``half_resolution``)."""
     side = max(8, int(round(min(voxels, PROBE_VOXELS[ndim]) ** (1.0 / ndim))))
     generator = torch.Generator().manual_seed(0)
     pair = torch.rand((1, 2) + (side,) * ndim, generator=generator).to(device)
@@ -99,7 +101,7 @@ def seconds_per_voxel_step(ndim: int, voxels: int, device: torch.device, encoder
 
     def step() -> None:
         optimizer.zero_grad()
-        residual = predict(network, pair, mixed_precision)
+        residual = predict(network, pair, mixed_precision, half_resolution)
         registration_loss(pair[:, 1:], warp(pair[:, :1], residual), residual, window, 1.0).backward()
         optimizer.step()
 

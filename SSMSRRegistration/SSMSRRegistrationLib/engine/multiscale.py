@@ -58,6 +58,8 @@ class RegistrationSettings:
     stop_tolerance: float = DEFAULT_STOP_TOLERANCE  # ... stop when the window's mean loss improved by less than this
     patch_size: Optional[int] = None  # scales larger than this train on patches of this side (``patches``); 0: the
     # whole image; None: DEFAULT_PATCH_SIZE_3D in 3D, the whole image in 2D
+    half_field_below: float = 0.0  # mm: finer 3D images predict at half resolution (``half_field_at``)
+    voxel_mm: Optional[float] = None  # the full-resolution grid's voxel side (mm), set by the workflow; None: unknown
 
     @classmethod
     def from_run(cls, run: ResolvedRun, **engine_only) -> "RegistrationSettings":
@@ -92,6 +94,13 @@ class RegistrationSettings:
             return int(self.patch_size)
         return DEFAULT_PATCH_SIZE_3D if ndim == 3 else 0
 
+    def half_field_at(self, index: int, ndim: int) -> bool:
+        """Whether scale ``index`` predicts its residual at half resolution (``unet.RegistrationUNet``): every scale
+        but the coarsest of a 3D image whose full-resolution voxels (``voxel_mm``) are smaller than
+        ``half_field_below`` mm. The coarsest scale, which finds the large motion, keeps its full resolution
+        (halved too, a 3D series' error went from 0.34 to 1.84 mm: Testing/benchmarks/RESULTS.md)."""
+        return index > 0 and ndim == 3 and self.voxel_mm is not None and self.voxel_mm < self.half_field_below
+
     def window_for(self, ndim: int) -> int:
         return int(self.ncc_window) if self.ncc_window else (5 if ndim == 3 else 6)
 
@@ -113,6 +122,9 @@ class RegistrationSettings:
             raise InputError("{setting} must be 0 (all pairs) or more.", setting="batch_size")
         if self.stop_window < 0 or 0 < self.stop_window < 5:
             raise InputError("{setting} must be 0 (train every step) or at least 5 steps.", setting="stop_window")
+        if not self.half_field_below >= 0:
+            raise InputError("{setting} must be at least 0 (0: every scale predicts at full resolution).",
+                             setting="half_field_below")
         if not self.stop_tolerance >= 0:
             raise InputError("{setting} must be at least 0.", setting="stop_tolerance")
         if self.patch_size is not None and (self.patch_size < 0 or 0 < self.patch_size < MIN_PATCH_SIZE):
@@ -194,7 +206,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
             from instead of a fresh network; with ``steps_per_scale == 0`` this is pure inference.
         device: 'auto', 'cpu', 'cuda[:N]' or a torch.device.
         progress: called with dict events: once {"event": "started", "device", "scales", "steps_per_scale",
-            "image_size" (x, y[, z] order), "pairs", "batch_size", "precision"}, then {"event": "progress", "scale",
+            "image_size" (x, y[, z] order), "pairs", "batch_size", "precision", "scale_steps", "half_field_scales"
+            (those predicting at half resolution, ``RegistrationSettings.half_field_at``)}, then {"event": "progress", "scale",
             "scale_index", "num_scales", "step", "steps", "loss" (of the step's batch), "fraction", "elapsed_s",
             "eta_s"}.
         should_stop: polled at every report; returning True raises RegistrationCancelled.
@@ -246,7 +259,9 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
     if progress is not None:
         progress(started_event(device, [format_scale(s) for s in scales], settings.steps_per_scale,
                                list(reversed(size)), pairs, batch_size,
-                               precision="bfloat16 mixed" if mixed else "float32", scale_steps=schedule))
+                               precision="bfloat16 mixed" if mixed else "float32", scale_steps=schedule,
+                               half_field_scales=[format_scale(scale) for index, scale in enumerate(scales)
+                                                  if settings.half_field_at(index, ndim)]))
     start = last_report = time.perf_counter()
 
     for index, scale in enumerate(scales):
@@ -261,6 +276,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
         pair = torch.cat([moving_s, fixed_s], dim=1)
         shape = patch_shape(scale_size, settings.patch_for(ndim))
         steps = schedule[index]
+        half = settings.half_field_at(index, ndim)
         sampler = PatchSampler(fixed_s, mask_s, shape, batch_sampler) if shape and steps else None
 
         losses = torch.zeros(steps, device=device)
@@ -277,7 +293,7 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
             else:
                 pair_b, fixed_b, moving_b, mask_b, view_b = pair, fixed_s, moving_s, mask_s, view_s
             loss = training_loss(network, pair_b, fixed_b, moving_b, mask_b, view_b, settings, window, mixed,
-                                 sampler.draw() if sampler is not None else None)
+                                 sampler.draw() if sampler is not None else None, half)
             loss.backward()
             optimizer.step()
             losses[step] = loss.detach()
@@ -302,8 +318,8 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
         network.eval()
         with torch.no_grad():
-            residual = torch.cat([predict(network, chunk, mixed) if shape is None
-                                  else predict_tiled(lambda tile: predict(network, tile, mixed), chunk, shape)
+            residual = torch.cat([predict(network, chunk, mixed, half) if shape is None
+                                  else predict_tiled(lambda tile: predict(network, tile, mixed, half), chunk, shape)
                                   for chunk in pair.split(batch_size)])
             if view_s is not None:
                 residual = residual * view_s
@@ -321,13 +337,14 @@ def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
 
 def training_loss(network: RegistrationUNet, pair: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
                   mask: Optional[torch.Tensor], view: Optional[torch.Tensor], settings: RegistrationSettings,
-                  window: int, mixed: bool, patch: Optional[Tuple[Tuple[slice, ...], Tuple[int, ...]]] = None
-                  ) -> torch.Tensor:
+                  window: int, mixed: bool, patch: Optional[Tuple[Tuple[slice, ...], Tuple[int, ...]]] = None,
+                  half_resolution: bool = False) -> torch.Tensor:
     """The loss of one training step on a batch of pairs at one scale.
 
     pair: (B, 2, *S) moving and fixed; fixed, moving: (B, 1, *S); mask, view: optional (B, 1, *S) fixed mask and
     field of view of the moving image (see ``register_tensors``). patch: optional (region, corner) from
     ``PatchSampler.draw``: the U-Net sees that region only, and its residual warps the whole moving image there.
+    half_resolution: the U-Net predicts the residual at half resolution (``RegistrationSettings.half_field_at``).
     """
     corner = None
     if patch is not None:
@@ -335,7 +352,7 @@ def training_loss(network: RegistrationUNet, pair: torch.Tensor, fixed: torch.Te
         crop = (slice(None), slice(None)) + region
         pair, fixed = pair[crop], fixed[crop]
         mask = mask[crop] if mask is not None else None
-    residual = predict(network, pair, mixed)
+    residual = predict(network, pair, mixed, half_resolution)
     if view is not None:  # where the warped moving image has data (not a path for the gradient)
         residual = residual * (view if patch is None else view[crop])
         inside = (warp(view, residual.detach(), corner=corner) > 0.5).float()

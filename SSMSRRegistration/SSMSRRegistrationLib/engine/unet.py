@@ -67,6 +67,12 @@ class RegistrationUNet(nn.Module):
     connection; the remaining entries are full-resolution convolutions.
     The final convolution is initialised near zero (normal, std 1e-5), so an
     untrained network predicts an almost identity transform.
+
+    ``forward(pair, half_resolution=True)`` predicts the field at half the input's resolution with the same weights:
+    the last decoder level is not upsampled, it is concatenated with the input average-pooled by 2 (in place of the
+    input itself), the full-resolution convolutions run at half resolution, and the field is upsampled (linear) to the
+    input's size. In 3D this takes about a quarter of the operations (the full-resolution convolutions are 86 % of
+    them with the default widths).
     """
 
     def __init__(self, ndim: int, encoder_channels: Sequence[int] = DEFAULT_ENCODER_CHANNELS,
@@ -108,7 +114,7 @@ class RegistrationUNet(nn.Module):
         nn.init.normal_(self.flow.weight, mean=0.0, std=1e-5)
         nn.init.zeros_(self.flow.bias)
 
-    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+    def forward(self, pair: torch.Tensor, half_resolution: bool = False) -> torch.Tensor:
         size = pair.shape[2:]
         multiple = 2 ** self.levels
         padding = []
@@ -121,12 +127,18 @@ class RegistrationUNet(nn.Module):
             x = self.pool(block(x))
             history.append(x)
         history.pop()  # the bottom level is x itself
-        for block in self.decoder:
-            x = F.interpolate(block(x), scale_factor=2, mode="nearest")
-            x = torch.cat([x, history.pop()], dim=1)
+        for level, block in enumerate(self.decoder):
+            if half_resolution and level == self.levels - 1:
+                pool = F.avg_pool2d if self.ndim == 2 else F.avg_pool3d
+                x = torch.cat([block(x), pool(history.pop(), 2)], dim=1)
+            else:
+                x = torch.cat([F.interpolate(block(x), scale_factor=2, mode="nearest"), history.pop()], dim=1)
         for block in self.remaining:
             x = block(x)
         flow = convolve(self.flow, x)
+        if half_resolution:
+            flow = F.interpolate(flow, scale_factor=2, mode="bilinear" if self.ndim == 2 else "trilinear",
+                                 align_corners=False)
         crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in size)
         return flow[crop]
 
@@ -150,8 +162,10 @@ def use_mixed_precision(network: RegistrationUNet) -> RegistrationUNet:
     return network.to(memory_format=_layout(network.ndim))
 
 
-def predict(network: RegistrationUNet, pair: torch.Tensor, mixed_precision: bool = False) -> torch.Tensor:
-    """(N, 2, *S) pair -> (N, ndim, *S) float32 field in voxels.
+def predict(network: RegistrationUNet, pair: torch.Tensor, mixed_precision: bool = False,
+            half_resolution: bool = False) -> torch.Tensor:
+    """(N, 2, *S) pair -> (N, ndim, *S) float32 field in voxels (predicted at half resolution with
+    ``half_resolution``, see ``RegistrationUNet``).
 
     With ``mixed_precision`` the convolutions run in bfloat16 on channels-last tensors (weights and Adam
     state stay float32, the field is returned in float32); without it, a float32 forward pass, channels-last for a
@@ -160,8 +174,8 @@ def predict(network: RegistrationUNet, pair: torch.Tensor, mixed_precision: bool
     """
     if not mixed_precision:
         if pair.dim() == 5 and pair.shape[0] > 1 and pair.device.type == "cpu":
-            return network(pair.contiguous(memory_format=_layout(3))).contiguous()
-        return network(pair)
+            return network(pair.contiguous(memory_format=_layout(3)), half_resolution).contiguous()
+        return network(pair, half_resolution)
     with torch.autocast(pair.device.type, dtype=torch.bfloat16):
-        return network(pair.contiguous(memory_format=_layout(network.ndim))).float()
+        return network(pair.contiguous(memory_format=_layout(network.ndim)), half_resolution).float()
 

@@ -304,7 +304,8 @@ class CineTrackingJob(Job):
         unit = "voxels" if len(event.image_size or []) == 3 else "pixels"
         return (f"Tracking {event.pairs} frame pairs of {size} {unit}, {event.batch_size} "
                 f"per step, on {event.device}: scales {', '.join(map(str, event.scales))}, "
-                f"{event.steps_text()}, {event.extra.get('precision', 'float32')} precision.")
+                f"{event.steps_text()}, {event.extra.get('precision', 'float32')} precision"
+                f"{event.half_field_text()}.")
 
     def _importResults(self) -> None:
         outputs = self.outputs

@@ -158,8 +158,8 @@ class Job:
 
     def _describeStarted(self, event: Started) -> str:
         return (f"Worker started on {event.device}: scales {', '.join(map(str, event.scales))}, "
-                f"{event.steps_text()}, {event.extra.get('precision', 'float32')} precision."
-                + (f" Plan: {event.extra['plan']}." if event.extra.get("plan") else ""))
+                f"{event.steps_text()}, {event.extra.get('precision', 'float32')} precision"
+                f"{event.half_field_text()}." + (f" Plan: {event.extra['plan']}." if event.extra.get("plan") else ""))
 
     def _handleEvent(self, data: dict) -> None:
         try:

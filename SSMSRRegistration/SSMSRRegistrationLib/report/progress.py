@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Optional, TextIO
 
-from ..common.protocol import (ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, json_safe,
-                               scale_steps, steps_text)
+from ..common.protocol import (ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, half_field_text,
+                               json_safe, scale_steps, steps_text)
 
 
 class Reporter:
@@ -85,7 +85,7 @@ class BarReporter(Reporter):
         else:
             print(f"ssmsr: registering on {info.get('device')} ({size} voxels), scales "
                   f"{','.join(info.get('scales', []))}, {steps_text(info)}, "
-                  f"{info.get('precision', 'float32')} precision", file=sys.stderr, flush=True)
+                  f"{info.get('precision', 'float32')} precision{half_field_text(info)}", file=sys.stderr, flush=True)
         if info.get("plan"):
             print(f"ssmsr: {info['plan']}", file=sys.stderr, flush=True)
         self.bar = tqdm(total=total, initial=int(info.get("resumed_at") or 0), unit="step", file=sys.stderr,

@@ -252,7 +252,7 @@ def _resolve_options(model: Optional[Union[str, os.PathLike, SavedModel]],
                      initial_networks: Optional[Sequence[dict]], config: Optional[RunConfiguration],
                      preset: Optional[str], options: dict) -> _Options:
     """Resolve the run configuration and load the model; its schedule, smoothness weight, NCC window and channel
-    widths are the defaults."""
+    widths are the defaults, and its fields are predicted at full resolution unless asked otherwise."""
     if model is not None and initial_networks is not None:
         raise InputError("Give either a model or initial network weights, not both.")
     model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
@@ -267,6 +267,8 @@ def _resolve_options(model: Optional[Union[str, os.PathLike, SavedModel]],
         settings.smoothness_weight = float(given.get("smoothness_weight", model.smoothness_weight))
         settings.ncc_window = given.get("ncc_window", model.ncc_window)
         settings.encoder_channels, settings.decoder_channels = model.encoder_channels, model.decoder_channels
+        # A model is trained predicting at full resolution (``train`` has no half-resolution fields): so it runs.
+        settings.half_field_below = float(given.get("half_field_below", 0.0))
     settings.validate()
     return _Options(configuration=configuration, run=run, settings=settings, device=resolve_device(run.device),
                     model=model, model_path=model_path)
@@ -296,6 +298,7 @@ def _plan_grid(fixed_image: sitk.Image, options: _Options) -> WorkingPlan:
     working = plan_working_grid(fixed_image, settings, options.device, run.spacing, run.max_voxels,
                                 run.ncc_window_mm)
     settings.ncc_window = working.window
+    settings.voxel_mm = working.grid.spacing
     if "scales" not in options.configuration.overrides and options.model is None:
         settings.scales = fitting_schedule(working.grid.size, settings.scales)
     return working

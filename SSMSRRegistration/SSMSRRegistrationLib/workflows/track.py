@@ -283,6 +283,7 @@ def track(cine: Union[CineSource, Cine], *, mask: Optional[ImageLike] = "auto", 
         cine = read_cine(cine, reference or 0)
     run = configuration.resolve("cine" if cine.dimension == 2 else "volume_cine")
     settings = RegistrationSettings.from_run(run)
+    settings.voxel_mm = max(cine.frame_grid.GetSpacing())  # half-resolution fields where every side is finer
     settings.validate()
     torch_device = resolve_device(run.device)
     pairs = frame_pairs(cine.frames.shape[0], reference)

@@ -4,7 +4,7 @@ and what the run will cost (reported in the ``started`` event and the log)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Optional, Sequence
 
@@ -110,12 +110,15 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     if device.type == "cpu" and max(schedule) >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
         trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
-        probed = [min(voxels, PROBE_VOXELS[ndim]) for voxels in trained]  # sizes above the probe's share its time
+        on_grid = replace(settings, voxel_mm=grid.spacing)
+        # Sizes above the probe's share its time; a scale predicting at half resolution is timed so.
+        probes = [(min(voxels, PROBE_VOXELS[ndim]), on_grid.half_field_at(index, ndim))
+                  for index, voxels in enumerate(trained)]
         mixed = settings.mixed_precision and bfloat16_supported(device)
-        per_voxel_step = {voxels: seconds_per_voxel_step(ndim, voxels, device, settings.encoder_channels,
-                                                         settings.decoder_channels, window, mixed)
-                          for voxels in set(probed)}
+        per_voxel_step = {probe: seconds_per_voxel_step(ndim, probe[0], device, settings.encoder_channels,
+                                                        settings.decoder_channels, window, mixed, probe[1])
+                          for probe in set(probes)}
         seconds = settings.pairs_per_step(pairs) * sum(
             steps * per_voxel_step[probe] * voxels
-            for steps, probe, voxels in zip(schedule, probed, trained))
+            for steps, probe, voxels in zip(schedule, probes, trained))
     return WorkingPlan(grid, window, memory, available, seconds, note)
