@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import SSMSRRegistrationLib as ssmsr
@@ -50,7 +51,27 @@ def test_a_half_resolution_field_is_linear_between_the_half_grids_nodes():
         assert from_odd[False].abs().max() > 1e-2 * fields[False].abs().max()
 
 
-def test_a_3d_half_resolution_step_takes_under_a_third_of_the_operations():
+@pytest.mark.parametrize("size", [(32, 48), (20, 31, 17)])
+def test_a_half_resolution_field_is_the_networks_field_on_the_pair_pooled_by_2_upsampled(size):
+    """Odd sides are padded by their last voxel before pooling, so each half-grid node averages 2^ndim voxels and
+    sits at their centre; the field keeps the input's voxels as its unit. The last voxel of a side interpolates
+    towards the padded grid's next node (``RegistrationUNet``), so it is left out."""
+    torch.manual_seed(2)
+    network = RegistrationUNet(len(size))
+    torch.nn.init.normal_(network.flow.weight, std=0.1)
+    pair = torch.rand((1, 2) + size)
+    padded = F.pad(pair, [p for n in reversed(size) for p in (0, n % 2)], mode="replicate")
+    pooled = (F.avg_pool2d if len(size) == 2 else F.avg_pool3d)(padded, 2)
+    with torch.no_grad():
+        half = network(pair, half_resolution=True)
+        expected = F.interpolate(network(pooled), scale_factor=2, mode="bilinear" if len(size) == 2 else "trilinear",
+                                 align_corners=False)
+    assert half.shape == (1, len(size)) + size
+    inside = (slice(None), slice(None)) + tuple(slice(0, n - 1) for n in size)
+    assert torch.allclose(half[inside], expected[inside], atol=1e-6 * float(expected.abs().max()))
+
+
+def test_a_3d_half_resolution_step_takes_an_eighth_of_the_operations():
     network = RegistrationUNet(3)
     pair = torch.rand(1, 2, 32, 32, 32)
     counts = []
@@ -58,7 +79,7 @@ def test_a_3d_half_resolution_step_takes_under_a_third_of_the_operations():
         with FlopCounterMode(display=False) as counter:
             network(pair, half_resolution=half).square().mean().backward()
         counts.append(counter.get_total_flops())
-    assert counts[1] < counts[0] / 3, counts
+    assert counts[1] == pytest.approx(counts[0] / 8, rel=0.01), counts
 
 
 def test_3d_images_with_voxels_under_the_bound_predict_at_half_resolution_but_at_the_coarsest_scale():

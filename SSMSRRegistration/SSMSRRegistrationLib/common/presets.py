@@ -18,8 +18,8 @@ in 2D): grids of the paper's sizes fit in it and train on the whole image as mea
 brain's finest scale) train on patches. ``paper`` trains on the whole image at every size.
 
 ``balanced`` and ``fast`` predict the fields of 3D images whose working voxels are under 1.5 mm at half resolution
-at every scale but the coarsest (``half_field_below``: a 1 mm brain's finest field at 2 mm, each of those steps about
-a quarter of the operations); images at the paper's sizes (2 mm) are not affected, nor are 2D images
+at every scale but the coarsest (``half_field_below``: a 1 mm brain's finest field at 2 mm, the U-Net of each of those
+steps on an eighth of the voxels); images at the paper's sizes (2 mm) are not affected, nor are 2D images
 (Testing/benchmarks/RESULTS.md "Fields at half resolution"). ``paper`` predicts at full resolution at every size.
 
 3D+t cines (sequences of volumes, ``volume_cine`` runs) take each preset's values for pairs, their steps counted for

@@ -150,8 +150,8 @@ RUN_OPTIONS: Tuple[Option, ...] = (
            automatic=f"{DEFAULT_PATCH_SIZE_3D} in 3D, the whole image in 2D"),
     Option("half_field_below", float, "--half-field-below", "Half-resolution field below (mm)", "3D images whose "
            "working voxels are smaller than this many millimetres have every scale but the coarsest predict its "
-           "residual field at half resolution, upsampled: the U-Net's full-resolution layers are skipped, a step "
-           "costs about a quarter (0: full resolution at every size)", kinds=("pair", "cine", "volume_cine"), default=0.0, check=_at_least(0),
+           "residual field at half resolution, upsampled: the U-Net runs on the pair average-pooled by 2, an eighth "
+           "of the voxels (0: full resolution at every size)", kinds=("pair", "cine", "volume_cine"), default=0.0, check=_at_least(0),
            metavar="MM"),
     Option("batch_size", int, "--batch", "Pairs per step", "pairs per training step, drawn at random (a cine: 0 "
            "trains all pairs every step)", kinds=("cine", "volume_cine", "pretrain"), default=1, check=_at_least(0),
