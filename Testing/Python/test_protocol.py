@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SSMSRRegistrationLib.common.protocol import (EVENT_TYPES, REQUIRED_FIELDS, Atlas, Finished, Progress, Started,
-                                                  parse_event, started_event, steps_text)
+                                                  batch_text, parse_event, started_event, steps_text)
 from SSMSRRegistrationLib.interfaces.cli import main
 from realimages import brain_slice
 
@@ -49,3 +49,10 @@ def test_the_steps_are_described_per_scale_only_where_they_differ():
     assert steps_text(started) == "300 steps per scale"
     assert steps_text({**started, "scale_steps": [300, 300, 100]}) == "steps 300/300/100 by scale"
     assert steps_text(started_event("cpu", ["1/2", "1"], 3500, [32, 40], 20, 4)) == "3500 steps per scale"
+
+
+def test_the_pairs_a_step_are_described_per_scale_only_where_they_differ():
+    cine = started_event("cpu", ["1/4", "1/2", "1"], 150, [96, 96, 96], 7, 1, scale_batches=[7, 7, 1])
+    assert batch_text(cine) == "pairs per step 7/7/1 by scale"
+    assert batch_text({**cine, "scale_batches": [2, 2, 2]}) == "2 pairs per step"
+    assert batch_text(started_event("cpu", ["1/2", "1"], 3500, [32, 40], 20, 1)) == "1 pair per step"

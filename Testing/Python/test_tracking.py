@@ -13,8 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
+from test_spatial import blobs
 
 from SSMSRRegistrationLib.imaging import sample_data
+from SSMSRRegistrationLib.imaging.sample_data import shipped_echo_frames
 from SSMSRRegistrationLib.report import figures as tracking_figures
 from SSMSRRegistrationLib.interfaces.cli import EXIT_INPUT, EXIT_OK, main
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
@@ -348,6 +350,72 @@ def test_mini_batches_of_pairs_train_one_network_and_evaluate_every_pair():
                                initial_networks=single.networks, device="cpu")
     torch.testing.assert_close(chunked.displacement, single.displacement, atol=1e-5, rtol=0)
 
+
+
+def test_filled_coarse_batches_train_as_many_pairs_as_the_finest_step_holds_in_voxels():
+    scales = parse_scales("1/4,1/2,1")
+
+    def batches(size, pairs, **settings):
+        chosen = RegistrationSettings(scales=scales, **settings)
+        return [chosen.pairs_per_step_at(index, pairs, size) for index in range(len(scales))]
+
+    cube = (96, 96, 96)
+    assert batches(cube, 30, batch_size=1, coarse_batches="fill") == [30, 8, 1]  # 64 and 8 times the voxels
+    assert batches(cube, 30, batch_size=2, coarse_batches="fill") == [30, 16, 2]
+    assert batches((96, 96), 30, batch_size=1, coarse_batches="fill") == [16, 4, 1]
+    assert batches(cube, 7, batch_size=0, coarse_batches="fill") == [7, 7, 7]  # all pairs already
+    assert batches(cube, 30, batch_size=1) == [1, 1, 1]  # "same", the engine's default
+    # 192^3 frames: the finest scale trains 96^3 patches, as does the scale at 1/2 its whole 96^3 grid.
+    assert batches((192,) * 3, 30, batch_size=1, coarse_batches="fill") == [8, 1, 1]
+    assert RegistrationSettings(scales=parse_scales("1/8,1/2"), batch_size=1, coarse_batches="fill"
+                                ).pairs_per_step_at(0, 30, (96, 96)) == 16  # relative to the finest scale, 1/2 here
+    with pytest.raises(InputError, match="same, fill"):
+        RegistrationSettings(coarse_batches="all").validate()
+
+
+def test_a_cine_with_filled_coarse_batches_trains_more_pairs_at_the_coarser_scale_repeatably(monkeypatch):
+    """Five pairs of 2D frames, one pair a step at the finest scale: the scale at 1/2 holds four times the pixels
+    of one pair, so it trains four pairs a step; the started event says so, and the same seed gives the same fields."""
+    from SSMSRRegistrationLib.engine import multiscale
+
+    trained, events = [], []
+    loss = multiscale.training_loss
+
+    def recording(network, pair, *args, **kwargs):
+        trained.append((tuple(pair.shape[2:]), pair.shape[0]))
+        return loss(network, pair, *args, **kwargs)
+
+    monkeypatch.setattr(multiscale, "training_loss", recording)
+    generator = torch.Generator().manual_seed(3)
+    fixed = torch.rand(5, 1, 24, 32, generator=generator)
+    moving = torch.roll(fixed, 1, dims=3)
+    settings = RegistrationSettings(scales=parse_scales("1/2,1"), steps_per_scale=3, batch_size=1,
+                                    coarse_batches="fill")
+    first = register_tensors(fixed, moving, settings, device="cpu", progress=events.append)
+    assert trained == [((12, 16), 4)] * 3 + [((24, 32), 1)] * 3
+    assert events[0]["scale_batches"] == [4, 1] and events[0]["batch_size"] == 1
+    again = register_tensors(fixed, moving, settings, device="cpu")
+    assert torch.equal(again.displacement, first.displacement)
+    same = register_tensors(fixed, moving, RegistrationSettings(**{**vars(settings), "coarse_batches": "same"}),
+                            device="cpu")
+    assert not torch.equal(same.displacement, first.displacement)
+
+
+def test_the_default_fills_the_coarser_scales_of_3d_cines_and_not_of_2d_cines():
+    """The preset's 3D+t cines fill their coarser scales with pairs (three frames: two pairs, both trained at 1/2);
+    echo cines keep one pair a step at every scale, as measured on them."""
+    started = []
+
+    def record(event):
+        if event["event"] == "started":
+            started.append(event["scale_batches"])
+
+    blob = blobs((24, 24, 24))[0, 0].numpy()
+    volumes = [sitk.GetImageFromArray(np.roll(blob, shift, axis=2)) for shift in (0, 1, 2)]
+    track(volumes, scales="1/2,1", steps=1, device="cpu", progress=record)
+    track(shipped_echo_frames([0, 1, 2]), scales="1/2,1", steps=1, device="cpu", progress=record)
+    track(volumes, scales="1/2,1", steps=1, device="cpu", progress=record, coarse_batches="same")
+    assert started == [[2, 1], [1, 1], [1, 1]]
 
 def test_metrics_report_the_folded_pixels_of_every_pair(tracked):
     result, outputs, _ = tracked

@@ -4,8 +4,9 @@ Every ``ssmsr`` command run with ``--progress jsonl`` writes one JSON object per
 the workflows emit the same dicts to their ``progress`` callbacks. The Slicer logic reads them. Events:
 
     started     {"device", "scales": ["1/2", "1"], "steps_per_scale", "image_size": [x, y(, z)], "pairs",
-                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale) and
-                "half_field_scales" (the scales predicting their fields at half resolution, often none);
+                 "batch_size", "precision"}; registrations add "scale_steps" (the steps of each scale),
+                "scale_batches" (the pairs trained per step at each scale) and "half_field_scales" (the scales
+                predicting their fields at half resolution, often none);
                 ``train`` adds "validation_pairs" and "resumed_at" (steps already done)
                 ``register`` adds its working grid: "working_grid" {"size", "spacing_mm", "resampled"},
                 "ncc_window_voxels", "ncc_window_mm", "memory_estimate_bytes", "available_memory_bytes",
@@ -104,6 +105,9 @@ class Started(Event):
 
     def half_field_text(self) -> str:
         return half_field_text(self.to_dict())
+
+    def batch_text(self) -> str:
+        return batch_text(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,15 @@ def steps_text(started: dict) -> str:
     "started" event."""
     steps = scale_steps(started)
     return f"{steps[0]} steps per scale" if len(set(steps)) == 1 else f"steps {'/'.join(map(str, steps))} by scale"
+
+
+def batch_text(started: dict) -> str:
+    """"1 pair per step", or each scale's pairs where they differ ("pairs per step 7/7/1 by scale", filled coarser
+    scales), from a "started" event."""
+    batches = list(started.get("scale_batches") or [started.get("batch_size", 1)])
+    if len(set(batches)) == 1:
+        return f"{batches[0]} pair{'' if batches[0] == 1 else 's'} per step"
+    return f"pairs per step {'/'.join(map(str, batches))} by scale"
 
 
 def half_field_text(started: dict) -> str:

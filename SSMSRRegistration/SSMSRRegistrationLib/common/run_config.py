@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .errors import InputError
-from .presets import DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, KINDS, PRECISIONS, PRESETS, Preset
+from .presets import COARSE_BATCHES, DEFAULT_PRESET, DEFAULT_STOP_TOLERANCE, KINDS, PRECISIONS, PRESETS, Preset
 from .protocol import check_device_name
 from .schedule import DEFAULT_MAX_VOXELS, DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, format_scales, parse_scales
 
@@ -156,6 +156,10 @@ RUN_OPTIONS: Tuple[Option, ...] = (
     Option("batch_size", int, "--batch", "Pairs per step", "pairs per training step, drawn at random (a cine: 0 "
            "trains all pairs every step)", kinds=("cine", "volume_cine", "pretrain"), default=1, check=_at_least(0),
            metavar="N"),
+    Option("coarse_batches", str, "--coarse-batches", "Pairs per step at coarser scales", "same: every scale trains "
+           "the pairs per step; fill: each coarser scale trains as many pairs per step as the finest scale's step "
+           "holds in voxels (a 3D scale at 1/4: 64 times as many), at most all, for about the same cost per step",
+           kinds=("cine", "volume_cine"), default="same", choices=COARSE_BATCHES),
     Option("validation_fraction", float, "--validation-fraction", "Validation fraction", "fraction of the pairs (of "
            "a CSV) or images (of a folder) held out to measure the validation loss (0: none)", kinds=("pretrain",),
            default=0.2, check=_fraction, metavar="F"),

@@ -302,8 +302,8 @@ class CineTrackingJob(Job):
     def _describeStarted(self, event: Started) -> str:
         size = "x".join(map(str, event.image_size or ["?"]))
         unit = "voxels" if len(event.image_size or []) == 3 else "pixels"
-        return (f"Tracking {event.pairs} frame pairs of {size} {unit}, {event.batch_size} "
-                f"per step, on {event.device}: scales {', '.join(map(str, event.scales))}, "
+        return (f"Tracking {event.pairs} frame pairs of {size} {unit}, {event.batch_text()}, "
+                f"on {event.device}: scales {', '.join(map(str, event.scales))}, "
                 f"{event.steps_text()}, {event.extra.get('precision', 'float32')} precision"
                 f"{event.half_field_text()}.")
 

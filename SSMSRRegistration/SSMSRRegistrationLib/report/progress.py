@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Optional, TextIO
 
-from ..common.protocol import (ATLAS, PROGRESS, STARTED, VALIDATION, error_event, finished_event, half_field_text,
-                               json_safe, scale_steps, steps_text)
+from ..common.protocol import (ATLAS, PROGRESS, STARTED, VALIDATION, batch_text, error_event, finished_event,
+                               half_field_text, json_safe, scale_steps, steps_text)
 
 
 class Reporter:
@@ -83,7 +83,8 @@ class BarReporter(Reporter):
                   f"({info.get('validation_pairs')} for validation), batch {info.get('batch_size')}, first image "
                   f"{size} voxels, scales {','.join(info.get('scales', []))}", file=sys.stderr, flush=True)
         else:
-            print(f"ssmsr: registering on {info.get('device')} ({size} voxels), scales "
+            pairs = f"{info.get('pairs')} pairs, {batch_text(info)}, " if (info.get("pairs") or 1) > 1 else ""
+            print(f"ssmsr: registering on {info.get('device')} ({pairs}{size} voxels), scales "
                   f"{','.join(info.get('scales', []))}, {steps_text(info)}, "
                   f"{info.get('precision', 'float32')} precision{half_field_text(info)}", file=sys.stderr, flush=True)
         if info.get("plan"):

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from fractions import Fraction
-from typing import Optional, Sequence
+from typing import Optional
 
 import SimpleITK as sitk
 import torch
 
 from ..common.errors import InputError
-from ..common.schedule import DEFAULT_MAX_VOXELS, scaled_size
+from ..common.schedule import DEFAULT_MAX_VOXELS
 from ..engine.footprint import (OVERHEAD_BYTES, PROBE_VOXELS, USABLE_FRACTION, available_memory_bytes,
                                 format_bytes, seconds_per_voxel_step, training_memory_bytes)
 from ..engine.multiscale import RegistrationSettings
-from ..engine.patches import patch_shape
 from ..engine.unet import bfloat16_supported
 from ..imaging.working_grid import WorkingGrid, working_grid
 
@@ -61,17 +59,14 @@ class WorkingPlan:
         return text + (f"; {self.note}" if self.note else "")
 
 
-def trained_voxels(size: Sequence[int], settings: RegistrationSettings, scale: Fraction) -> int:
-    """Voxels a training step runs the U-Net on, per pair, at ``scale`` of a grid of ``size``: the scale's grid, or
-    the patch where the scale trains on patches."""
-    scale_size = scaled_size(size, scale)
-    return math.prod(patch_shape(scale_size, settings.patch_for(len(size))) or scale_size)
-
-
 def _memory(grid: WorkingGrid, settings: RegistrationSettings, pairs: int) -> int:
-    largest = max(trained_voxels(grid.size, settings, scale) for scale in settings.scales)
-    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs, settings.pairs_per_step(pairs),
-                                 len(settings.scales), largest)
+    size = tuple(reversed(grid.size))
+    # The scale whose step trains the most voxels (pairs x voxels each) sets the training's share.
+    index = max(range(len(settings.scales)),
+                key=lambda i: settings.pairs_per_step_at(i, pairs, size) * settings.trained_voxels(size, i))
+    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs,
+                                 settings.pairs_per_step_at(index, pairs, size), len(settings.scales),
+                                 settings.trained_voxels(size, index))
 
 
 def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device: torch.device,
@@ -109,7 +104,7 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
     schedule = settings.schedule_steps()
     if device.type == "cpu" and max(schedule) >= ESTIMATE_MIN_STEPS:
         size = tuple(reversed(grid.size))
-        trained = [trained_voxels(size, settings, scale) for scale in settings.scales]
+        trained = [settings.trained_voxels(size, index) for index in range(len(settings.scales))]
         on_grid = replace(settings, voxel_mm=grid.spacing)
         # Sizes above the probe's share its time; a scale predicting at half resolution is timed so.
         probes = [(min(voxels, PROBE_VOXELS[ndim]), on_grid.half_field_at(index, ndim))
@@ -118,7 +113,6 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
         per_voxel_step = {probe: seconds_per_voxel_step(ndim, probe[0], device, settings.encoder_channels,
                                                         settings.decoder_channels, window, mixed, probe[1])
                           for probe in set(probes)}
-        seconds = settings.pairs_per_step(pairs) * sum(
-            steps * per_voxel_step[probe] * voxels
-            for steps, probe, voxels in zip(schedule, probes, trained))
+        seconds = sum(settings.pairs_per_step_at(index, pairs, size) * steps * per_voxel_step[probe] * voxels
+                      for index, (steps, probe, voxels) in enumerate(zip(schedule, probes, trained)))
     return WorkingPlan(grid, window, memory, available, seconds, note)
