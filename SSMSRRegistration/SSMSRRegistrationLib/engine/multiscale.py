@@ -31,6 +31,7 @@ from ..common.protocol import REPORT_SECONDS, ProgressCallback, check_device_nam
 from ..common.run_config import ResolvedRun
 from ..common.schedule import (DEFAULT_PATCH_SIZE_3D, MIN_PATCH_SIZE, check_schedule, format_scale, parse_scales,
                                scaled_size)
+from .allocator import kept_heap
 from .losses import local_ncc, masked_mean, registration_loss
 from .optimizer import Adam
 from .patches import PatchSampler, patch_shape, predict_tiled
@@ -206,6 +207,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+@kept_heap()
 def register_tensors(fixed: torch.Tensor, moving: torch.Tensor,
                      settings: RegistrationSettings = RegistrationSettings(),
                      fixed_mask: Optional[torch.Tensor] = None,

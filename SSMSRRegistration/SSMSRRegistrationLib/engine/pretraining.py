@@ -30,6 +30,7 @@ import torch
 from ..common.errors import InputError, TrainingStopped
 from ..common.protocol import REPORT_SECONDS, ProgressCallback, Validation, progress_event, started_event
 from ..common.schedule import check_schedule, format_scale, scaled_size
+from .allocator import kept_heap
 from .losses import registration_loss
 from .multiscale import RegistrationSettings, coarse_to_fine_field, scale_pair
 from .spatial import warp
@@ -200,6 +201,7 @@ def check_pairs(source: PairSource, settings: TrainingSettings, role: str) -> in
     return dimensions.pop()
 
 
+@kept_heap()
 def train_networks(training: PairSource, validation: Optional[PairSource], settings: TrainingSettings, *,
                    state: Optional[TrainingState] = None, device: Union[str, torch.device] = "cpu",
                    progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
