@@ -5,9 +5,9 @@
 
 Prints one row per scale of the schedule (the field after that scale, as the SSMSR (s) rows of the paper's
 Table II) and the identity, with mean +/- standard deviation over the 29 pairs of MSE (1e-3) and NLCC (1e-1),
-inside the paper's default masks, on intensities divided by 255; then the time per sequence and of each scale's
-training. ``--paper-size``: the paper's cine size instead, 49 frames of 1024x768 (the cine played forward then back,
-frames resized linearly, as ``speed.py`` builds it).
+inside the paper's default masks, on intensities divided by 255; then the time per sequence and of each scale (its
+training, and the previous scale's prediction of every pair). ``--paper-size``: the paper's cine size instead,
+49 frames of 1024x768 (the cine played forward then back, frames resized linearly, as ``speed.py`` builds it).
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def main() -> None:
     print(f"time per sequence: {per_sequence:.1f} s (test-time training {result.seconds:.1f} s, "
           f"{per_sequence / (frames_count - 1):.2f} s per pair)")
     ends = list(scale_seconds.values())
-    print("training by scale: " + ", ".join(f"{scale} {end - before:.1f} s" for scale, end, before
-                                            in zip(scale_seconds, ends, [0.0] + ends[:-1])))
+    print("by scale, from the previous scale's last step (its prediction included): "
+          + ", ".join(f"{scale} {end - before:.1f} s"
+                      for scale, end, before in zip(scale_seconds, ends, [0.0] + ends[:-1])))
     if args.output:
         outputs = save_tracking(result, args.output)
         print(f"outputs: {outputs['folder']}")

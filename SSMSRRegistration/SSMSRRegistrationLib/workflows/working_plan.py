@@ -62,11 +62,10 @@ class WorkingPlan:
 def _memory(grid: WorkingGrid, settings: RegistrationSettings, pairs: int) -> int:
     size = tuple(reversed(grid.size))
     # The scale whose step trains the most voxels (pairs x voxels each) sets the training's share.
-    index = max(range(len(settings.scales)),
-                key=lambda i: settings.pairs_per_step_at(i, pairs, size) * settings.trained_voxels(size, i))
-    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs,
-                                 settings.pairs_per_step_at(index, pairs, size), len(settings.scales),
-                                 settings.trained_voxels(size, index))
+    per_step, trained = max(((settings.pairs_per_step_at(index, pairs, size), settings.trained_voxels(size, index))
+                             for index in range(len(settings.scales))), key=math.prod)
+    return training_memory_bytes(grid.voxels, grid.reference.GetDimension(), pairs, per_step, len(settings.scales),
+                                 trained)
 
 
 def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device: torch.device,
