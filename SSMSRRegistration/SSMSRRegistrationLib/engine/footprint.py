@@ -1,11 +1,13 @@
 """What a test-time training run will cost before it starts: peak memory on its device and, on a CPU, time.
 
 The memory model was measured on this project's CPU (torch 2.13, float32, default U-Net widths) from the peak
-resident memory of a fresh process training 2 steps at one scale: 3D grids of 48^3, 80^3 and 112^3 voxels rose
-by 320, 892 and 2021 MiB, 2D grids of 256^2, 512^2 and 1024^2 by 233, 547 and 1627 MiB, i.e. 1.3-1.7 kB per voxel of
-one pair on top of about 150 MiB. The model below rounds that up. At 56^3 the rise varied from run to run between
-561 and 652 MiB (12 runs, 2026-12-02, same machine): the allocator's arenas and oneDNN's scratch space differ
-between runs, hence the 400 MiB overhead (300 MiB was below half of those runs).
+resident memory of a fresh process training 2 steps at one scale, with the C heap kept as training keeps it
+(``allocator.kept_heap``: freed blocks stay resident, so the peak is higher than the live tensors'). Four runs each,
+2026-12-03: 3D grids of 48^3, 56^3 (the network pads it to 64^3), 80^3 and 112^3 voxels rose by at most 339, 678,
+1298 and 2405 MiB; 2D grids of 256^2, 512^2 and 1024^2 by at most 180, 627 and 2448 MiB (the same 1024^2 run with
+glibc's defaults: at most 1629 MiB); a CI machine measured 722 MiB at 56^3. That is up to 2.05 kB per voxel of one
+pair on top of 400 MiB; the model below rounds it up. The rise varies between runs of the same size by up to a
+quarter (the heap's layout and oneDNN's scratch space differ), hence the margin.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .spatial import warp
 from .unet import RegistrationUNet, predict, use_mixed_precision
 
 #: Bytes per voxel per pair trained together at one step (activations, gradients, warps; float32).
-TRAINING_BYTES_PER_VOXEL = 1800
+TRAINING_BYTES_PER_VOXEL = 2400
 #: Bytes per voxel per pair held for the whole run: images, masks, and the field after each scale.
 RESIDENT_FLOATS_PER_VOXEL = 4  # fixed, moving, fixed mask, field of view (float32 each) + ndim per scale
 #: Weights, Adam state, the runtime's own arena.
