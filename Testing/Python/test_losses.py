@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from SSMSRRegistrationLib.engine.losses import (NCC_EPSILON, gradient_smoothness, local_ncc, local_ncc_map,
+from SSMSRRegistrationLib.engine.losses import (NCC_EPSILON, _box_mean, gradient_smoothness, local_ncc, local_ncc_map,
                                                 registration_loss)
 
 
@@ -87,3 +87,11 @@ def test_the_mse_term_adds_its_weight_times_the_mean_squared_difference_inside_t
     inside = ((fixed - warped) ** 2)[mask > 0].mean()
     assert with_mse - paper == pytest.approx(300.0 * inside, rel=1e-4)
     assert registration_loss(*as_tensors[:3], 5, 3.0, as_tensors[3], mse_weight=0.0).item() == paper
+
+
+@pytest.mark.parametrize("shape,window", [((7, 9), 5), ((7, 9), 6), ((4, 5, 6), 3), ((3, 4, 5), 8)])
+def test_window_mean_gradient_matches_finite_differences(shape, window):
+    """The window sums' hand-written backward (their adjoint) against finite differences, in float64 (the NCC itself
+    runs in float32); the last case's window is wider than the image."""
+    values = torch.rand((2, 3) + shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda stack: _box_mean(stack, window), (values.requires_grad_(),))
