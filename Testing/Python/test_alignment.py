@@ -180,10 +180,10 @@ def border_band(shape, box, width: int) -> np.ndarray:
     return inside & ~core
 
 
-def test_a_smaller_ct_field_of_view_draws_no_displacement_to_its_border():
-    """The moving CT covers only part of the fixed one (same anatomy: the right field is zero). Padding with a raw
-    0 HU (the former behaviour, emulated here by resampling the moving image onto the fixed grid first) makes a
-    false edge that pulls the field; with the field-of-view mask the border band stays as still as the rest."""
+def ct_field_of_view_band_displacement(seed: int = 0) -> dict:
+    """The moving CT covers only part of the fixed one (same anatomy: the right field is zero), registered as it is
+    ("masked": the field-of-view mask) and resampled onto the fixed grid first with a raw 0 HU outside ("padded",
+    the former behaviour); the mean displacement length (px) in a 4-pixel band along the moving image's border."""
     anatomy = brain_slice()
     fixed = sitk.GetImageFromArray(ct_like(anatomy))
     box = (14, anatomy.shape[0] - 14, 16, anatomy.shape[1] - 16)
@@ -191,12 +191,21 @@ def test_a_smaller_ct_field_of_view_draws_no_displacement_to_its_border():
     moving.SetOrigin((float(box[2]), float(box[0])))
     padded = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)  # 0 HU outside
     band = border_band(anatomy.shape, box, 4)
-    options = dict(scales="1/2,1", steps=60, device="cpu")
-    displacement = {name: np.linalg.norm(sitk.GetArrayFromImage(register(fixed, image, **options).field), axis=-1)
-                    for name, image in (("masked", moving), ("padded", padded))}
-    print({name: float(values[band].mean()) for name, values in displacement.items()})
-    assert displacement["masked"][band].mean() < 0.25
-    assert displacement["padded"][band].mean() > 2 * displacement["masked"][band].mean()
+    options = dict(scales="1/2,1", steps=60, device="cpu", seed=seed)
+    return {name: float(np.linalg.norm(sitk.GetArrayFromImage(register(fixed, image, **options).field),
+                                       axis=-1)[band].mean())
+            for name, image in (("masked", moving), ("padded", padded))}
+
+
+def test_a_smaller_ct_field_of_view_draws_no_displacement_to_its_border():
+    """Padding with a raw 0 HU makes a false edge that pulls the field; with the field-of-view mask the border band
+    moves less. Bounds from ten runs (seeds 0-4, before and after the window sums changed in rounding only;
+    `seed_spread.py --scenarios ct_field_of_view`, RESULTS.md): masked 0.31 +- 0.05 px (at most 0.37), padded 1.13
+    +- 0.21, their ratio at least 2.3 (3.8 +- 0.9)."""
+    displacement = ct_field_of_view_band_displacement()
+    print(displacement)
+    assert displacement["masked"] < 0.5
+    assert displacement["padded"] > 1.5 * displacement["masked"]
 
 
 @pytest.mark.parametrize("initial, message", [

@@ -147,7 +147,10 @@ def test_training_lowers_the_validation_loss(pretrained):
 
 
 def test_pretrained_model_converges_in_fewer_steps_on_a_held_out_pair(pretrained):
-    """Test-time training from the pretrained model reaches a given NCC in at most half the steps from scratch."""
+    """Test-time training from the pretrained model reaches a given NCC in at most half the steps from scratch, and
+    ends no worse after 80 steps than the spread allows: over ten runs (seeds 0-4, before and after the window sums
+    changed in rounding only; `seed_spread.py --scenarios pretraining`, RESULTS.md) pretrained minus scratch was
+    0.0020 +- 0.0043 (at least -0.0050); the bound is the mean minus 3.5 standard deviations."""
     model = load_model(pretrained[0].path)
     fixed, moving = pair(HELD_OUT_LEVEL, seed=999)
     budgets = (5, 10, 20, 40, 80)
@@ -167,7 +170,7 @@ def test_pretrained_model_converges_in_fewer_steps_on_a_held_out_pair(pretrained
     steps_scratch = min(s for s in budgets if scratch[s] >= target)
     steps_warm = min(s for s in budgets if warm[s] >= target)
     assert steps_warm <= steps_scratch // 2, f"pretrained needs {steps_warm} steps, scratch {steps_scratch}"
-    assert warm[80] >= scratch[80] - 0.002
+    assert warm[80] >= scratch[80] - 0.014
 
 
 def test_engine_inference_matches_register_tensors_with_zero_steps(pretrained):

@@ -5,7 +5,7 @@ Each scenario is the one a test in Testing/Python runs (same images, schedule an
 bounds. Same seed, same inputs, same thread count: the same result (Testing/Python/test_reproducibility.py), so the
 spread below is the seeds', not noise.
 
-    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking,pretraining,sequence_3d
+    python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios alignment,tracking,pretraining,sequence_3d,ct_field_of_view
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Python"))
 
-from test_alignment import (BRAIN_OPTIONS, far_labels_on_fixed, make_brain_pair, mean_dice, misaligned, rotation,
-                            thick_slices)
+from test_alignment import (BRAIN_OPTIONS, ct_field_of_view_band_displacement, far_labels_on_fixed, make_brain_pair,
+                            mean_dice, misaligned, rotation, thick_slices)
 
 from SSMSRRegistrationLib import register
 from SSMSRRegistrationLib.workflows.provenance import cpu_model
@@ -144,8 +144,18 @@ def sequence_3d_scenario(seed: int) -> dict:
     return measures
 
 
+def ct_field_of_view_scenario(seed: int) -> dict:
+    """test_alignment's smaller CT field of view with ``seed``, one torch thread: the border band's mean displacement
+    (px) registered with the field-of-view mask and padded with 0 HU, and their ratio."""
+    import torch
+
+    torch.set_num_threads(1)
+    band = ct_field_of_view_band_displacement(seed)
+    return {**band, "ratio": band["padded"] / band["masked"]}
+
+
 SCENARIOS = {"alignment": alignment_scenario, "tracking": tracking_scenario, "pretraining": pretraining_scenario,
-             "sequence_3d": sequence_3d_scenario}
+             "sequence_3d": sequence_3d_scenario, "ct_field_of_view": ct_field_of_view_scenario}
 
 
 def main() -> None:
