@@ -27,7 +27,7 @@ the whole sequence: the echo cines' MSE term misled them (test_sequences_3d.py).
 scales' steps with pairs (``coarse_batches="fill"``: as many pairs a step as the finest scale's step holds in voxels,
 at most all) and takes half the steps: on an 8-frame 96^3 series with a known motion, one pair a step at every scale
 (300 steps) ended 0.21 to 1.02 mm off over four seeds, the coarse scale alone 1.4 to 2.3 mm; filled, 150 steps ended
-0.25 to 0.34 mm over nine runs (ANTs SyN frame by frame: 0.47 mm). ``fast`` is ``balanced`` with 60 steps, in 40 %
+0.25 to 0.34 mm over twelve runs (ANTs SyN frame by frame: 0.47 mm). ``fast`` is ``balanced`` with 60 steps, in 40 %
 of its time, but it varies with the seed: 0.35 to 1.07 mm over sixteen runs (40 steps: 1.1 to 1.5 mm).
 Testing/benchmarks/track_volumes.py, RESULTS.md.
 
