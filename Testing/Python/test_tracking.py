@@ -174,19 +174,20 @@ def test_identical_consecutive_frames_give_a_near_zero_field(tracked):
     """Where the frames have texture the field of the duplicate pair is near zero; in flat regions no field
     changes the image, and there the networks shared by all pairs extrapolate smoothly. (With the default cine
     loss, lambda 2 and the MSE term, the other pairs move 1.7-3.8 px on average; with the paper's loss 0.9-1.6 px.)
-    The bounds are the mean plus 3.5 standard deviations over ten runs of this very fixture, seeds 0-4 before and
-    after the window sums changed in rounding only (`python Testing/benchmarks/seed_spread.py --seeds 5 --scenarios
-    tracking`, RESULTS.md): the duplicate's field 0.391 +- 0.038 px, its ratio to the other pairs' 0.197 +- 0.043,
-    its MSE after registration 0.028 +- 0.009 of the other pairs' identity MSE."""
+    The bounds are the mean plus 3.5 standard deviations over fifteen runs of this very fixture (`python
+    Testing/benchmarks/seed_spread.py --scenarios tracking`, RESULTS.md): seeds 0-4 with one torch thread, as under
+    pytest-xdist, and seeds 0-9 with two, as in a plain pytest run on 2 cores: the duplicate's field 0.401 +- 0.071 px
+    (at most 0.549), its ratio to the other pairs' 0.199 +- 0.053, its MSE after registration 0.029 +- 0.010 of the
+    other pairs' identity MSE."""
     result, _, _ = tracked
     lengths = result.displacements.norm(dim=1)
     motion = {pair: float(lengths[pair - 1][textured(result.cine.frames[pair], result.masks[pair])].mean())
               for pair in result.pairs}
     duplicate = motion.pop(DUPLICATE_PAIR)
     assert result.metrics["mse_identity"][DUPLICATE_PAIR - 1] == 0
-    assert duplicate < 0.53 and duplicate < 0.35 * np.mean(list(motion.values()))
+    assert duplicate < 0.65 and duplicate < 0.38 * np.mean(list(motion.values()))
     others_mse = np.delete(result.metrics["mse_identity"], DUPLICATE_PAIR - 1)
-    assert result.metrics["mse"][DUPLICATE_PAIR - 1] < 0.06 * others_mse.mean()
+    assert result.metrics["mse"][DUPLICATE_PAIR - 1] < 0.064 * others_mse.mean()
 
 
 def test_figures_show_every_pair(tracked):
