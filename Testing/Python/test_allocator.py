@@ -9,7 +9,6 @@ whatever the page size, a block allocated again there faults at most one block i
 
 import ctypes
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from SSMSRRegistrationLib.engine.allocator import kept_heap
+from SSMSRRegistrationLib.engine.allocator import _glibc, kept_heap
 
 MEGABYTES = 64
 
@@ -29,15 +28,18 @@ class MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def glibc_with_mallinfo2() -> bool:
-    return (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-            and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"))
+def glibc_mallinfo2():
+    """glibc's ``mallinfo2`` returning ``MallInfo2``, or None where the C library is not glibc >= 2.33."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2
 
 
 def mapped_bytes_added_by_a_tensor() -> int:
     """Bytes glibc holds in mmapped chunks while a float32 tensor of MEGABYTES lives, minus those before it."""
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = MallInfo2
+    mallinfo2 = glibc_mallinfo2()
     before = mallinfo2().hblkhd
     block = torch.empty(MEGABYTES * 2 ** 18)
     block.fill_(1.0)
@@ -70,7 +72,7 @@ def measure() -> dict:
     return figures
 
 
-@pytest.mark.skipif(not glibc_with_mallinfo2(), reason="glibc >= 2.33 only (mallinfo2)")
+@pytest.mark.skipif(glibc_mallinfo2() is None, reason="glibc >= 2.33 only (mallinfo2)")
 def test_inside_the_block_a_large_tensor_comes_from_the_heap_where_by_default_it_is_mapped_anew():
     run = subprocess.run([sys.executable, __file__], check=True, capture_output=True, text=True)
     figures = json.loads(run.stdout)
