@@ -41,8 +41,9 @@ def brain_pair():
 
 
 #: The brain pair's crop of the 1 mm ICBM152 (ITK index order): 64 mm about the centre of the brain, 32^3 voxels at
-#: 2 mm. A side of a multiple of 16 voxels is what the U-Net computes on (it pads its input to one): a training step
-#: here costs a quarter of one on the 40x48x40 crop this file used before (0.19 s against 0.72 s, float32, one thread).
+#: 2 mm: a training step here cost a quarter of one on the 40x48x40 crop this file used before (0.19 s against 0.72 s,
+#: float32, one thread, when the U-Net padded its input to a multiple of 16; the crop stays, its Dice bounds come from
+#: its spread).
 BRAIN_CROP = dict(start=[66, 86, 74], size=[64, 64, 64], shrink=2)
 
 
@@ -199,12 +200,12 @@ def ct_field_of_view_band_displacement(seed: int = 0) -> dict:
 
 def test_a_smaller_ct_field_of_view_draws_no_displacement_to_its_border():
     """Padding with a raw 0 HU makes a false edge that pulls the field; with the field-of-view mask the border band
-    moves less. Bounds from ten runs (seeds 0-4, before and after the window sums changed in rounding only;
-    `seed_spread.py --scenarios ct_field_of_view`, RESULTS.md): masked 0.31 +- 0.05 px (at most 0.37), padded 1.13
-    +- 0.21, their ratio at least 2.3 (3.8 +- 0.9)."""
+    moves less. Bounds from ten runs of the U-Net without padding to a multiple of 16 (seeds 0-9, `seed_spread.py
+    --seeds 10 --scenarios ct_field_of_view`, RESULTS.md): masked 0.34 +- 0.08 px (at most 0.47; the bound is the
+    mean plus 3.4 standard deviations), padded 0.97 +- 0.18, their ratio at least 1.8 (3.1 +- 1.3)."""
     displacement = ct_field_of_view_band_displacement()
     print(displacement)
-    assert displacement["masked"] < 0.5
+    assert displacement["masked"] < 0.6
     assert displacement["padded"] > 1.5 * displacement["masked"]
 
 

@@ -55,15 +55,15 @@ def test_a_half_resolution_field_is_linear_between_the_half_grids_nodes():
 def test_a_half_resolution_field_is_the_networks_field_on_the_pair_pooled_by_2_upsampled(size):
     """Odd sides are padded by their last voxel before pooling, so each half-grid node averages 2^ndim voxels and
     sits at their centre; the field keeps the input's voxels as its unit. The field upsampled is the one over the
-    pooled grid padded (last voxels repeated) to the encoder's multiple of 16, so the last voxel of a side
-    interpolates towards the next, padded node rather than repeating the last one (``RegistrationUNet``)."""
+    pooled grid with one node more on each side (the last repeated), so the last voxel of a side interpolates
+    towards that node rather than repeating the last one (``RegistrationUNet``)."""
     torch.manual_seed(2)
     network = RegistrationUNet(len(size))
     torch.nn.init.normal_(network.flow.weight, std=0.1)
     pair = torch.rand((1, 2) + size)
     padded = F.pad(pair, [p for n in reversed(size) for p in (0, n % 2)], mode="replicate")
     pooled = (F.avg_pool2d if len(size) == 2 else F.avg_pool3d)(padded, 2)
-    pooled = F.pad(pooled, [p for n in reversed(pooled.shape[2:]) for p in (0, -n % 16)], mode="replicate")
+    pooled = F.pad(pooled, [0, 1] * len(size), mode="replicate")
     with torch.no_grad():
         half = network(pair, half_resolution=True)
         expected = F.interpolate(network(pooled), scale_factor=2, mode="bilinear" if len(size) == 2 else "trilinear",
@@ -72,15 +72,41 @@ def test_a_half_resolution_field_is_the_networks_field_on_the_pair_pooled_by_2_u
     assert torch.allclose(half, expected, atol=1e-6 * float(expected.abs().max()))
 
 
-def test_a_3d_half_resolution_step_takes_an_eighth_of_the_operations():
+def test_the_network_costs_what_its_input_size_costs():
+    """No padding to a multiple of 16: each level pools an odd side's last voxel alone, so a 24^3 pair costs
+    (24/32)^3 of a 32^3 one (a 3D+t series' coarse scales are 24^3), give or take the smallest levels' rounding up."""
     network = RegistrationUNet(3)
-    pair = torch.rand(1, 2, 32, 32, 32)
+    counts = {}
+    for side in (24, 32):
+        with FlopCounterMode(display=False) as counter:
+            network(torch.rand(1, 2, side, side, side))
+        counts[side] = counter.get_total_flops()
+    assert counts[24] == pytest.approx(counts[32] * (24 / 32) ** 3, rel=0.05), counts
+
+
+def test_sides_under_16_are_padded_to_16_by_their_last_voxel():
+    """The coarse scales of small images (an 8^3 grid) keep the border the padding gives them: the field of an 8x8x20
+    pair is the field of that pair padded to 16x16x20 by repeating its last voxels, cropped (``RegistrationUNet``)."""
+    torch.manual_seed(3)
+    network = RegistrationUNet(3)
+    torch.nn.init.normal_(network.flow.weight, std=0.1)
+    pair = torch.rand(1, 2, 8, 8, 20)
+    with torch.no_grad():
+        field = network(pair)
+        padded = network(F.pad(pair, (0, 0, 0, 8, 0, 8), mode="replicate"))[:, :, :8, :8, :]
+    assert field.shape == (1, 3, 8, 8, 20) and torch.equal(field, padded)
+
+
+def test_a_3d_half_resolution_step_takes_about_an_eighth_of_the_operations():
+    """The network runs on the pooled grid and one node more per side: 33^3 nodes for a 64^3 pair."""
+    network = RegistrationUNet(3)
+    pair = torch.rand(1, 2, 64, 64, 64)
     counts = []
     for half in (False, True):
         with FlopCounterMode(display=False) as counter:
             network(pair, half_resolution=half).square().mean().backward()
         counts.append(counter.get_total_flops())
-    assert counts[1] == pytest.approx(counts[0] / 8, rel=0.01), counts
+    assert counts[1] == pytest.approx(counts[0] * (33 / 64) ** 3, rel=0.05), counts
 
 
 def test_3d_images_with_voxels_under_the_bound_predict_at_half_resolution_but_at_the_coarsest_scale():

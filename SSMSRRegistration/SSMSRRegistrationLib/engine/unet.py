@@ -57,8 +57,12 @@ class ConvBlock(nn.Module):
 class RegistrationUNet(nn.Module):
     """Predicts a displacement field from a (moving, fixed) pair.
 
-    Input (N, 2, *S) (channel 0 moving, channel 1 fixed), any spatial size:
-    the input is padded to a multiple of 2^len(encoder_channels) and the output cropped back.
+    Input (N, 2, *S) (channel 0 moving, channel 1 fixed), any spatial size: each pooling takes the last voxel of an
+    odd side alone and each upsampling is cropped to its skip connection's size, so a step costs what S costs (padded
+    to a multiple of 16, as before, a 24^3 pair cost as much as a 32^3 one: 0.23 against 0.12 s a step of 7 pairs).
+    Sides under 2^len(encoder_channels) (16) are still padded to it, by repeating their last voxel, so that the
+    four poolings reach one voxel: unpadded, the 8^3 coarse scale of test_sequences_3d ended 0.94 +- 0.41 mm off over
+    five seeds, padded (as now) 0.65 +- 0.21 mm (Testing/benchmarks/RESULTS.md).
     Output (N, ndim, *S): displacement in voxels of the input grid (see ``spatial``).
 
     Encoder: one strided-by-pooling level per entry of ``encoder_channels``.
@@ -71,10 +75,10 @@ class RegistrationUNet(nn.Module):
     ``forward(pair, half_resolution=True)`` predicts the field at half the input's resolution with the same weights:
     the network runs on the pair average-pooled by 2 (a side of odd length first padded by its last voxel), and its
     field, in voxels of the input, is upsampled linearly (align_corners False: a half-grid node sits at the centre
-    of the 2^ndim voxels it pooled) and cropped to the input's size. The field upsampled is the one over the grid
-    padded for the encoder, so the input's last voxel on a side interpolates towards the next (padded) node instead
-    of repeating the last node: on the 3D+t benchmark (RESULTS.md) the repeated node gave 1.04 and 0.30 mm for seeds
-    0 and 1, this 0.21 and 0.24 mm. A 3D step takes an eighth of the operations.
+    of the 2^ndim voxels it pooled) and cropped to the input's size. The pooled grid gets one node more on each side
+    (its last repeated), so the input's last voxel on a side interpolates towards it instead of repeating the last
+    node: on the 3D+t benchmark (RESULTS.md) the repeated node gave 1.04 and 0.30 mm for seeds 0 and 1, a next
+    node 0.21 and 0.24 mm. A 3D step takes about an eighth of the operations.
     """
 
     def __init__(self, ndim: int, encoder_channels: Sequence[int] = DEFAULT_ENCODER_CHANNELS,
@@ -98,7 +102,8 @@ class RegistrationUNet(nn.Module):
             self.encoder.append(ConvBlock(ndim, previous, channels))
             skip_channels.append(channels)
             previous = channels
-        self.pool = nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)
+        # A side of odd length pools its last voxel alone (the same as repeating it), so any size goes through.
+        self.pool = nn.MaxPool2d(2, ceil_mode=True) if ndim == 2 else nn.MaxPool3d(2, ceil_mode=True)
 
         self.decoder = nn.ModuleList()
         skips = list(skip_channels[:-1])
@@ -120,8 +125,9 @@ class RegistrationUNet(nn.Module):
         size = pair.shape[2:]
         x = pair
         if half_resolution:
-            x = (F.avg_pool2d if self.ndim == 2 else F.avg_pool3d)(pad_to_multiple(x, 2), 2)
-        x = pad_to_multiple(x, 2 ** self.levels)
+            x = (F.avg_pool2d if self.ndim == 2 else F.avg_pool3d)(pad_at_end(x, [n + n % 2 for n in size]), 2)
+            x = pad_at_end(x, [n + 1 for n in x.shape[2:]])  # a node past the last, for the upsampling
+        x = pad_at_end(x, [max(n, 2 ** self.levels) for n in x.shape[2:]])
 
         history = [x]
         for block in self.encoder:
@@ -129,22 +135,25 @@ class RegistrationUNet(nn.Module):
             history.append(x)
         history.pop()  # the bottom level is x itself
         for block in self.decoder:
-            x = torch.cat([F.interpolate(block(x), scale_factor=2, mode="nearest"), history.pop()], dim=1)
+            skip = history.pop()
+            x = torch.cat([crop(F.interpolate(block(x), scale_factor=2, mode="nearest"), skip.shape[2:]), skip], dim=1)
         for block in self.remaining:
             x = block(x)
         flow = convolve(self.flow, x)
-        if half_resolution:  # the padded grid's field: the last voxels interpolate towards the padding's nodes
+        if half_resolution:  # the input's last voxels interpolate towards the node past the last
             flow = F.interpolate(flow, scale_factor=2, mode="bilinear" if self.ndim == 2 else "trilinear",
                                  align_corners=False)
-        return flow[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
+        return crop(flow, size)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """(N, C, *S) -> (N, C, *S') with each S' the multiple of ``multiple`` at or above S, padded at the end by
-    repeating the last voxels."""
-    padding = []
-    for n in reversed(x.shape[2:]):
-        padding += [0, (-n) % multiple]
+def crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, C, *S) -> (N, C, *size), the first ``size`` voxels of each side (size <= S)."""
+    return x[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
+
+
+def pad_at_end(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, C, *S) -> (N, C, *size) (size >= S), each side padded at its end by repeating its last voxel."""
+    padding = [p for n, target in zip(reversed(x.shape[2:]), reversed(size)) for p in (0, target - n)]
     return F.pad(x, padding, mode="replicate") if any(padding) else x
 
 
