@@ -176,18 +176,18 @@ def test_identical_consecutive_frames_give_a_near_zero_field(tracked):
     loss, lambda 2 and the MSE term, the other pairs move 1.7-3.8 px on average; with the paper's loss 0.9-1.6 px.)
     The bounds are the mean plus 3.5 standard deviations over fifteen runs of this very fixture (`python
     Testing/benchmarks/seed_spread.py --scenarios tracking`, RESULTS.md): seeds 0-4 with one torch thread, as under
-    pytest-xdist, and seeds 0-9 with two, as in a plain pytest run on 2 cores: the duplicate's field 0.401 +- 0.071 px
-    (at most 0.549), its ratio to the other pairs' 0.199 +- 0.053, its MSE after registration 0.029 +- 0.010 of the
-    other pairs' identity MSE."""
+    pytest-xdist, and seeds 0-9 with two, as in a plain pytest run on 2 cores, of the U-Net without padding to a
+    multiple of 16: the duplicate's field 0.437 +- 0.085 px (at most 0.627), its ratio to the other pairs' 0.207 +-
+    0.042, its MSE after registration 0.031 +- 0.010 of the other pairs' identity MSE."""
     result, _, _ = tracked
     lengths = result.displacements.norm(dim=1)
     motion = {pair: float(lengths[pair - 1][textured(result.cine.frames[pair], result.masks[pair])].mean())
               for pair in result.pairs}
     duplicate = motion.pop(DUPLICATE_PAIR)
     assert result.metrics["mse_identity"][DUPLICATE_PAIR - 1] == 0
-    assert duplicate < 0.65 and duplicate < 0.38 * np.mean(list(motion.values()))
+    assert duplicate < 0.73 and duplicate < 0.35 * np.mean(list(motion.values()))
     others_mse = np.delete(result.metrics["mse_identity"], DUPLICATE_PAIR - 1)
-    assert result.metrics["mse"][DUPLICATE_PAIR - 1] < 0.064 * others_mse.mean()
+    assert result.metrics["mse"][DUPLICATE_PAIR - 1] < 0.067 * others_mse.mean()
 
 
 def test_figures_show_every_pair(tracked):
@@ -402,9 +402,10 @@ def test_a_cine_with_filled_coarse_batches_trains_more_pairs_at_the_coarser_scal
     assert not torch.equal(same.displacement, first.displacement)
 
 
-def test_the_default_fills_the_coarser_scales_of_3d_cines_and_not_of_2d_cines():
-    """The preset's 3D+t cines fill their coarser scales with pairs (three frames: two pairs, both trained at 1/2);
-    echo cines keep one pair a step at every scale, as measured on them."""
+def test_the_default_trains_3d_cines_8_pairs_a_step_filling_the_coarser_scales_and_2d_cines_one():
+    """The preset's 3D+t cines train up to 8 pairs a step (three frames: both pairs at every scale) and fill their
+    coarser scales (with one pair a step at the finest scale, both pairs at 1/2); echo cines keep one pair a step at
+    every scale, as measured on them."""
     started = []
 
     def record(event):
@@ -414,9 +415,11 @@ def test_the_default_fills_the_coarser_scales_of_3d_cines_and_not_of_2d_cines():
     blob = blobs((24, 24, 24))[0, 0].numpy()
     volumes = [sitk.GetImageFromArray(np.roll(blob, shift, axis=2)) for shift in (0, 1, 2)]
     track(volumes, scales="1/2,1", steps=1, device="cpu", progress=record)
+    track(volumes, scales="1/2,1", steps=1, device="cpu", progress=record, batch_size=1)
     track(shipped_echo_frames([0, 1, 2]), scales="1/2,1", steps=1, device="cpu", progress=record)
-    track(volumes, scales="1/2,1", steps=1, device="cpu", progress=record, coarse_batches="same")
-    assert started == [[2, 1], [1, 1], [1, 1]]
+    track(volumes, scales="1/2,1", steps=1, device="cpu", progress=record, batch_size=1, coarse_batches="same")
+    assert started == [[2, 2], [2, 1], [1, 1], [1, 1]]
+
 
 def test_metrics_report_the_folded_pixels_of_every_pair(tracked):
     result, outputs, _ = tracked

@@ -23,13 +23,15 @@ steps on an eighth of the voxels); images at the paper's sizes (2 mm) are not af
 (Testing/benchmarks/RESULTS.md "Fields at half resolution"). ``paper`` predicts at full resolution at every size.
 
 3D+t cines (sequences of volumes, ``volume_cine`` runs) take each preset's values for pairs, their steps counted for
-the whole sequence: the echo cines' MSE term misled them (test_sequences_3d.py). ``balanced`` also fills its coarser
-scales' steps with pairs (``coarse_batches="fill"``: as many pairs a step as the finest scale's step holds in voxels,
-at most all) and takes half the steps: on an 8-frame 96^3 series with a known motion, one pair a step at every scale
-(300 steps) ended 0.21 to 1.02 mm off over four seeds, the coarse scale alone 1.4 to 2.3 mm; filled, 150 steps ended
-0.25 to 0.34 mm over twelve runs (ANTs SyN frame by frame: 0.47 mm). ``fast`` is ``balanced`` with 60 steps, in 40 %
-of its time, but it varies with the seed: 0.35 to 1.07 mm over sixteen runs (40 steps: 1.1 to 1.5 mm).
-Testing/benchmarks/track_volumes.py, RESULTS.md.
+the whole sequence: the echo cines' MSE term misled them (test_sequences_3d.py). ``balanced`` and ``fast`` stop at
+the 1/2 scale (1/4,1/2), train up to 8 pairs a step (``batch_size``: every pair of a 9-frame series, as many voxels
+as one full-resolution pair) and the 1/4 scale as many as a step at 1/2 holds in voxels (``coarse_batches="fill"``),
+in 120 steps (``fast``: 80). On an 8-frame 96^3 series with a known motion (1 mm voxels, so the 1/2 scale predicts
+its field at half resolution, 4 mm), the full-resolution scale, trained one pair a step, added error in 75 % more
+time (150 steps, seed 5: 0.22 mm without it, 0.29 mm with it, 63 against 110 s). Without it, 120 steps ended 0.17
+to 0.27 mm off over eight seeds in 52-57 s (150 steps: 0.16 to 0.30 mm), 80 steps 0.22 to 0.48 mm in 35-39 s (ANTs
+SyN frame by frame: 0.47 mm in 70-79 s). Add the full resolution (``scales="1/4,1/2,1"``) where the motion has
+detail finer than the 1/2 scale's field. Testing/benchmarks/track_volumes.py, RESULTS.md.
 
 Pretraining (``ssmsr train``) starts from the paper's settings under every preset. Convergence-based stopping
 (``stop_window``) is in no preset: it saved steps from about 600 steps per scale on (Testing/benchmarks/
@@ -75,10 +77,11 @@ HALF_FIELD_BELOW_MM = 1.5
 BALANCED_PAIRS = {**PAPER_PAIRS, "scales": "1/4,1/2,1", "steps": 300, "smoothness_weight": 3.0,
                   "half_field_below": HALF_FIELD_BELOW_MM}
 FAST_PAIRS = {**BALANCED_PAIRS, "steps": 80, "smoothness_weight": PAPER_SMOOTHNESS_WEIGHT}
-#: 3D+t cines of ``balanced``: its pairs' values, the coarser scales filled with pairs, half the steps; of ``fast``:
-#: the same with 60 steps (with lambda 10, ``fast``'s pairs' value, 60 steps ended 0.47 to 1.42 mm over four seeds).
-BALANCED_VOLUME_CINES = {**BALANCED_PAIRS, "coarse_batches": "fill", "steps": 150}
-FAST_VOLUME_CINES = {**BALANCED_VOLUME_CINES, "steps": 60}
+#: 3D+t cines of ``balanced`` and ``fast``: their pairs' values (``fast`` with ``balanced``'s lambda 3), scales 1/4
+#: and 1/2, up to 8 pairs a step at 1/2 and the 1/4 scale filled (see the module's docstring).
+BALANCED_VOLUME_CINES = {**BALANCED_PAIRS, "scales": "1/4,1/2", "batch_size": 8, "coarse_batches": "fill",
+                         "steps": 120}
+FAST_VOLUME_CINES = {**BALANCED_VOLUME_CINES, "steps": 80}
 #: 2D+t cines of ``balanced`` and ``fast``: lambda 2 and the MSE term, measured on the echo cine (RESULTS.md).
 CINES = {"scales": "1/8,1/4,1/2,1", "steps": 600, "smoothness_weight": 2.0, "learning_rate": PAPER_LEARNING_RATE,
          "mse_weight": 1000.0}
