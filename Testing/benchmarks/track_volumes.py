@@ -1,10 +1,11 @@
 """Benchmark: a 3D+t series with a known breathing-like motion, tracked by SSMSR over the whole series (the reference
 frame onto every other, one training) against ANTs SyN and elastix B-spline registering each frame separately (as
-SlicerSequenceRegistration runs elastix).
+SlicerSequenceRegistration runs elastix), and against SSMSR registering each frame separately (``ssmsr-pairs``,
+the default preset's pair registration, one training a frame; not in the default methods: it takes minutes a frame).
 
     python Testing/benchmarks/track_volumes.py [--frames 8] [--size 96] [--amplitude 12]
-        [--methods ssmsr,ssmsr-fast,ants,elastix] [--batch N] [--patch N] [--steps N] [--finest-steps N] [--scales S]
-        [--half-field-below MM] [--json results/track_volumes.json]
+        [--methods ssmsr,ssmsr-fast,ants,elastix[,ssmsr-pairs]] [--batch N] [--patch N] [--steps N]
+        [--finest-steps N] [--scales S] [--half-field-below MM] [--seed N] [--json results/track_volumes.json]
 
 The series: the ICBM152 2009a T1 (nilearn, 1 mm) cropped to SIZE^3 voxels around the brain's centre, intensities in
 [0, 1]. Frame t is that volume warped by a known smooth field v_t (mm, LPS): a superior-inferior displacement
@@ -41,6 +42,7 @@ from evaluation.metrics import endpoint_error, field_regularity  # noqa: E402
 from SSMSRRegistrationLib.engine.metrics import REGISTER_FOLDED_KEY  # noqa: E402
 from SSMSRRegistrationLib.imaging import sample_data  # noqa: E402
 from SSMSRRegistrationLib.workflows.provenance import cpu_model  # noqa: E402
+from SSMSRRegistrationLib.workflows.register import register  # noqa: E402
 from SSMSRRegistrationLib.workflows.track import track  # noqa: E402
 
 NOISE_STD = 0.02
@@ -96,6 +98,11 @@ def run_ssmsr(images: List[sitk.Image], preset: str, **overrides) -> Dict[int, s
     return {t: result.field(t) for t in result.pairs}
 
 
+def run_ssmsr_pairs(images: List[sitk.Image], seed: int) -> Dict[int, sitk.Image]:
+    """The default preset's registration of frame 0 onto each frame, one pair (and one training) at a time."""
+    return {t: register(images[t], images[0], seed=seed).field for t in range(1, len(images))}
+
+
 def run_ants_default(images: List[sitk.Image], config: Config) -> Dict[int, sitk.Image]:
     """antspyx's default SyN (affine, then SyN with mutual information) of frame 0 onto each frame."""
     return _per_frame(ANTS_DEFAULT, images, None, config)
@@ -128,7 +135,7 @@ def main() -> None:
     parser.add_argument("--scales", help="SSMSR's schedule, e.g. 1/4,1/2 (default: the preset's)")
     parser.add_argument("--half-field-below", type=float,
                         help="SSMSR's half-resolution fields below this voxel side (mm; default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the frames' noise, SSMSR's and the baselines' seed")
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args()
 
@@ -137,11 +144,12 @@ def main() -> None:
     methods: Dict[str, Callable[[], Dict[int, sitk.Image]]] = {
         "ssmsr": lambda: run_ssmsr(images, "balanced", **overrides),
         "ssmsr-fast": lambda: run_ssmsr(images, "fast", **overrides),
+        "ssmsr-pairs": lambda: run_ssmsr_pairs(images, args.seed),
         "ants": lambda: run_ants_default(images, config),
         "elastix": lambda: run_elastix(images, head, config),
     }
     overrides = dict(batch_size=args.batch, patch_size=args.patch, steps=args.steps, scales=args.scales,
-                     finest_steps=args.finest_steps, half_field_below=args.half_field_below)
+                     finest_steps=args.finest_steps, half_field_below=args.half_field_below, seed=args.seed)
     batch = "" if args.batch is None else f", {'every pair' if args.batch == 0 else args.batch} per step"
     batch += "" if args.patch is None else f", patches of {args.patch}^3"
     batch += "" if args.steps is None else f", {args.steps} steps per scale"
@@ -149,7 +157,7 @@ def main() -> None:
     batch += "" if args.scales is None else f", scales {args.scales}"
     batch += "" if args.half_field_below is None else f", half-resolution fields below {args.half_field_below} mm"
     names = {"ssmsr": f"SSMSR sequence (balanced{batch})", "ssmsr-fast": f"SSMSR sequence (fast{batch})",
-             "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
+             "ssmsr-pairs": "SSMSR per frame (balanced, one training a pair)", "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
     print(f"{args.frames} frames of {args.size}^3 voxels at 1 mm, largest motion {args.amplitude} mm; {machine}")
     true_mean = np.mean([endpoint_error(truths[t], truths[0], head) for t in range(1, args.frames)])
