@@ -190,9 +190,11 @@ def test_the_mixed_precision_path_runs_on_any_cpu_on_a_tiny_input():
     assert all(gradient.dtype == torch.float32 for gradient in gradients)
 
 
-def test_a_3d_training_step_through_convolve_matches_the_plain_convolution(monkeypatch):
-    """``unet.convolve`` sends a single CPU volume to oneDNN as two slabs in a batch: the loss and every gradient of
-    a 3D U-Net step agree with PyTorch's own convolution of the whole volume up to float rounding."""
+@pytest.mark.parametrize("shape", [(16, 20, 12), (17, 20, 12)])
+def test_a_3d_training_step_through_convolve_matches_the_plain_convolution(monkeypatch, shape):
+    """``unet.convolve`` sends a single CPU volume to oneDNN as two slabs in a batch (overlapping by a row where the
+    first axis is odd, as at every level of a 17-voxel side): the loss and every gradient of a 3D U-Net step agree
+    with PyTorch's own convolution of the whole volume up to float rounding."""
     from SSMSRRegistrationLib.engine import unet
     from SSMSRRegistrationLib.engine.losses import registration_loss
     from SSMSRRegistrationLib.engine.spatial import warp
@@ -200,7 +202,7 @@ def test_a_3d_training_step_through_convolve_matches_the_plain_convolution(monke
     torch.manual_seed(0)
     network = unet.RegistrationUNet(3)
     torch.nn.init.normal_(network.flow.weight, std=0.05)
-    fixed_volume, moving_volume = torch.rand(1, 1, 16, 20, 12), torch.rand(1, 1, 16, 20, 12)
+    fixed_volume, moving_volume = torch.rand((1, 1) + shape), torch.rand((1, 1) + shape)
 
     def step():
         network.zero_grad()
@@ -242,9 +244,10 @@ def test_a_float32_batch_of_volumes_predicts_the_same_field_channels_last():
         assert (fast - plain).norm() <= 1e-4 * plain.norm()
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 7, 6, 5), (2, 3, 8, 6, 5), (1, 3, 2, 6, 5)])
-def test_convolve_keeps_inputs_it_cannot_split(shape):
-    """An odd or too thin first axis, or a batch already above one, goes to the convolution unchanged."""
+@pytest.mark.parametrize("shape", [(1, 3, 7, 6, 5), (1, 3, 8, 6, 5), (2, 3, 8, 6, 5), (1, 3, 2, 6, 5)])
+def test_convolve_gives_the_convolution_of_the_whole_volume(shape):
+    """Split along an odd or even first axis, or unchanged (a too thin first axis, a batch already above one): the
+    convolution of the whole input."""
     from SSMSRRegistrationLib.engine.unet import convolve
 
     torch.manual_seed(0)

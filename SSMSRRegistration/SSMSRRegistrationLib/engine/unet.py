@@ -18,22 +18,23 @@ DEFAULT_DECODER_CHANNELS = (32, 32, 32, 32, 32, 16, 16)
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a 3x3(x3) convolution with stride 1 and padding 1; (N, C, *S) -> (N, C', *S).
 
-    One float32 3D volume on the CPU (N = 1, first spatial axis even, at least 4) is convolved as its two halves
-    along that axis, each with a one-voxel halo, in a batch of two: the same result up to float rounding. For a
-    batch of one, PyTorch picks its slow unfold-and-multiply convolution whenever N*C*D*H <= 20480 (the condition
-    of ``ConvParams::use_mkldnn`` in aten/src/ATen/native/Convolution.cpp, PyTorch 2.x), which at the coarse scales
-    is most layers; a batch of two goes to oneDNN. Measured on a 2-core AVX2 CPU (Testing/benchmarks/speed.py,
-    ``steps``): a training step 3.8x faster on 24x32x24, 1.35x on 48x64x48.
+    One float32 3D volume on the CPU (N = 1, first spatial axis at least 4) is convolved as its two halves along
+    that axis (of an odd axis, two halves overlapping by one row, computed twice), each with a one-voxel halo, in a
+    batch of two: the same result up to float rounding. For a batch of one, PyTorch picks its slow
+    unfold-and-multiply convolution whenever N*C*D*H <= 20480 (the condition of ``ConvParams::use_mkldnn`` in
+    aten/src/ATen/native/Convolution.cpp, PyTorch 2.x), which at the coarse scales is most layers; a batch of two
+    goes to oneDNN. Measured on a 2-core AVX2 CPU (Testing/benchmarks/speed.py, ``steps``): a training step 3.8x
+    faster on 24x32x24, 1.35x on 48x64x48.
     """
     depth = x.shape[2]
-    if (x.dim() != 5 or x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or depth % 2
-            or depth < 4 or autocast_enabled("cpu")):
+    if (x.dim() != 5 or x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or depth < 4
+            or autocast_enabled("cpu")):
         return conv(x)
-    half = depth // 2
+    half = (depth + 1) // 2
     padded = F.pad(x, (0, 0, 0, 0, 1, 1))
-    slabs = torch.cat([padded[:, :, :half + 2], padded[:, :, half:]])
+    slabs = torch.cat([padded[:, :, :half + 2], padded[:, :, depth - half:]])
     y = F.conv3d(slabs, conv.weight, conv.bias, padding=(0, 1, 1))
-    return torch.cat([y[:1], y[1:]], dim=2)
+    return torch.cat([y[:1], y[1:, :, 2 * half - depth:]], dim=2)
 
 
 class ConvBlock(nn.Module):
