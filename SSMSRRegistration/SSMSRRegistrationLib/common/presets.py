@@ -29,7 +29,7 @@ as one full-resolution pair) and the 1/4 scale as many as a step at 1/2 holds in
 in 120 steps (``fast``: 80). On an 8-frame 96^3 series with a known motion (1 mm voxels, so the 1/2 scale predicts
 its field at half resolution, 4 mm), the full-resolution scale, trained one pair a step, added error in 75 % more
 time (150 steps, seed 5: 0.22 mm without it, 0.29 mm with it, 63 against 110 s). Without it, 120 steps ended 0.17
-to 0.27 mm off over eight seeds in 52-57 s (150 steps: 0.16 to 0.30 mm), 80 steps 0.22 to 0.48 mm in 35-39 s (ANTs
+to 0.27 mm off over eight seeds in 52-57 s (150 steps: 0.16 to 0.30 mm), 80 steps 0.22 to 0.48 mm in 35-43 s (ANTs
 SyN frame by frame: 0.47 mm in 70-79 s). Add the full resolution (``scales="1/4,1/2,1"``) where the motion has
 detail finer than the 1/2 scale's field. Testing/benchmarks/track_volumes.py, RESULTS.md.
 
