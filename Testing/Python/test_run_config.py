@@ -8,7 +8,7 @@ import pytest
 
 from SSMSRRegistrationLib.common.errors import InputError
 from SSMSRRegistrationLib.common.presets import DEFAULT_PRESET, KINDS, PRESETS
-from SSMSRRegistrationLib.common.run_config import OPTIONS, RUN_OPTIONS, RunConfiguration, options_for
+from SSMSRRegistrationLib.common.run_config import OPTIONS, RUN_OPTIONS, RunConfiguration, default_text, options_for
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings
 from SSMSRRegistrationLib.interfaces.cli import command_parsers, flag_of, main, read_job
 
@@ -90,6 +90,13 @@ def test_every_command_offers_exactly_the_options_of_its_kind_under_their_flags(
             else:
                 assert option.name not in flags, (command, option.name)
     assert flag_of("top_k") == "--top-k" and flag_of("smoothness_weight") == "--lambda"
+
+
+def test_help_shows_each_presets_default_and_the_options_own_where_a_preset_gives_none():
+    """3D+t cines: ``balanced`` and ``fast`` give 8 pairs a step, ``paper`` none (the option's own default, 1)."""
+    assert default_text(OPTIONS["batch_size"], "volume_cine") == "balanced: 8, paper: 1, fast: 8"
+    assert default_text(OPTIONS["batch_size"], "cine") == "1"
+    assert default_text(OPTIONS["ncc_window"], "pair") == OPTIONS["ncc_window"].automatic
 
 
 def test_the_api_functions_show_every_option_of_their_kind_in_their_signature():

@@ -196,10 +196,10 @@ def preset_named(name: Optional[str]) -> Preset:
 
 def default_text(option: Option, kind: str) -> str:
     """How the default of ``option`` for ``kind`` runs is described in help texts: the option's own default, or each
-    preset's value ("balanced: 300, paper: 3500, fast: 80")."""
-    values = {name: preset.value(kind, option.name) for name, preset in PRESETS.items()}
+    preset's value ("balanced: 300, paper: 3500, fast: 80"; a preset that gives none has the option's own)."""
+    values = {name: preset.value(kind, option.name, option.default) for name, preset in PRESETS.items()}
     if all(value is None for value in values.values()):
-        return option.automatic if option.default is None else _shown(option.default)
+        return option.automatic
     if len(set(map(repr, values.values()))) == 1:
         return _shown(next(iter(values.values())))
     return ", ".join(f"{name}: {_shown(value)}" for name, value in values.items())
