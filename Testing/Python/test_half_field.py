@@ -13,7 +13,6 @@ import SSMSRRegistrationLib as ssmsr
 from SSMSRRegistrationLib.common.errors import InputError
 from SSMSRRegistrationLib.common.schedule import parse_scales
 from SSMSRRegistrationLib.engine.multiscale import RegistrationSettings, register_tensors
-from SSMSRRegistrationLib.engine import unet
 from SSMSRRegistrationLib.engine.unet import RegistrationUNet, predict
 from SSMSRRegistrationLib.workflows import working_plan
 from SSMSRRegistrationLib.workflows.models import SavedModel
@@ -101,7 +100,7 @@ def test_sides_under_16_are_padded_to_16_by_their_last_voxel():
 def test_a_3d_half_resolution_step_takes_about_an_eighth_of_the_operations(monkeypatch):
     """The network runs on the pooled grid and one node more per side: 33^3 nodes for a 64^3 pair (its own
     operations: the row ``unet.convolve`` computes twice on the CPU where a first axis is odd is left out)."""
-    monkeypatch.setattr(unet, "convolve", lambda conv, x: conv(x))
+    monkeypatch.setattr("SSMSRRegistrationLib.engine.unet.convolve", lambda conv, x: conv(x))
     network = RegistrationUNet(3)
     pair = torch.rand(1, 2, 64, 64, 64)
     counts = []

@@ -193,7 +193,7 @@ def test_the_mixed_precision_path_runs_on_any_cpu_on_a_tiny_input():
 @pytest.mark.parametrize("shape", [(16, 20, 12), (17, 20, 12)])
 def test_a_3d_training_step_through_convolve_matches_the_plain_convolution(monkeypatch, shape):
     """``unet.convolve`` sends a single CPU volume to oneDNN as two slabs in a batch (overlapping by a row where the
-    first axis is odd, as at every level of a 17-voxel side): the loss and every gradient of a 3D U-Net step agree
+    first axis is odd, as at the first three levels of a 17-voxel side): the loss and every gradient of a 3D U-Net step agree
     with PyTorch's own convolution of the whole volume up to float rounding."""
     from SSMSRRegistrationLib.engine import unet
     from SSMSRRegistrationLib.engine.losses import registration_loss

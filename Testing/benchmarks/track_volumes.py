@@ -157,7 +157,8 @@ def main() -> None:
     batch += "" if args.scales is None else f", scales {args.scales}"
     batch += "" if args.half_field_below is None else f", half-resolution fields below {args.half_field_below} mm"
     names = {"ssmsr": f"SSMSR sequence (balanced{batch})", "ssmsr-fast": f"SSMSR sequence (fast{batch})",
-             "ssmsr-pairs": "SSMSR per frame (balanced, one training a pair)", "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
+             "ssmsr-pairs": "SSMSR per frame (balanced, one training a pair)",
+             "ants": "ANTs SyN per frame (antspyx default)", "elastix": "elastix B-spline per frame"}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
     print(f"{args.frames} frames of {args.size}^3 voxels at 1 mm, largest motion {args.amplitude} mm; {machine}")
     true_mean = np.mean([endpoint_error(truths[t], truths[0], head) for t in range(1, args.frames)])
