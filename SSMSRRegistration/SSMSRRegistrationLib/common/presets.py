@@ -22,6 +22,10 @@ at every scale but the coarsest (``half_field_below``: a 1 mm brain's finest fie
 steps on an eighth of the voxels); images at the paper's sizes (2 mm) are not affected, nor are 2D images
 (Testing/benchmarks/RESULTS.md "Fields at half resolution"). ``paper`` predicts at full resolution at every size.
 
+Pairs of fine 3D images (working voxels finer than ``half_field_below``, at least 128 voxels on every axis: a 1 mm
+brain) take ``balanced``'s and ``fast``'s values for fine pairs (``Preset.fine_pairs``, chosen by
+``workflows.register.fine_pair_run``): a 1/8 scale first, 64^3 training patches, ``balanced`` 150 steps a scale.
+
 3D+t cines (sequences of volumes, ``volume_cine`` runs) take each preset's values for pairs, their steps counted for
 the whole sequence: the echo cines' MSE term misled them (test_sequences_3d.py). ``balanced`` and ``fast`` stop at
 the 1/2 scale (1/4,1/2), train up to 8 pairs a step (``batch_size``: every pair of a 9-frame series, as many voxels
@@ -77,6 +81,14 @@ HALF_FIELD_BELOW_MM = 1.5
 BALANCED_PAIRS = {**PAPER_PAIRS, "scales": "1/4,1/2,1", "steps": 300, "smoothness_weight": 3.0,
                   "half_field_below": HALF_FIELD_BELOW_MM}
 FAST_PAIRS = {**BALANCED_PAIRS, "steps": 80, "smoothness_weight": PAPER_SMOOTHNESS_WEIGHT}
+#: Pairs of fine 3D images (working voxels finer than the half-field threshold, ``half_field_below``: a 1 mm brain)
+#: under ``balanced`` and ``fast``: one scale coarser first (1/8: with fields at half resolution, the coarsest scale is
+#: the one that predicts at full resolution, and at 1/4 of a 1 mm brain it cost as much per step as the finer ones),
+#: scales larger than 64 voxels trained on 64^3 patches, ``balanced`` 150 steps a scale. On the 1 mm brain, under
+#: the AVX2 cap (float32): Dice 96.18 % in 108 s with the affine pre-alignment, against 97.13 % in 352 s without it
+#: for the pairs' values; antspyx's default SyN 93.85 % in 76 s (Testing/benchmarks/RESULTS.md, issue 24).
+BALANCED_FINE_PAIRS = {"scales": "1/8,1/4,1/2,1", "steps": 150, "patch_size": 64}
+FAST_FINE_PAIRS = {**BALANCED_FINE_PAIRS, "steps": 80}
 #: 3D+t cines of ``balanced`` and ``fast``: their pairs' values (``fast`` with ``balanced``'s lambda 3), scales 1/4
 #: and 1/2, up to 8 pairs a step at 1/2 and the 1/4 scale filled (see the module's docstring).
 BALANCED_VOLUME_CINES = {**BALANCED_PAIRS, "scales": "1/4,1/2", "batch_size": 8, "coarse_batches": "fill",
@@ -95,9 +107,13 @@ class Preset:
     name: str
     summary: str
     values: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    fine_pairs: Dict[str, Any] = field(default_factory=dict)  # replace ``values["pair"]``'s for fine 3D images
 
-    def value(self, kind: str, name: str, default: Any = None) -> Any:
-        """The preset's value of option ``name`` for ``kind`` runs, or ``default`` where it gives none."""
+    def value(self, kind: str, name: str, default: Any = None, fine: bool = False) -> Any:
+        """The preset's value of option ``name`` for ``kind`` runs, or ``default`` where it gives none; ``fine``: the
+        run registers 3D images finer than the half-field threshold (``fine_pairs`` then come first for pairs)."""
+        if fine and kind == "pair" and name in self.fine_pairs:
+            return self.fine_pairs[name]
         return self.values.get(kind, {}).get(name, default)
 
 
@@ -107,7 +123,7 @@ PRESETS = {
                        "cores without bfloat16), cines 1/8,1/4,1/2,1 x 600 steps with lambda 2 and the MSE term "
                        "(weight 1000)",
                        {"pair": BALANCED_PAIRS, "cine": CINES, "volume_cine": BALANCED_VOLUME_CINES,
-                        "pretrain": PAPER_PRETRAINING}),
+                        "pretrain": PAPER_PRETRAINING}, BALANCED_FINE_PAIRS),
     "paper": Preset("paper", "the paper's schedules and 3500 training steps per scale",
                     {"pair": {**PAPER_PAIRS, **WHOLE_IMAGE},
                      "cine": {**PAPER_PAIRS, **WHOLE_IMAGE, "scales": "1/8,1/4,1/2,1"},
@@ -116,6 +132,6 @@ PRESETS = {
                    "pairs 1/4,1/2,1 x 80 steps (for 48x64x48 about 100 s on 2 CPU cores without bfloat16), cines as "
                    "balanced",
                    {"pair": FAST_PAIRS, "cine": CINES, "volume_cine": FAST_VOLUME_CINES,
-                    "pretrain": PAPER_PRETRAINING}),
+                    "pretrain": PAPER_PRETRAINING}, FAST_FINE_PAIRS),
 }
 DEFAULT_PRESET = "balanced"

@@ -254,9 +254,11 @@ class RunConfiguration:
         return RunConfiguration(self.preset, tuple((name, value) for name, value in self.given
                                                    if kind in OPTIONS[name].kinds))
 
-    def resolve(self, kind: str) -> "ResolvedRun":
+    def resolve(self, kind: str, fine: bool = False) -> "ResolvedRun":
         """Every option of ``kind`` runs: the override, else the preset's value for ``kind``, else the option's
-        default. An override of an option that ``kind`` runs do not take is an InputError."""
+        default. An override of an option that ``kind`` runs do not take is an InputError. ``fine``: a pair of 3D
+        images whose working voxels are finer than the resolved ``half_field_below`` (the preset's values for fine
+        pairs, ``presets.Preset.fine_pairs``, come before its pairs')."""
         _check_kind(kind)
         overrides = self.overrides
         for name in overrides:
@@ -264,7 +266,7 @@ class RunConfiguration:
                 raise InputError(f"{{setting}} does not apply to a {kind} run.", setting=name)
         preset = PRESETS[self.preset]
         return ResolvedRun(kind, self.preset, tuple(
-            (option.name, overrides.get(option.name, preset.value(kind, option.name, option.default)))
+            (option.name, overrides.get(option.name, preset.value(kind, option.name, option.default, fine)))
             for option in options_for(kind)))
 
     def to_json(self) -> Dict[str, Any]:

@@ -48,7 +48,8 @@ SHOWN_OPTIONS = {"scales": "scales", "stepsPerScale": "steps", "mixedPrecision":
                  "device": "device", "batchSize": "batch_size"}
 #: The options a preset gives values to: choosing a preset clears the user's overrides of these (the budget), and
 #: keeps those of the others (device, precision, NCC window, working spacing, pairs per step).
-PRESET_OPTIONS = frozenset(name for preset in PRESETS.values() for values in preset.values.values() for name in values)
+PRESET_OPTIONS = frozenset(name for preset in PRESETS.values()
+                           for values in (*preset.values.values(), preset.fine_pairs) for name in values)
 
 
 def optionValue(parameter: str, shown: Any) -> Any:

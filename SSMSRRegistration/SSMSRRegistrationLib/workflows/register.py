@@ -18,7 +18,7 @@ import torch
 from ..common.errors import InputError
 from ..common.run_config import ResolvedRun, RunConfiguration, combined, takes_run_options
 from ..common.protocol import STARTED, ProgressCallback
-from ..common.schedule import fitting_schedule, parse_scales
+from ..common.schedule import MIN_PATCH_SIZE, fitting_schedule, parse_scales, scaled_size
 from ..engine.metrics import folding_statistics
 from ..engine.multiscale import RegistrationResult, RegistrationSettings, register_tensors, resolve_device, similarity
 from ..imaging.alignment import (INITIAL_CHOICES, align, as_affine, check_invertible, inverse_field, is_identity,
@@ -292,11 +292,31 @@ def _read_inputs(fixed: ImageLike, moving: ImageLike, moving_labels: Optional[Im
     return _Images(fixed=fixed_image, moving=moving_image, labels=labels_image)
 
 
+def fine_pair_run(configuration: RunConfiguration, size: Sequence[int], spacing_mm: float) -> ResolvedRun:
+    """The values a pair registered on a working grid of ``size`` voxels at ``spacing_mm`` trains with: the preset's
+    values for fine pairs (``presets``) on a 3D grid finer than ``half_field_below`` and large enough for their
+    coarsest scale to keep MIN_PATCH_SIZE voxels a side (the U-Net's four poolings unpadded: a 1 mm brain, not a
+    1 mm crop), else the pairs' values; the user's overrides before either."""
+    run = configuration.resolve("pair")
+    if len(size) != 3 or not spacing_mm < run.half_field_below:
+        return run
+    fine = configuration.resolve("pair", fine=True)
+    return fine if min(scaled_size(size, parse_scales(fine.scales)[0])) >= MIN_PATCH_SIZE else run
+
+
 def _plan_grid(fixed_image: sitk.Image, options: _Options) -> WorkingPlan:
-    """The working grid and the NCC window on it; a preset's schedule loses the scales too coarse for it."""
-    settings, run = options.settings, options.run
-    working = plan_working_grid(fixed_image, settings, options.device, run.spacing, run.max_voxels,
-                                run.ncc_window_mm)
+    """The working grid and the NCC window on it; a preset's schedule loses the scales too coarse for it. A grid
+    that takes the preset's values for fine pairs (``fine_pair_run``) is planned again with them; not with a model
+    (its schedule is the default)."""
+    working = plan_working_grid(fixed_image, options.settings, options.device, options.run.spacing,
+                                options.run.max_voxels, options.run.ncc_window_mm)
+    fine = fine_pair_run(options.configuration, working.grid.size, working.grid.spacing)
+    if options.model is None and fine != options.run:
+        options.run, options.settings = fine, RegistrationSettings.from_run(fine)
+        options.settings.validate()
+        working = plan_working_grid(fixed_image, options.settings, options.device, fine.spacing, fine.max_voxels,
+                                    fine.ncc_window_mm)
+    settings = options.settings
     settings.ncc_window = working.window
     settings.voxel_mm = working.grid.spacing
     if "scales" not in options.configuration.overrides and options.model is None:
