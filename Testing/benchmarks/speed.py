@@ -15,8 +15,10 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
 * ``large``: 20 full-resolution steps on a 256x256x256 volume (the ICBM152 T1 resampled): peak memory, or the
   out-of-memory message the user would get. Meant for a GPU.
 * ``wholebrain``: a 1 mm whole-brain pair (the harness's simulated subject on the ICBM152 brain's bounding box at
-  1 mm, about 5 million voxels, and the template) through ``register`` with a preset (``fast`` unless told) and its
-  automatic working grid: the plan announced before training (grid, memory and time estimates), then the measured
+  1 mm, about 5 million voxels, and the template) through ``register`` with a preset (``fast`` unless told), its
+  automatic working grid and its default pre-alignment (affine; ``--whole-brain-initial none`` for none, as every
+  run before issue 24's fine pairs was): the values it trained with (a 1 mm brain takes the preset's values for fine
+  pairs), the plan announced before training (grid, memory and time estimates), then the measured
   time, the training seconds of each scale, peak memory, Dice and folding. ``--whole-brain-preset``,
   ``--whole-brain-patch``, ``--whole-brain-finest-steps``, ``--whole-brain-precision`` and
   ``--whole-brain-half-field-below`` choose the preset, the training patch, the steps at the finest scale, the
@@ -65,7 +67,7 @@ from SSMSRRegistrationLib.engine.spatial import resize_image
 from SSMSRRegistrationLib.engine.unet import bfloat16_supported
 from SSMSRRegistrationLib.common.run_config import RunConfiguration
 from SSMSRRegistrationLib.workflows.provenance import cpu_model
-from SSMSRRegistrationLib.workflows.register import register
+from SSMSRRegistrationLib.workflows.register import fine_pair_run, register
 
 SECTIONS = ("steps", "schedules", "large", "wholebrain", "presets")
 
@@ -168,13 +170,12 @@ def section_large(device: torch.device, report: Dict) -> None:
 
 
 def section_whole_brain(device: torch.device, steps: int, ants_settings: List[str], report: Dict,
-                        preset: str = "fast", **options) -> None:
-    """``options``: run options for SSMSR (None: the preset's)."""
-    resolved = RunConfiguration.of(preset, **options).resolve("pair")
-    finest_steps = options.get("finest_steps")
-    print(f"\n## 1 mm whole brain, {preset} preset ({resolved.scales} x {steps or resolved.steps} steps per scale, "
-          f"{resolved.finest_steps if finest_steps is not None else 'as many'} at the finest, "
-          f"training patch {resolved.patch_size or 'automatic'}, precision {resolved.precision})")
+                        preset: str = "fast", initial: str = "auto", **options) -> None:
+    """``initial``: SSMSR's pre-alignment (``register``'s; default: affine in 3D, as antspyx's default SyN has one);
+    ``options``: run options for SSMSR (None: the preset's; a 1 mm brain takes its values for fine pairs)."""
+    given = {name: value for name, value in options.items() if value is not None}
+    print(f"\n## 1 mm whole brain, {preset} preset{''.join(f', {name} {value}' for name, value in given.items())}"
+          f"{f', {steps} steps per scale' if steps else ''}, pre-alignment {initial}")
     config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
                      training_pairs=0, device=str(device))
     case = whole_brain(config)
@@ -182,20 +183,32 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
     print(f"pair: {'x'.join(map(str, pair.fixed.GetSize()))} voxels at 1 mm "
           f"({np.prod(pair.fixed.GetSize()) / 1e6:.1f} million)")
     events: List[dict] = []
-    output, usage = measured(lambda: register(pair.fixed, pair.moving, initial="none", preset=preset,
+    output, usage = measured(lambda: register(pair.fixed, pair.moving, initial=initial, preset=preset,
                                               steps=steps or None, **options, device=str(device),
-                                              progress=events.append))
+                                              progress=lambda event: events.append({**event,
+                                                                                    "wall": time.perf_counter()})))
+    finished = time.perf_counter()
     started = next(event for event in events if event["event"] == "started")
-    print(f"announced before training: {started['plan']}")
+    chosen = output.provenance["options"]
+    # The values it trained with (a 1 mm brain takes the preset's values for fine pairs).
+    resolved = fine_pair_run(RunConfiguration.of(preset, **given, steps=steps or None), chosen["working_size"],
+                             chosen["working_spacing_mm"])
+    print(f"trained: scales {resolved.scales} x {resolved.steps} steps"
+          f"{'' if resolved.finest_steps is None else f' ({resolved.finest_steps} at the finest)'}, patch "
+          f"{resolved.patch_size or 'automatic'}, half-resolution fields at "
+          f"{','.join(started['half_field_scales']) or 'no scale'}, precision {started['precision']}")
+    print(f"announced before training: {started['plan']}; from then to the end {finished - started['wall']:.1f} s "
+          "(the pre-alignment ran before)")
     metrics, labels, _ = evaluate_pair(pair, output.field, case.label_names, case.nlcc_radius)
     dice = float(np.mean([values["dice"] for values in labels.values()]))
     print(f"measured: {usage.seconds:.1f} s in all ({output.metrics['seconds']:.1f} s training), "
           f"{memory_text(usage)}; Dice {dice * 100:.2f} %, folded {metrics['percent_non_positive_jacobian']:.3f} %")
-    entry = {"plan": started["plan"], "seconds": usage.seconds, "training_seconds": output.metrics["seconds"],
+    entry = {"plan": started["plan"], "seconds_after_plan": finished - started["wall"], "seconds": usage.seconds,
+             "training_seconds": output.metrics["seconds"],
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
-             "folded_percent": metrics["percent_non_positive_jacobian"],
-             "steps_per_scale": steps or resolved.steps, "preset": preset, "patch_size": resolved.patch_size,
-             "precision": resolved.precision, "finest_steps": finest_steps,
+             "folded_percent": metrics["percent_non_positive_jacobian"], "preset": preset, "initial": initial,
+             "scales": resolved.scales, "steps_per_scale": resolved.steps, "finest_steps": resolved.finest_steps,
+             "patch_size": resolved.patch_size, "precision": resolved.precision,
              "half_field_below": resolved.half_field_below}
     # Seconds of each scale from the progress events (the scale's last event minus the previous one's; a scale
     # trained 0 steps reports none and took no training time).
@@ -207,11 +220,13 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
     print(f"training seconds by scale ({resolved.scales}): {', '.join(f'{value:.1f}' for value in scale_seconds)}; "
           f"the rest of the run {usage.seconds - ends[-1]:.1f} s")
     entry["scale_seconds"] = [float(value) for value in scale_seconds]
-    if steps and steps < resolved.steps:
+    preset_steps = fine_pair_run(RunConfiguration.of(preset, **given), chosen["working_size"],
+                                 chosen["working_spacing_mm"]).steps
+    if steps and steps < preset_steps:
         per_step = scale_seconds / steps
-        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * resolved.steps
+        projected = usage.seconds - output.metrics["seconds"] + float(per_step.sum()) * preset_steps
         print(f"seconds per step by scale: {', '.join(f'{value:.2f}' for value in per_step)}; projected {preset} "
-              f"preset ({resolved.steps} steps per scale): {projected / 60:.1f} min")
+              f"preset ({preset_steps} steps per scale): {projected / 60:.1f} min")
         entry["projected_seconds"] = projected
     report["wholebrain"]["ssmsr"] = entry
     for settings in ants_settings:
@@ -277,6 +292,9 @@ def main() -> None:
                         help="'wholebrain': also run ANTs SyN with these settings, comma-separated: default "
                              "(antspyx's: affine then SyN, mutual information), paper (the paper's SyN)")
     parser.add_argument("--whole-brain-preset", default="fast", help="'wholebrain': the preset (default: fast)")
+    parser.add_argument("--whole-brain-initial", default="auto",
+                        help="'wholebrain': SSMSR's pre-alignment (default: auto, affine in 3D; none: as before "
+                             "2026-12-03)")
     parser.add_argument("--whole-brain-patch", type=int, metavar="N",
                         help="'wholebrain': the training patch (default: the preset's)")
     parser.add_argument("--whole-brain-finest-steps", type=int, metavar="N",
@@ -306,7 +324,8 @@ def main() -> None:
         "large": lambda: section_large(device, report),
         "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps,
                                                   [name for name in args.whole_brain_ants.split(",") if name], report,
-                                                  args.whole_brain_preset, patch_size=args.whole_brain_patch,
+                                                  args.whole_brain_preset, args.whole_brain_initial,
+                                                  patch_size=args.whole_brain_patch,
                                                   precision=args.whole_brain_precision,
                                                   finest_steps=args.whole_brain_finest_steps,
                                                   half_field_below=args.whole_brain_half_field_below),
