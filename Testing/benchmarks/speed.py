@@ -24,6 +24,7 @@ Sections (default: steps,presets on a CPU; steps,schedules,large,presets on a GP
   ``--whole-brain-half-field-below`` choose the preset, the training patch, the steps at the finest scale, the
   precision and the half-resolution fields; ``--whole-brain-steps N`` trains N steps per scale instead of the
   preset's and projects the preset's time from the measured time per step of each scale;
+  ``--whole-brain-spacing MM`` builds the pair at another voxel side (a larger input at 0.7 mm);
   ``--whole-brain-ants default,paper`` also runs ANTs SyN with antspyx's default settings and/or the paper's on the
   same pair.
 * ``presets``: the evaluation harness's hippocampus crop (``--pairs`` simulated subjects, 48x64x48 at 2 mm): the
@@ -170,17 +171,19 @@ def section_large(device: torch.device, report: Dict) -> None:
 
 
 def section_whole_brain(device: torch.device, steps: int, ants_settings: List[str], report: Dict,
-                        preset: str = "fast", initial: str = "auto", **options) -> None:
+                        preset: str = "fast", initial: str = "auto", spacing_mm: float = 1.0, **options) -> None:
     """``initial``: SSMSR's pre-alignment (``register``'s; default: affine in 3D, as antspyx's default SyN has one);
+    ``spacing_mm``: the pair's voxel side (1 mm; finer for a larger input, registered on the same working grid);
     ``options``: run options for SSMSR (None: the preset's; a 1 mm brain takes its values for fine pairs)."""
     given = {name: value for name, value in options.items() if value is not None}
-    print(f"\n## 1 mm whole brain, {preset} preset{''.join(f', {name} {value}' for name, value in given.items())}"
+    print(f"\n## {spacing_mm:g} mm whole brain, {preset} preset"
+          f"{''.join(f', {name} {value}' for name, value in given.items())}"
           f"{f', {steps} steps per scale' if steps else ''}, pre-alignment {initial}")
-    config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=1.0, synthetic_test_pairs=1,
+    config = replace(FULL, cases=("whole_brain",), whole_brain_spacing_mm=spacing_mm, synthetic_test_pairs=1,
                      training_pairs=0, device=str(device))
     case = whole_brain(config)
     pair = case.pairs[0]
-    print(f"pair: {'x'.join(map(str, pair.fixed.GetSize()))} voxels at 1 mm "
+    print(f"pair: {'x'.join(map(str, pair.fixed.GetSize()))} voxels at {spacing_mm:g} mm "
           f"({np.prod(pair.fixed.GetSize()) / 1e6:.1f} million)")
     events: List[dict] = []
     output, usage = measured(lambda: register(pair.fixed, pair.moving, initial=initial, preset=preset,
@@ -207,6 +210,7 @@ def section_whole_brain(device: torch.device, steps: int, ants_settings: List[st
              "training_seconds": output.metrics["seconds"],
              "peak_rss_mib": usage.peak_rss_mib, "peak_gpu_mib": usage.peak_gpu_mib, "dice_percent": dice * 100,
              "folded_percent": metrics["percent_non_positive_jacobian"], "preset": preset, "initial": initial,
+             "spacing_mm": spacing_mm,
              "scales": resolved.scales, "steps_per_scale": resolved.steps, "finest_steps": resolved.finest_steps,
              "patch_size": resolved.patch_size, "precision": resolved.precision,
              "half_field_below": resolved.half_field_below}
@@ -295,6 +299,9 @@ def main() -> None:
     parser.add_argument("--whole-brain-initial", default="auto",
                         help="'wholebrain': SSMSR's pre-alignment (default: auto, affine in 3D; none: as before "
                              "2026-12-03)")
+    parser.add_argument("--whole-brain-spacing", type=float, default=1.0, metavar="MM",
+                        help="'wholebrain': the pair's voxel side (default: 1; 0.7 gives a 14-million-voxel input, "
+                             "registered on the same working grid)")
     parser.add_argument("--whole-brain-patch", type=int, metavar="N",
                         help="'wholebrain': the training patch (default: the preset's)")
     parser.add_argument("--whole-brain-finest-steps", type=int, metavar="N",
@@ -325,6 +332,7 @@ def main() -> None:
         "wholebrain": lambda: section_whole_brain(device, args.whole_brain_steps,
                                                   [name for name in args.whole_brain_ants.split(",") if name], report,
                                                   args.whole_brain_preset, args.whole_brain_initial,
+                                                  args.whole_brain_spacing,
                                                   patch_size=args.whole_brain_patch,
                                                   precision=args.whole_brain_precision,
                                                   finest_steps=args.whole_brain_finest_steps,
