@@ -4,13 +4,16 @@ side) and how they combine with the pairs' values and the user's overrides."""
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import SSMSRRegistrationLib as ssmsr
 from SSMSRRegistrationLib.common.presets import PRESETS
 from SSMSRRegistrationLib.common.run_config import RunConfiguration
 from SSMSRRegistrationLib.workflows import register as register_workflow
 from SSMSRRegistrationLib.workflows import working_plan
+from test_spatial import blobs
 
 
 def test_fine_pairs_take_the_presets_fine_values_before_its_pairs_and_the_users_before_both():
@@ -63,3 +66,20 @@ def test_the_users_values_win_on_a_fine_grid(monkeypatch):
     settings, run, _ = _plan(monkeypatch, (130, 150, 128), 1.0, steps=200, scales="1/4,1")
     assert settings.scales == (Fraction(1, 4), Fraction(1)) and settings.steps_per_scale == 200
     assert settings.patch_size == 64  # the fine value the user did not override
+
+
+def test_register_trains_a_1_mm_brain_sized_pair_with_the_fine_values_and_records_them(monkeypatch):
+    """Through the API (one step a scale): the four scales train and predict, the provenance records the fine
+    values, and the user's steps override reaches every scale."""
+    monkeypatch.setattr(working_plan, "seconds_per_voxel_step", lambda *args, **kwargs: 1e-7)
+    volume = blobs((128, 150, 130))[0, 0].numpy()
+    fixed, moving = sitk.GetImageFromArray(volume), sitk.GetImageFromArray(np.roll(volume, 2, axis=2))
+    events = []
+    output = ssmsr.register(fixed, moving, initial="none", steps=1, device="cpu", progress=events.append)
+    started = next(event for event in events if event["event"] == "started")
+    assert started["scales"] == ["1/8", "1/4", "1/2", "1"] and started["scale_steps"] == [1, 1, 1, 1]
+    assert started["half_field_scales"] == ["1/4", "1/2", "1"]
+    settings = output.provenance["settings"]
+    assert (settings["scales"], settings["steps_per_scale"], settings["patch_size"]) == (
+        ["1/8", "1/4", "1/2", "1"], 1, 64)
+    assert output.provenance["configuration"]["overrides"] == {"steps": 1, "device": "cpu"}
