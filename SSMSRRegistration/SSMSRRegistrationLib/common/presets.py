@@ -85,8 +85,9 @@ FAST_PAIRS = {**BALANCED_PAIRS, "steps": 80, "smoothness_weight": PAPER_SMOOTHNE
 #: under ``balanced`` and ``fast``: one scale coarser first (1/8: with fields at half resolution, the coarsest scale is
 #: the one that predicts at full resolution, and at 1/4 of a 1 mm brain it cost as much per step as the finer ones),
 #: scales larger than 64 voxels trained on 64^3 patches, ``balanced`` 150 steps a scale. On the 1 mm brain, under
-#: the AVX2 cap (float32): Dice 96.18 % in 108 s with the affine pre-alignment, against 97.13 % in 352 s without it
-#: for the pairs' values; antspyx's default SyN 93.85 % in 76 s (Testing/benchmarks/RESULTS.md, issue 24).
+#: the AVX2 cap (float32): Dice 96.18 % in 109 s with the affine pre-alignment (seeds 0-3: 95.78-96.18 %), antspyx's
+#: default SyN 93.94 % in 99 s in the same run; the pairs' values took 352 s for 97.13 % without the pre-alignment
+#: (Testing/benchmarks/RESULTS.md, issue 24).
 BALANCED_FINE_PAIRS = {"scales": "1/8,1/4,1/2,1", "steps": 150, "patch_size": 64}
 FAST_FINE_PAIRS = {**BALANCED_FINE_PAIRS, "steps": 80}
 #: 3D+t cines of ``balanced`` and ``fast``: their pairs' values (``fast`` with ``balanced``'s lambda 3), scales 1/4
