@@ -22,7 +22,9 @@ def test_fine_pairs_take_the_presets_fine_values_before_its_pairs_and_the_users_
     assert (pairs.scales, pairs.steps, pairs.patch_size) == ("1/4,1/2,1", 300, None)
     assert (fine.scales, fine.steps, fine.patch_size) == ("1/8,1/4,1/2,1", 150, 64)
     assert fine.smoothness_weight == pairs.smoothness_weight == 3.0  # what the fine values do not name is the pairs'
-    assert RunConfiguration.of("fast").resolve("pair", fine=True).steps == 80
+    fast = RunConfiguration.of("fast").resolve("pair", fine=True)
+    assert (fast.scales, fast.steps, fast.patch_size, fast.smoothness_weight) == ("1/8,1/4,1/2,1", 80, 64, 3.0)
+    assert RunConfiguration.of("fast").resolve("pair").smoothness_weight == 10.0
     assert RunConfiguration.of("balanced", steps=200).resolve("pair", fine=True).steps == 200
     assert RunConfiguration.of("paper").resolve("pair", fine=True) == RunConfiguration.of("paper").resolve("pair")
     for kind in ("cine", "volume_cine", "pretrain"):
