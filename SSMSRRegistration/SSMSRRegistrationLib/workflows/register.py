@@ -31,7 +31,7 @@ from ..imaging.images import (ImageLike, check_image, field_of_view, normalised_
 from ..imaging.working_grid import field_onto
 from .models import SavedModel, load_model
 from .provenance import run_record, sidecar_path, with_outputs, write_sidecar
-from .working_plan import WorkingPlan, plan_working_grid
+from .working_plan import WorkingPlan, estimated_seconds, plan_working_grid
 
 #: What ``register(initial=...)`` accepts: one of INITIAL_CHOICES, an ITK transform file, or a SimpleITK transform.
 InitialTransform = Union[str, os.PathLike, sitk.Transform]
@@ -307,16 +307,17 @@ def fine_pair_run(configuration: RunConfiguration, size: Sequence[int], spacing_
 def _plan_grid(fixed_image: sitk.Image, options: _Options) -> WorkingPlan:
     """The working grid and the NCC window on it; a preset's schedule loses the scales too coarse for it. A grid
     that takes the preset's values for fine pairs (``fine_pair_run``) is planned again with them; not with a model
-    (its schedule is the default)."""
+    (its schedule is the default). The time is estimated once, with the values the run trains with."""
     working = plan_working_grid(fixed_image, options.settings, options.device, options.run.spacing,
-                                options.run.max_voxels, options.run.ncc_window_mm)
+                                options.run.max_voxels, options.run.ncc_window_mm, estimate=False)
     fine = fine_pair_run(options.configuration, working.grid.size, working.grid.spacing)
     if options.model is None and fine != options.run:
         options.run, options.settings = fine, RegistrationSettings.from_run(fine)
         options.settings.validate()
         working = plan_working_grid(fixed_image, options.settings, options.device, fine.spacing, fine.max_voxels,
-                                    fine.ncc_window_mm)
+                                    fine.ncc_window_mm, estimate=False)
     settings = options.settings
+    working.estimated_seconds = estimated_seconds(working, settings, options.device)
     settings.ncc_window = working.window
     settings.voxel_mm = working.grid.spacing
     if "scales" not in options.configuration.overrides and options.model is None:

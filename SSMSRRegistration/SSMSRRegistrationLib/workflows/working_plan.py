@@ -70,10 +70,12 @@ def _memory(grid: WorkingGrid, settings: RegistrationSettings, pairs: int) -> in
 
 def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device: torch.device,
                       spacing: Optional[float] = None, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS,
-                      ncc_window_mm: Optional[float] = None, pairs: int = 1) -> WorkingPlan:
+                      ncc_window_mm: Optional[float] = None, pairs: int = 1, estimate: bool = True) -> WorkingPlan:
     """The working grid for ``fixed`` (see ``imaging.working_grid``), coarsened automatically when the training
     would not fit the device's free memory; an explicit ``spacing`` that does not fit raises InputError with the
-    figures. ``ncc_window_mm`` sets the NCC window in millimetres (else ``settings``' window in voxels)."""
+    figures. ``ncc_window_mm`` sets the NCC window in millimetres (else ``settings``' window in voxels).
+    ``estimate``: time the run (``estimated_seconds``); False leaves it to the caller (a plan that may be redone with
+    other settings)."""
     if ncc_window_mm is not None and not (math.isfinite(ncc_window_mm) and ncc_window_mm > 0):
         raise InputError(f"The NCC window must be a positive number of millimetres, got {ncc_window_mm}.")
     ndim = fixed.GetDimension()
@@ -99,19 +101,29 @@ def plan_working_grid(fixed: sitk.Image, settings: RegistrationSettings, device:
                 "working spacing to override")
     window = max(2, int(round(ncc_window_mm / grid.spacing))) if ncc_window_mm is not None \
         else settings.window_for(ndim)
-    seconds = None
+    plan = WorkingPlan(grid, window, memory, available, None, note)
+    if estimate:
+        plan.estimated_seconds = estimated_seconds(plan, settings, device, pairs)
+    return plan
+
+
+def estimated_seconds(plan: WorkingPlan, settings: RegistrationSettings, device: torch.device,
+                      pairs: int = 1) -> Optional[float]:
+    """The training's seconds on ``plan``'s grid with ``settings``, from one timed step per distinct probe (None off
+    the CPU or below ESTIMATE_MIN_STEPS steps a scale)."""
     schedule = settings.schedule_steps()
-    if device.type == "cpu" and max(schedule) >= ESTIMATE_MIN_STEPS:
-        size = tuple(reversed(grid.size))
-        trained = [settings.trained_voxels(size, index) for index in range(len(settings.scales))]
-        on_grid = replace(settings, voxel_mm=grid.spacing)
-        # Sizes above the probe's share its time; a scale predicting at half resolution is timed so.
-        probes = [(min(voxels, PROBE_VOXELS[ndim]), on_grid.half_field_at(index, ndim))
-                  for index, voxels in enumerate(trained)]
-        mixed = settings.mixed_precision and bfloat16_supported(device)
-        per_voxel_step = {probe: seconds_per_voxel_step(ndim, probe[0], device, settings.encoder_channels,
-                                                        settings.decoder_channels, window, mixed, probe[1])
-                          for probe in set(probes)}
-        seconds = sum(settings.pairs_per_step_at(index, pairs, size) * steps * per_voxel_step[probe] * voxels
-                      for index, (steps, probe, voxels) in enumerate(zip(schedule, probes, trained)))
-    return WorkingPlan(grid, window, memory, available, seconds, note)
+    if device.type != "cpu" or max(schedule) < ESTIMATE_MIN_STEPS:
+        return None
+    grid, ndim = plan.grid, plan.grid.reference.GetDimension()
+    size = tuple(reversed(grid.size))
+    trained = [settings.trained_voxels(size, index) for index in range(len(settings.scales))]
+    on_grid = replace(settings, voxel_mm=grid.spacing)
+    # Sizes above the probe's share its time; a scale predicting at half resolution is timed so.
+    probes = [(min(voxels, PROBE_VOXELS[ndim]), on_grid.half_field_at(index, ndim))
+              for index, voxels in enumerate(trained)]
+    mixed = settings.mixed_precision and bfloat16_supported(device)
+    per_voxel_step = {probe: seconds_per_voxel_step(ndim, probe[0], device, settings.encoder_channels,
+                                                    settings.decoder_channels, plan.window, mixed, probe[1])
+                      for probe in set(probes)}
+    return sum(settings.pairs_per_step_at(index, pairs, size) * steps * per_voxel_step[probe] * voxels
+               for index, (steps, probe, voxels) in enumerate(zip(schedule, probes, trained)))
